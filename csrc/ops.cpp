@@ -1,0 +1,38 @@
+// Schemas of the compiled kernels; each op's CPU and CUDA files register their implementations.
+//
+// vdvae_fast/ops.py is the public API: it validates inputs, draws seeds and wraps these
+// kernels in torch.library custom ops with autograd. Kernels here assume validated inputs.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(vdvae_fast_C, m) {
+  m.def("dmol_nll_forward(Tensor logits, Tensor x, int num_bits) -> Tensor");
+  m.def("dmol_nll_backward(Tensor grad_nll, Tensor logits, Tensor x, int num_bits) -> Tensor");
+  m.def("dmol_sample(Tensor logits, int seed) -> Tensor");
+  m.def(
+      "sample_and_kl_forward(Tensor mu_q, Tensor logsigma_q, Tensor mu_p, Tensor logsigma_p, "
+      "int seed) -> (Tensor, Tensor)");
+  m.def(
+      "sample_and_kl_backward(Tensor grad_z, Tensor grad_kl, Tensor mu_q, Tensor logsigma_q, "
+      "Tensor mu_p, Tensor logsigma_p, int seed) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gaussian_kl_forward(Tensor mu_q, Tensor logsigma_q, Tensor mu_p, Tensor logsigma_p) -> Tensor");
+  m.def(
+      "gaussian_kl_backward(Tensor grad_kl, Tensor mu_q, Tensor logsigma_q, Tensor mu_p, "
+      "Tensor logsigma_p) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("sample_gaussian_forward(Tensor mu, Tensor logsigma, float temperature, int seed) -> Tensor");
+  m.def(
+      "sample_gaussian_backward(Tensor grad_z, Tensor mu, Tensor logsigma, float temperature, "
+      "int seed) -> (Tensor, Tensor)");
+}
+
+static bool built_with_cuda() {
+#ifdef VDVAE_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vdvae_fast compiled kernels (ops are registered under torch.ops.vdvae_fast_C)";
+  m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");
+}

@@ -1,0 +1,69 @@
+// Counter-based randomness shared by the CPU and CUDA kernels.
+//
+// Philox4x32-10 with the constants and key schedule of Triton's tl.random, so that
+// the Triton, CUDA, C++ and pure-PyTorch (vdvae_fast/philox.py) backends draw the
+// same numbers for the same (seed, counter). Nothing is ever stored: backward
+// passes regenerate epsilon from the seed and the element's logical index.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define VF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define VF_HOST_DEVICE inline
+#endif
+
+namespace vdvae_fast {
+
+struct Philox4 {
+  uint32_t v0, v1, v2, v3;
+};
+
+VF_HOST_DEVICE uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+// Ten Philox rounds on counter (c0, c1, c2, c3) with key (low, high) halves of seed.
+VF_HOST_DEVICE Philox4 philox(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+  uint32_t k0 = static_cast<uint32_t>(seed & 0xffffffffu);
+  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t a = c0, b = c2;
+    c0 = mulhi32(0xCD9E8D57u, b) ^ c1 ^ k0;
+    c2 = mulhi32(0xD2511F53u, a) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * b;
+    c3 = 0xD2511F53u * a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return {c0, c1, c2, c3};
+}
+
+// tl.random.uint_to_uniform_float: [0, 1) without ever reaching 1.
+VF_HOST_DEVICE float uint_to_uniform(uint32_t x) {
+  int32_t s = static_cast<int32_t>(x);
+  s = s < 0 ? ~s : s;
+  return static_cast<float>(s) * 4.6566127342e-10f;
+}
+
+// tl.randn(seed, index): Box-Muller on the first two Philox outputs of counter (index, 0, 0, 0).
+VF_HOST_DEVICE float philox_normal(uint64_t seed, uint32_t index) {
+  const Philox4 r = philox(seed, index, 0u, 0u, 0u);
+  float u1 = uint_to_uniform(r.v0);
+  const float u2 = uint_to_uniform(r.v1);
+  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
+  const float radius = sqrtf(-2.0f * logf(u1));
+  return radius * cosf(6.283185307179586f * u2);
+}
+
+// Uniform in [1e-5, 1 - 1e-5] for stream `stream` of pixel `pixel` (dmol_sample's Gumbel and
+// logistic draws; the interval is VDVAE's, which keeps log(u) and log(1 - u) finite).
+VF_HOST_DEVICE float philox_open_uniform(uint64_t seed, uint32_t pixel, uint32_t stream) {
+  const Philox4 r = philox(seed, pixel, stream, 0u, 0u);
+  return uint_to_uniform(r.v0) * 0.99998f + 1.0e-5f;
+}
+
+}  // namespace vdvae_fast

@@ -1,0 +1,1 @@
+"""Triton kernels, one op per module; imported only when Triton is installed."""

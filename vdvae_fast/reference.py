@@ -1,0 +1,156 @@
+"""The eager oracle: VDVAE's released formulas in plain PyTorch, same signatures as vdvae_fast.ops.
+
+Every fused kernel is tested against these functions. They follow openai/vdvae's
+`discretized_mix_logistic_loss`, `sample_from_discretized_mix_logistic`,
+`gaussian_analytical_kl` and `draw_gaussian_diag_samples` (PixelCNN++'s DMoL), with two
+deliberate differences: tensors are NCHW as the model's output conv produces them, and
+randomness comes from the counter-based generator of vdvae_fast.philox so that every
+backend draws the same numbers for the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import philox
+
+LOG_SCALE_MIN = -7.0
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the math: float64 stays float64 (for gradcheck), everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bin_half_width(num_bits: int) -> float:
+    """Half the width of one quantization bin of targets scaled to [-1, 1] (1/255 for 8 bits)."""
+    return 1.0 / (2**num_bits - 1)
+
+
+def _split_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, 10M, H, W) logits -> mixture logits (B,H,W,M) and means, raw log-scales, raw coeffs (B,H,W,3,M)."""
+    batch, channels, height, width = logits.shape
+    num_mix = channels // 10
+    nhwc = logits.permute(0, 2, 3, 1)
+    mixture_logits = nhwc[..., :num_mix]
+    params = nhwc[..., num_mix:].reshape(batch, height, width, 3, 3 * num_mix)
+    return (
+        mixture_logits,
+        params[..., :num_mix],
+        params[..., num_mix : 2 * num_mix],
+        params[..., 2 * num_mix :],
+    )
+
+
+def dmol_nll(logits: torch.Tensor, x: torch.Tensor, *, num_bits: int = 8, backend: str = "reference") -> torch.Tensor:
+    """−log p(x) under the discretized mixture of logistics, nats per dimension, one value per image."""
+    logits = logits.to(compute_dtype(logits.dtype))
+    mixture_logits, means, raw_log_scales, raw_coeffs = _split_logits(logits)
+    xs = x.to(logits.dtype).permute(0, 2, 3, 1).unsqueeze(-1)  # (B, H, W, 3, 1)
+    log_scales = torch.maximum(raw_log_scales, torch.full_like(raw_log_scales, LOG_SCALE_MIN))
+    coeffs = torch.tanh(raw_coeffs)
+    m1 = means[:, :, :, 1, :] + coeffs[:, :, :, 0, :] * xs[:, :, :, 0, :]
+    m2 = means[:, :, :, 2, :] + coeffs[:, :, :, 1, :] * xs[:, :, :, 0, :] + coeffs[:, :, :, 2, :] * xs[:, :, :, 1, :]
+    means = torch.stack([means[:, :, :, 0, :], m1, m2], dim=3)
+    centered = xs - means
+    inv_stdv = torch.exp(-log_scales)
+    half = bin_half_width(num_bits)
+    plus_in = inv_stdv * (centered + half)
+    min_in = inv_stdv * (centered - half)
+    cdf_plus = torch.sigmoid(plus_in)
+    cdf_min = torch.sigmoid(min_in)
+    log_cdf_plus = plus_in - F.softplus(plus_in)  # left edge: log σ(plus_in)
+    log_one_minus_cdf_min = -F.softplus(min_in)  # right edge
+    cdf_delta = cdf_plus - cdf_min
+    mid_in = inv_stdv * centered
+    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
+    log_bins = math.log((2**num_bits - 1) / 2)  # log 127.5 for 8 bits, log 15.5 for 5 bits
+    log_probs = torch.where(
+        xs < -0.999,
+        log_cdf_plus,
+        torch.where(
+            xs > 0.999,
+            log_one_minus_cdf_min,
+            torch.where(
+                cdf_delta > 1e-5,
+                torch.log(torch.maximum(cdf_delta, torch.full_like(cdf_delta, 1e-12))),
+                log_pdf_mid - log_bins,
+            ),
+        ),
+    )
+    log_probs = log_probs.sum(dim=3) + torch.log_softmax(mixture_logits, dim=-1)
+    per_pixel = torch.logsumexp(log_probs, dim=-1)
+    return -per_pixel.sum(dim=(1, 2)) / (x.shape[1] * x.shape[2] * x.shape[3])
+
+
+def dmol_sample(logits: torch.Tensor, *, seed: int | None = None, backend: str = "reference") -> torch.Tensor:
+    """A (B, 3, H, W) float32 image in [−1, 1]: Gumbel-max mixture pick, logistic draw, RGB coupling, clamp."""
+    seed = _seed_or_draw(seed)
+    logits = logits.float()
+    batch, _, height, width = logits.shape
+    mixture_logits, means, raw_log_scales, raw_coeffs = _split_logits(logits)
+    num_mix = mixture_logits.shape[-1]
+    pixel = torch.arange(batch * height * width, device=logits.device).reshape(batch, height, width)
+    gumbel_u = torch.stack([philox.open_uniform(seed, pixel, k) for k in range(num_mix)], dim=-1)
+    choice = torch.argmax(mixture_logits - torch.log(-torch.log(gumbel_u)), dim=-1)
+    select = F.one_hot(choice, num_classes=num_mix).to(logits.dtype).unsqueeze(3)  # (B, H, W, 1, M)
+    mean = (means * select).sum(-1)
+    log_scale = torch.clamp_min((raw_log_scales * select).sum(-1), LOG_SCALE_MIN)
+    coeff = (torch.tanh(raw_coeffs) * select).sum(-1)
+    u = torch.stack([philox.open_uniform(seed, pixel, num_mix + c) for c in range(3)], dim=-1)
+    draw = mean + torch.exp(log_scale) * (torch.log(u) - torch.log(1.0 - u))
+    x0 = draw[..., 0].clamp(-1.0, 1.0)
+    x1 = (draw[..., 1] + coeff[..., 0] * x0).clamp(-1.0, 1.0)
+    x2 = (draw[..., 2] + coeff[..., 1] * x0 + coeff[..., 2] * x1).clamp(-1.0, 1.0)
+    return torch.stack([x0, x1, x2], dim=1)
+
+
+def gaussian_kl(
+    mu_q: torch.Tensor,
+    logsigma_q: torch.Tensor,
+    mu_p: torch.Tensor,
+    logsigma_p: torch.Tensor,
+    *,
+    backend: str = "reference",
+) -> torch.Tensor:
+    """KL(q‖p) between diagonal Gaussians, elementwise, float32 (float64 for float64 inputs)."""
+    dtype = compute_dtype(mu_q.dtype)
+    mu_q, logsigma_q, mu_p, logsigma_p = (t.to(dtype) for t in (mu_q, logsigma_q, mu_p, logsigma_p))
+    return -0.5 + logsigma_p - logsigma_q + 0.5 * (logsigma_q.exp() ** 2 + (mu_q - mu_p) ** 2) / (logsigma_p.exp() ** 2)
+
+
+def sample_gaussian(
+    mu: torch.Tensor,
+    logsigma: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    backend: str = "reference",
+) -> torch.Tensor:
+    """z = μ + t·exp(logσ)·ε in the input dtype, ε from the shared counter-based generator."""
+    eps = philox.normal(_seed_or_draw(seed), mu.shape, mu.device)
+    dtype = compute_dtype(mu.dtype)
+    z = mu.to(dtype) + temperature * torch.exp(logsigma.to(dtype)) * eps
+    return z.to(mu.dtype)
+
+
+def sample_and_kl(
+    mu_q: torch.Tensor,
+    logsigma_q: torch.Tensor,
+    mu_p: torch.Tensor,
+    logsigma_p: torch.Tensor,
+    *,
+    seed: int | None = None,
+    backend: str = "reference",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior sample z and KL(q‖p) summed over all but the batch dimension (float32, shape (B,))."""
+    z = sample_gaussian(mu_q, logsigma_q, seed=_seed_or_draw(seed))
+    kl = gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p)
+    return z, kl.flatten(1).sum(1)
+
+
+def _seed_or_draw(seed: int | None) -> int:
+    return int(philox.draw_seed()) if seed is None else seed
