@@ -77,12 +77,11 @@ def available_backends(device: torch.device | str) -> list[str]:
             found.append("cuda")
         if triton_available():
             found.append("triton")
-    elif device.type == "cpu":
-        if extension_built():
-            found.append("cpu")
-        if triton_available() and _triton_interpreted():
-            found.append("triton")
+    elif device.type == "cpu" and extension_built():
+        found.append("cpu")
     found.append("reference")
+    if device.type == "cpu" and triton_available() and _triton_interpreted():
+        found.append("triton")  # the interpreter is for tests: slower than eager, never chosen by auto
     return found
 
 
@@ -268,7 +267,8 @@ def dmol_nll(
 
     logits: (B, 10·M, H, W) as the model's output conv produces them (any float dtype, contiguous or
     channels_last); x: (B, 3, H, W) targets in [−1, 1]. Returns float32 of shape (B,). x is data: it
-    gets no gradient. check_inputs=False skips the [−1, 1] range check, which synchronizes a GPU.
+    gets no gradient. check_inputs=False skips the [−1, 1] range check, which synchronizes a GPU (it is
+    also skipped while torch.compile traces). NaN logits give a NaN loss, so a trainer can skip the step.
     """
     _check_dmol_logits(logits)
     _check_float("x", x)
@@ -280,7 +280,7 @@ def dmol_nll(
             f"x must be (B, 3, H, W) = {(batch, 3, height, width)} to match logits {tuple(logits.shape)}, "
             f"got {tuple(x.shape)}"
         )
-    if check_inputs:
+    if check_inputs and not torch.compiler.is_compiling():
         _check_image_target(x)
     backend = resolve_backend(backend, device)
     if backend == "reference":

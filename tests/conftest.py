@@ -1,0 +1,63 @@
+"""Shared test setup: Triton runs under its CPU interpreter when no GPU is present.
+
+TRITON_INTERPRET must be set before triton is first imported, hence here and not in a fixture.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from vdvae_fast import ops  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FUSED_BACKENDS = [b for b in ops.available_backends(DEVICE) if b != "reference"]
+INTERPRETED = DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+# Tolerances of a fused backend against the eager reference, by input dtype: (rtol, atol).
+# Losses are fp32 in both; low-precision rows cover gradients rounded to the input dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 2e-6),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (2e-2, 1e-2),
+}
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    rtol, atol = TOLERANCES[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+@pytest.fixture(
+    params=FUSED_BACKENDS or [pytest.param("none", marks=pytest.mark.skip(reason="no fused backend built"))]
+)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every fused backend that can run on this machine's test device."""
+    return request.param
+
+
+def backend_cases(full: list, interpreted: list) -> list:
+    """(backend, case) parameters: the full grid for compiled backends, a smaller one for interpreted Triton."""
+    params = []
+    for name in FUSED_BACKENDS:
+        cases = interpreted if (name == "triton" and INTERPRETED) else full
+        params += [pytest.param(name, case, id=f"{name}-{case}") for case in cases]
+    if not params:
+        params.append(pytest.param("none", None, marks=pytest.mark.skip(reason="no fused backend built")))
+    return params
+
+
+def random_targets(batch: int, height: int, width: int, num_bits: int, generator: torch.Generator) -> torch.Tensor:
+    """Targets on the bin grid of `num_bits`, in [-1, 1], with both edge values present."""
+    levels = 2**num_bits - 1
+    pixels = torch.randint(0, levels + 1, (batch, 3, height, width), generator=generator)
+    pixels.view(-1)[0] = 0
+    pixels.view(-1)[-1] = levels
+    return pixels.to(torch.float32) / levels * 2.0 - 1.0
