@@ -1,0 +1,532 @@
+"""Datasets, splits and preprocessing of vdvae_fast, compatible with openai/vdvae's data pipeline.
+
+The trainer uses four things::
+
+    splits = load_dataset(H)                       # DataSplits(train, valid, test, ...)
+    loader = make_loader(splits.train, H.n_batch, shuffle=True, distributed=ddp, seed=H.seed, drop_last=True)
+    set_epoch(loader, epoch)                       # before each epoch: a new, reproducible order
+    for batch in loader:                           # uint8 tensor (N, H, W, C)
+        x_input, x_target = preprocess(batch, H, device)   # float32 NHWC on `device`
+
+Every split is a ``torch.utils.data.Dataset`` whose items are uint8 tensors of shape (H, W, C). Large ``.npy``
+files are memory-mapped (``np.load(mmap_mode='r')``) and indexed through a split's index array, so ImageNet-64
+(1.2M images) is never read into RAM; such a dataset pickles as its path, so DataLoader workers started with
+``spawn`` reopen the map instead of copying the data.
+
+Datasets (``H.dataset``; names as in openai/vdvae, files under ``H.data_root``):
+
+=============  ==================================================  ===========================================
+name           files                                               train / valid / test
+=============  ==================================================  ===========================================
+imagenet32     imagenet32-train.npy, imagenet32-valid.npy          train.npy minus its last 5000 of a
+imagenet64     imagenet64-train.npy, imagenet64-valid.npy          permutation (seed 42) / those 5000 / valid.npy
+cifar10        cifar-10-batches-py/data_batch_1..5, test_batch     45000 / 5000 (sklearn train_test_split,
+                                                                   random_state 11172018) / test_batch
+ffhq_256       ffhq-256.npy                                        all minus last 7000 of a permutation (seed 5)
+                                                                   / those 7000 / the same 7000
+ffhq_1024      ffhq1024/train/**.png, ffhq1024/valid/**.png         train folder / valid folder / valid folder
+               (or train/, valid/ directly under data_root)
+folder         any PNG/JPEG under data_root (recursively)           center crop, resize to H.image_size; 10% of
+                                                                   a fixed permutation held out / same as valid
+builtin        none: photographs bundled with scikit-image          32x32 patches (H.image_size); train and valid
+                                                                   cut from different photographs / valid
+=============  ==================================================  ===========================================
+
+The optional key ``H.valid_holdout`` overrides the number of training images held out for validation
+(5000 or 7000 above); VDVAE's numbers are the default, so only tests and small experiments set it.
+
+Preprocessing follows VDVAE exactly: ``x_input = (x + shift) * scale`` with per-dataset constants, and
+``x_target = (x + shift_loss) * scale_loss`` in [-1, 1]; ffhq_256 targets are first reduced to 5 bits
+(``floor(x / 8) * 8``) and ffhq_1024 pixels are first scaled to [0, 1] (as torchvision's ToTensor did there).
+``splits.preprocessing.num_bits`` tells the loss which DMoL bin width to use (8, or 5 for ffhq_256).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = [
+    "DATASETS",
+    "ArrayImages",
+    "DataSplits",
+    "ImageFiles",
+    "Preprocessing",
+    "builtin_patches",
+    "load_dataset",
+    "make_loader",
+    "preprocess",
+    "preprocessing_for",
+    "set_epoch",
+]
+
+DATASETS = ("cifar10", "imagenet32", "imagenet64", "ffhq_256", "ffhq_1024", "folder", "builtin")
+# Preset-style spellings accepted for convenience; the canonical names are VDVAE's.
+_ALIASES = {"ffhq256": "ffhq_256", "ffhq1024": "ffhq_1024", "cifar-10": "cifar10"}
+# Native image size of each fixed-size dataset.
+_NATIVE_SIZE = {"cifar10": 32, "imagenet32": 32, "imagenet64": 64, "ffhq_256": 256, "ffhq_1024": 1024}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------------
+
+
+def _f32(value: float) -> float:
+    """Round a constant to float32 so that arithmetic matches VDVAE's float32 constant tensors bit for bit."""
+    return float(np.float32(value))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """VDVAE's per-dataset normalisation of uint8 NHWC batches into model inputs and loss targets."""
+
+    shift: float
+    scale: float
+    shift_loss: float = -127.5
+    scale_loss: float = 1.0 / 127.5
+    num_bits: int = 8
+    unit_range: bool = False  # pixels are divided by 255 first (VDVAE's ffhq_1024 went through ToTensor)
+
+    def __call__(
+        self, batch: torch.Tensor | np.ndarray, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(batch)
+        if x.dtype != torch.uint8 or x.dim() != 4:
+            raise ValueError(
+                f"preprocess expects a uint8 batch of shape (N, H, W, C); got dtype {x.dtype}, shape {tuple(x.shape)}"
+            )
+        if device is not None:
+            x = x.to(device, non_blocking=True)  # move uint8 (4x fewer bytes), convert on the device
+        x = x.float()
+        if self.unit_range:
+            x = x / 255.0
+        x_input = (x + _f32(self.shift)) * _f32(self.scale)
+        target = x
+        if self.num_bits < 8:
+            step = float(2 ** (8 - self.num_bits))
+            target = torch.floor(target * (1.0 / step)) * step
+        x_target = (target + _f32(self.shift_loss)) * _f32(self.scale_loss)
+        return x_input, x_target
+
+
+# ImageNet-32's statistics serve the generic photo datasets (folder, builtin), which have no published constants.
+_IMAGENET32 = Preprocessing(shift=-116.2373, scale=1.0 / 69.37404)
+_PREPROCESSING = {
+    "cifar10": Preprocessing(shift=-120.63838, scale=1.0 / 64.16736),
+    "imagenet32": _IMAGENET32,
+    "imagenet64": Preprocessing(shift=-115.92961967, scale=1.0 / 69.37404),
+    "ffhq_256": Preprocessing(shift=-112.8666757481, scale=1.0 / 69.84780273, num_bits=5),
+    "ffhq_1024": Preprocessing(shift=-0.4387, scale=1.0 / 0.2743, shift_loss=-0.5, scale_loss=2.0, unit_range=True),
+    "folder": _IMAGENET32,
+    "builtin": _IMAGENET32,
+}
+
+
+def _dataset_name(name: str) -> str:
+    canonical = _ALIASES.get(str(name).lower(), str(name).lower())
+    if canonical not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return canonical
+
+
+def preprocessing_for(dataset: str) -> Preprocessing:
+    """The preprocessing constants of a dataset (by VDVAE name)."""
+    return _PREPROCESSING[_dataset_name(dataset)]
+
+
+def preprocess(
+    batch: torch.Tensor | np.ndarray, H: Any, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NHWC batch -> (x_input, x_target), float32 NHWC on `device` (default: the batch's device)."""
+    return preprocessing_for(H.dataset)(batch, device)
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+
+class ArrayImages(Dataset):
+    """Images of a uint8 (N, H, W, C) array, in RAM or memory-mapped from a .npy file, seen through `indices`."""
+
+    def __init__(
+        self, array: np.ndarray | None = None, indices: np.ndarray | None = None, path: str | os.PathLike | None = None
+    ) -> None:
+        if array is None and path is None:
+            raise ValueError("ArrayImages needs an array or the path of a .npy file (or both: the file's open map)")
+        self.path = None if path is None else str(path)
+        self._array = array
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The whole underlying array (a np.memmap for .npy files), opened on first use."""
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def __len__(self) -> int:
+        return len(self.array) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        j = i if self.indices is None else self.indices[i]
+        return torch.from_numpy(np.array(self.array[j]))  # copy: one image leaves the map, writable
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if self.path is not None:
+            state["_array"] = None  # pickle the path, not 13 GB of pixels
+        return state
+
+
+class ImageFiles(Dataset):
+    """Images decoded from PNG/JPEG files, either required to be `size`x`size` or center-cropped and resized."""
+
+    def __init__(self, files: Sequence[str | os.PathLike], size: int, resize: bool) -> None:
+        self.files = [str(f) for f in files]
+        self.size = int(size)
+        self.resize = resize
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self._load(self.files[i]))
+
+    def _load(self, file: str) -> np.ndarray:
+        from PIL import Image, ImageOps
+
+        try:
+            with Image.open(file) as img:
+                if self.resize:
+                    img = ImageOps.exif_transpose(img)
+                    width, height = img.size
+                    side = min(width, height)
+                    left, top = (width - side) // 2, (height - side) // 2
+                    img = img.convert("RGB").crop((left, top, left + side, top + side))
+                    img = img.resize((self.size, self.size), Image.Resampling.LANCZOS)
+                elif img.size != (self.size, self.size):
+                    raise ValueError(
+                        f"{file} is {img.size[0]}x{img.size[1]} but this dataset needs {self.size}x{self.size} images"
+                    )
+                else:
+                    img = img.convert("RGB")
+                return np.asarray(img, dtype=np.uint8).copy()
+        except OSError as err:
+            raise OSError(f"cannot read image {file}: {err}") from err
+
+
+@dataclass
+class DataSplits:
+    """The three splits of a dataset plus what the trainer needs to know about its images."""
+
+    train: Dataset
+    valid: Dataset
+    test: Dataset
+    image_size: int
+    image_channels: int
+    preprocessing: Preprocessing
+    dataset: str
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+_SOURCES = {
+    "imagenet32": "ImageNet 32x32 (the 'downsampled ImageNet' train_32x32 / valid_32x32 images from image-net.org), "
+    "each set of PNGs packed into one uint8 N x 32 x 32 x 3 array by openai/vdvae's setup_imagenet.sh "
+    "(files_to_npy.py)",
+    "imagenet64": "ImageNet 64x64 (the 'downsampled ImageNet' train_64x64 / valid_64x64 images from image-net.org), "
+    "each set of PNGs packed into one uint8 N x 64 x 64 x 3 array by openai/vdvae's setup_imagenet.sh "
+    "(files_to_npy.py)",
+    "cifar10": "the CIFAR-10 python version (cifar-10-python.tar.gz from Alex Krizhevsky's CIFAR page at "
+    "cs.toronto.edu), unpacked under data_root as openai/vdvae's setup_cifar10.sh does",
+    "ffhq_256": "FFHQ (NVIDIA's Flickr-Faces-HQ, github NVlabs/ffhq-dataset) downsampled to 256x256 as one uint8 "
+    "70000 x 256 x 256 x 3 array: the copy openai/vdvae's setup_ffhq256.sh downloads",
+    "ffhq_1024": "the images1024x1024 PNGs of NVIDIA's FFHQ (github NVlabs/ffhq-dataset), split by openai/vdvae's "
+    "setup_ffhq1024.sh into train/0 (00000-64999) and valid/0 (65000-69999)",
+}
+
+
+def _missing(dataset: str, root: Path, expected: Sequence[str]) -> None:
+    """Raise FileNotFoundError naming every expected file and where the data comes from, if any is absent."""
+    absent = [name for name in expected if not (root / name).exists()]
+    if absent:
+        raise FileNotFoundError(
+            f"dataset {dataset!r} needs {', '.join(expected)} under data_root {str(root)!r}; "
+            f"missing: {', '.join(absent)}. The data is {_SOURCES[dataset]}."
+        )
+
+
+def _check_images(array: np.ndarray, size: int, file: Path) -> None:
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"{file} must hold uint8 images of shape N x H x W x 3; found {array.dtype} {array.shape}")
+    if array.shape[1:3] != (size, size):
+        raise ValueError(
+            f"{file} holds {array.shape[1]}x{array.shape[2]} images but this dataset needs {size}x{size} images"
+        )
+
+
+def _holdout(H: Any, default: int, n: int, source: str) -> int:
+    count = int(H.get("valid_holdout") or default)
+    if not 0 < count < n:
+        raise ValueError(
+            f"{source} has {n} images, too few to hold out {count} for validation as VDVAE's split does; "
+            "use the full file, or set valid_holdout to a smaller number"
+        )
+    return count
+
+
+def _permutation_split(n: int, seed: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
+    """VDVAE's split: permute with np.random.seed(seed) (legacy RandomState) and hold out the last `holdout`."""
+    perm = np.random.RandomState(seed).permutation(n)
+    return perm[:-holdout], perm[-holdout:]
+
+
+def _npy_split(H: Any, path: Path, size: int, seed: int, default_holdout: int) -> tuple[ArrayImages, ArrayImages]:
+    array = np.load(path, mmap_mode="r")
+    _check_images(array, size, path)
+    train, valid = _permutation_split(len(array), seed, _holdout(H, default_holdout, len(array), str(path)))
+    return ArrayImages(array, train, path=path), ArrayImages(array, valid, path=path)
+
+
+def _load_imagenet(H: Any, root: Path, dataset: str) -> tuple[Dataset, Dataset, Dataset]:
+    names = [f"{dataset}-train.npy", f"{dataset}-valid.npy"]
+    _missing(dataset, root, names)
+    train, valid = _npy_split(H, root / names[0], _NATIVE_SIZE[dataset], seed=42, default_holdout=5000)
+    test_path = root / names[1]
+    test = ArrayImages(np.load(test_path, mmap_mode="r"), path=test_path)
+    _check_images(test.array, _NATIVE_SIZE[dataset], test_path)
+    return train, valid, test
+
+
+def _load_ffhq256(H: Any, root: Path) -> tuple[Dataset, Dataset, Dataset]:
+    _missing("ffhq_256", root, ["ffhq-256.npy"])
+    train, valid = _npy_split(H, root / "ffhq-256.npy", 256, seed=5, default_holdout=7000)
+    return train, valid, valid  # VDVAE evaluates FFHQ-256 on its held-out images
+
+
+def _read_cifar_batch(path: Path) -> np.ndarray:
+    """One CIFAR-10 python batch (a pickle; trusted like the rest of data_root) as uint8 (N, 32, 32, 3)."""
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
+    if data is None:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (no 'data' entry)")
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] % 3 != 0:
+        raise ValueError(f"{path} must hold uint8 rows of 3 x 32 x 32 pixels; found {data.dtype} {data.shape}")
+    side = int(round((data.shape[1] // 3) ** 0.5))
+    if 3 * side * side != data.shape[1] or side != 32:
+        raise ValueError(f"{path} holds rows of {data.shape[1]} values, not 32x32 RGB images (3072 values)")
+    return np.ascontiguousarray(data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1))
+
+
+def _load_cifar10(H: Any, root: Path) -> tuple[Dataset, Dataset, Dataset]:
+    names = [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/test_batch"]
+    _missing("cifar10", root, names)
+    train_all = np.concatenate([_read_cifar_batch(root / name) for name in names[:5]])
+    test = _read_cifar_batch(root / names[5])
+    # sklearn's train_test_split(test_size=k, random_state=s) takes permutation[:k] as the held-out part.
+    holdout = _holdout(H, 5000, len(train_all), str(root / "cifar-10-batches-py"))
+    perm = np.random.RandomState(11172018).permutation(len(train_all))
+    return ArrayImages(train_all, perm[holdout:]), ArrayImages(train_all, perm[:holdout]), ArrayImages(test)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Every PNG/JPEG under `folder`, recursively, in a stable (sorted relative path) order."""
+    files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    if not files:
+        raise FileNotFoundError(f"no PNG or JPEG images found under {str(folder)!r} (searched recursively)")
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _load_ffhq1024(root: Path) -> tuple[Dataset, Dataset, Dataset]:
+    # VDVAE's data.py reads data_root/ffhq1024/{train,valid}; its setup script builds {train,valid} in place,
+    # so data_root/{train,valid} is accepted too.
+    in_place = (root / "train").is_dir() and not (root / "ffhq1024").exists()
+    names = ["train", "valid"] if in_place else ["ffhq1024/train", "ffhq1024/valid"]
+    _missing("ffhq_1024", root, names)
+    train = ImageFiles(_image_files(root / names[0]), 1024, resize=False)
+    valid = ImageFiles(_image_files(root / names[1]), 1024, resize=False)
+    train._load(train.files[0])  # fail now, not an hour into training, if the images are not 1024x1024
+    return train, valid, valid
+
+
+def _load_folder(root: Path, size: int) -> tuple[Dataset, Dataset, Dataset]:
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"dataset 'folder' needs a folder of PNG/JPEG images as data_root; {str(root)!r} is not one"
+        )
+    files = _image_files(root)
+    if len(files) < 2:
+        raise ValueError(f"{str(root)!r} holds {len(files)} image; a train/valid split needs at least 2")
+    n_valid = max(1, round(0.1 * len(files)))
+    perm = np.random.RandomState(0).permutation(len(files))
+    valid = ImageFiles([files[i] for i in sorted(perm[:n_valid])], size, resize=True)
+    train = ImageFiles([files[i] for i in sorted(perm[n_valid:])], size, resize=True)
+    return train, valid, valid
+
+
+# Everyday colour photographs that ship inside the scikit-image wheel (no download); split by photograph.
+BUILTIN_TRAIN_IMAGES = ("astronaut", "motorcycle_left", "rocket")
+BUILTIN_VALID_IMAGES = ("chelsea", "coffee")
+_BUILTIN_SCALES = (1, 2, 4)
+
+
+def _builtin_photo(name: str) -> np.ndarray:
+    try:
+        import skimage.data
+    except ImportError as err:
+        raise ImportError("the 'builtin' dataset needs scikit-image: pip install scikit-image") from err
+    if name == "motorcycle_left":
+        return skimage.data.stereo_motorcycle()[0]
+    return getattr(skimage.data, name)()
+
+
+def _patches(image: np.ndarray, size: int) -> np.ndarray:
+    """Overlapping size x size patches (stride size/2) of the photo at full, half and quarter resolution."""
+    out = []
+    stride = max(1, size // 2)
+    for factor in _BUILTIN_SCALES:
+        h, w = image.shape[0] // factor, image.shape[1] // factor
+        if min(h, w) < size:
+            continue
+        # Box-filter downsampling in numpy: identical on every platform and library version.
+        small = image[: h * factor, : w * factor].reshape(h, factor, w, factor, 3).mean(axis=(1, 3))
+        small = np.rint(small).astype(np.uint8)
+        windows = np.lib.stride_tricks.sliding_window_view(small, (size, size, 3))[::stride, ::stride, 0]
+        out.append(windows.reshape(-1, size, size, 3))
+    return np.concatenate(out) if out else np.empty((0, size, size, 3), np.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def builtin_patches(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) uint8 patch arrays of the built-in photographs; deterministic, cached in memory."""
+    train = np.concatenate([_patches(_builtin_photo(n), size) for n in BUILTIN_TRAIN_IMAGES])
+    valid = np.concatenate([_patches(_builtin_photo(n), size) for n in BUILTIN_VALID_IMAGES])
+    if len(train) == 0 or len(valid) == 0:
+        raise ValueError(f"image_size {size} is too large for the built-in photographs (at most 300 pixels)")
+    for array in (train, valid):
+        array.setflags(write=False)  # shared by every caller through the cache
+    return train, valid
+
+
+def _image_size(H: Any, dataset: str) -> int:
+    requested = H.get("image_size")
+    native = _NATIVE_SIZE.get(dataset)
+    if native is not None:
+        if requested and int(requested) != native:
+            raise ValueError(f"dataset {dataset!r} has {native}x{native} images but image_size is {requested}")
+        return native
+    if dataset == "folder" and not requested:
+        raise ValueError("dataset 'folder' needs --image_size S (images are center-cropped and resized to S x S)")
+    size = int(requested or 32)
+    if size <= 0:
+        raise ValueError(f"image_size must be positive; got {size}")
+    return size
+
+
+def load_dataset(H: Any) -> DataSplits:
+    """Open H.dataset under H.data_root with VDVAE's train/valid/test splits (memory-mapped where possible)."""
+    dataset = _dataset_name(H.dataset)
+    channels = H.get("image_channels")
+    if channels and int(channels) != 3:
+        raise ValueError(f"all datasets are RGB (3 channels); image_channels is {channels}")
+    size = _image_size(H, dataset)
+    root = Path(H.get("data_root") or ".").expanduser()
+    if dataset in ("imagenet32", "imagenet64"):
+        train, valid, test = _load_imagenet(H, root, dataset)
+    elif dataset == "cifar10":
+        train, valid, test = _load_cifar10(H, root)
+    elif dataset == "ffhq_256":
+        train, valid, test = _load_ffhq256(H, root)
+    elif dataset == "ffhq_1024":
+        train, valid, test = _load_ffhq1024(root)
+    elif dataset == "folder":
+        train, valid, test = _load_folder(root, size)
+    else:
+        train_patches, valid_patches = builtin_patches(size)
+        train, valid = ArrayImages(train_patches), ArrayImages(valid_patches)
+        test = valid
+    return DataSplits(train, valid, test, size, 3, _PREPROCESSING[dataset], dataset)
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------
+
+
+class _UnpaddedDistributedSampler(DistributedSampler):
+    """Each example on exactly one rank (shards may differ by one): exact evaluation without duplicates."""
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.dataset), generator=g).tolist()
+        else:
+            order = list(range(len(self.dataset)))
+        return iter(order[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    distributed: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    even_shards: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> DataLoader:
+    """A DataLoader of uint8 NHWC batches whose order depends only on (seed, epoch): see set_epoch.
+
+    Always uses a DistributedSampler (one replica when not distributed) so shuffling is reproducible across
+    resumes. Distributed, each rank gets batch_size examples per batch; with even_shards (training) the
+    sampler repeats a few examples so every rank runs the same number of steps, without it (evaluation)
+    every example is seen exactly once and ranks may differ by one batch. rank/world_size default to the
+    initialised process group.
+    """
+    if distributed:
+        world_size = dist.get_world_size() if world_size is None else world_size
+        rank = dist.get_rank() if rank is None else rank
+    else:
+        world_size, rank = 1, 0
+    sampler_cls = DistributedSampler if even_shards else _UnpaddedDistributedSampler
+    sampler = sampler_cls(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Give the loader's sampler the epoch number, which (with the seed) fixes that epoch's order."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
