@@ -1,0 +1,5 @@
+"""Benchmark suite: every op and the training step against the eager reference and torch.compile.
+
+Run `python -m benchmarks --suite ops|train|sample|all --out benchmarks/results`, or
+`pytest benchmarks --benchmark-only` for pytest-benchmark's statistics of the op cases.
+"""

@@ -1,0 +1,43 @@
+"""python -m benchmarks --suite ops|train|sample|all --out benchmarks/results"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from . import ops_suite, report
+from .timing import copy_bandwidth_gbps, environment, matmul_peak_tflops
+
+SUITES = {"ops": ops_suite.run}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a small subset of cases (smoke run)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    results = {
+        "environment": environment(device),
+        "bandwidth_gbps": copy_bandwidth_gbps(device),
+        "peak_tflops": matmul_peak_tflops(device),
+        "rows": [],
+    }
+    print(f"{results['environment']['device']}: {results['bandwidth_gbps']:.1f} GB/s copy bandwidth")
+    for name, run in SUITES.items():
+        if args.suite in (name, "all"):
+            results["rows"] += run(device, quick=args.quick, compile_reference=not args.no_compile)
+    report.add_bandwidth(results["rows"], results["bandwidth_gbps"])
+    path = report.write(results, args.out)
+    print(report.markdown(results))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

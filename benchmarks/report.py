@@ -1,0 +1,118 @@
+"""Results files: JSON with the environment, a markdown table and a PNG plot, one set per device."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+
+def slug(device_name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+
+
+def add_bandwidth(rows: list[dict], bandwidth_gbps: float) -> None:
+    """Achieved GB/s of each op row and its share of the device's measured bandwidth."""
+    for row in rows:
+        if "bytes" in row and row.get("median_ms"):
+            row["gbps"] = row["bytes"] / (row["median_ms"] * 1e-3) / 1e9
+            row["pct_bandwidth"] = 100.0 * row["gbps"] / bandwidth_gbps
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, list):
+        return "×".join(str(v) for v in value)
+    return str(value)
+
+
+COLUMNS = {
+    "ops": [
+        "name",
+        "mode",
+        "shape",
+        "dtype",
+        "backend",
+        "median_ms",
+        "gbps",
+        "pct_bandwidth",
+        "speedup_vs_eager",
+        "speedup_vs_compile",
+        "saved_bytes",
+    ],
+    "train": [
+        "name",
+        "config",
+        "batch",
+        "precision",
+        "images_per_s",
+        "peak_mem_bytes",
+        "saved_bytes",
+        "tflops",
+        "mfu",
+        "speedup_vs_baseline",
+    ],
+    "sample": ["name", "backend", "batch", "images_per_s", "speedup_vs_eager"],
+}
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [
+        f"Device: {env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
+        f"commit {env['commit']} · {env['date']}",
+        f"Measured bandwidth {results['bandwidth_gbps']:.1f} GB/s; matmul peak {results['peak_tflops']:.1f} TFLOP/s.",
+        "",
+    ]
+    for suite, columns in COLUMNS.items():
+        rows = [row for row in results["rows"] if row["suite"] == suite]
+        if not rows:
+            continue
+        lines += [f"### {suite}", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+        lines += ["| " + " | ".join(_fmt(row.get(column, "")) for column in columns) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Speedup over eager of every fused op row (log scale), one bar per case and backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["suite"] == "ops" and r["backend"] != "reference"]
+    rows = [r for r in rows if not math.isnan(r.get("speedup_vs_eager", float("nan")))]
+    if not rows:
+        return
+    labels = [f"{r['name']} {r['mode']} {_fmt(r['shape'])} {r['dtype']} [{r['backend']}]" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), [r["speedup_vs_eager"] for r in rows], color="tab:blue")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup over the eager reference (×)")
+    ax.set_title(results["environment"]["device"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(results: dict, out_dir: Path) -> Path:
+    """Write <device>.json, <device>.md and <device>.png under out_dir, merging suites already there."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = slug(results["environment"]["device"])
+    json_path = out_dir / f"{stem}.json"
+    if json_path.exists():
+        previous = json.loads(json_path.read_text())
+        suites = {row["suite"] for row in results["rows"]}
+        results["rows"] = [r for r in previous.get("rows", []) if r["suite"] not in suites] + results["rows"]
+    json_path.write_text(json.dumps(results, indent=1))
+    (out_dir / f"{stem}.md").write_text(markdown(results))
+    plot(results, out_dir / f"{stem}.png")
+    return json_path
