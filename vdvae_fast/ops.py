@@ -85,8 +85,16 @@ def available_backends(device: torch.device | str) -> list[str]:
     return found
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn `backend` (possibly ``auto``) into a concrete backend that can run on `device`, or raise."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Turn `backend` (possibly ``auto``) into a concrete backend that can run on `device`, or raise.
+
+    float64 (for gradcheck) runs on the cpu and reference backends only; ``auto`` picks between those.
+    """
+    if dtype == torch.float64:
+        if backend in ("triton", "cuda"):
+            raise TypeError(f"the {backend} backend computes in float32; use float32/bfloat16/float16 inputs")
+        if backend == "auto" and not os.environ.get("VDVAE_FAST_BACKEND") and device.type != "cpu":
+            return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -282,7 +290,7 @@ def dmol_nll(
         )
     if check_inputs and not torch.compiler.is_compiling():
         _check_image_target(x)
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, logits.dtype)
     if backend == "reference":
         return reference.dmol_nll(logits, x, num_bits=num_bits)
     x = x.detach().to(reference.compute_dtype(logits.dtype))
@@ -314,7 +322,7 @@ def dmol_sample(logits: torch.Tensor, *, seed: int | None = None, backend: str =
     device = logits.device
     if logits.shape[0] * logits.shape[2] * logits.shape[3] >= philox.MAX_COUNTER:
         raise ValueError("more than 2**32 pixels in one dmol_sample call; split the batch")
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, logits.dtype)
     seed_t = _seed_tensor(seed)
     logits = logits.detach()
     if backend == "reference":
@@ -382,7 +390,7 @@ def gaussian_kl(
 ) -> torch.Tensor:
     """KL(q‖p) of diagonal Gaussians, elementwise (float32), differentiable in all four parameters."""
     device = _check_gaussians(mu_q=mu_q, logsigma_q=logsigma_q, mu_p=mu_p, logsigma_p=logsigma_p)
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, mu_q.dtype)
     if backend == "reference":
         return reference.gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p)
     return _gaussian_kl(*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p), backend)
@@ -463,7 +471,7 @@ def sample_and_kl(
     One fused kernel forward and one backward; ε is regenerated from the seed, never stored.
     """
     device = _check_gaussians(mu_q=mu_q, logsigma_q=logsigma_q, mu_p=mu_p, logsigma_p=logsigma_p)
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, mu_q.dtype)
     seed_t = _seed_tensor(seed)
     if backend == "reference":
         return reference.sample_and_kl(mu_q, logsigma_q, mu_p, logsigma_p, seed=int(seed_t))
@@ -534,7 +542,7 @@ def sample_gaussian(
     device = _check_gaussians(mu=mu, logsigma=logsigma)
     if not temperature >= 0.0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, mu.dtype)
     seed_t = _seed_tensor(seed)
     if backend == "reference":
         return reference.sample_gaussian(mu, logsigma, temperature=temperature, seed=int(seed_t))

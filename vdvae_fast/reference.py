@@ -149,7 +149,7 @@ def sample_and_kl(
     """The posterior sample z and KL(q‖p) summed over all but the batch dimension (float32, shape (B,))."""
     z = sample_gaussian(mu_q, logsigma_q, seed=_seed_or_draw(seed))
     kl = gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p)
-    return z, kl.flatten(1).sum(1)
+    return z, kl.reshape(kl.shape[0], -1).sum(1)
 
 
 def _seed_or_draw(seed: int | None) -> int:

@@ -1,0 +1,166 @@
+"""One stochastic layer in one kernel each way: z = mu_q + sigma_q * eps and the per-image KL(q||p) sum.
+
+Programs are laid out (block, image): the batch index is outermost in memory for contiguous and
+channels_last tensors alike, so an image is one contiguous range and each program's KL partial
+belongs to a single image. Partials are summed by torch in a fixed order (deterministic, no atomics);
+when an image fits one block the kernel's partial already is the result.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .gaussian_math import BLOCK, NUM_WARPS, gaussian_kl, layout_args
+from .philox import logical_index, normal, philox_key
+
+
+@triton.jit
+def _image_block(per_image, C, H, W, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets of this program's elements within its image, their mask, the image's base offset and
+    the uint32 counters of their logical indices."""
+    image_base = tl.program_id(1).to(tl.int64) * per_image
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    counters = (image_base + logical_index(offsets, C, H, W, CHANNELS_LAST)).to(tl.uint32)
+    return offsets, offsets < per_image, image_base, counters
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _sample_and_kl_forward_kernel(
+    mu_q_ptr,
+    logsigma_q_ptr,
+    mu_p_ptr,
+    logsigma_p_ptr,
+    z_ptr,
+    partial_ptr,
+    seed,
+    per_image,
+    C,
+    H,
+    W,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offsets, mask, image_base, counters = _image_block(per_image, C, H, W, CHANNELS_LAST, BLOCK)
+    k0, k1 = philox_key(seed)
+    eps = normal(k0, k1, counters)
+    mu_q = tl.load(mu_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    logsigma_q = tl.load(logsigma_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    mu_p = tl.load(mu_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    logsigma_p = tl.load(logsigma_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    z = mu_q + tl.exp(logsigma_q) * eps
+    tl.store(z_ptr + image_base + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
+    kl, _, _, _ = gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p)
+    partial = tl.sum(tl.where(mask, kl, 0.0), axis=0)
+    tl.store(partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), partial)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _sample_and_kl_backward_kernel(
+    grad_z_ptr,
+    grad_kl_ptr,
+    mu_q_ptr,
+    logsigma_q_ptr,
+    mu_p_ptr,
+    logsigma_p_ptr,
+    grad_mu_q_ptr,
+    grad_logsigma_q_ptr,
+    grad_mu_p_ptr,
+    grad_logsigma_p_ptr,
+    seed,
+    per_image,
+    C,
+    H,
+    W,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offsets, mask, image_base, counters = _image_block(per_image, C, H, W, CHANNELS_LAST, BLOCK)
+    k0, k1 = philox_key(seed)
+    eps = normal(k0, k1, counters)
+    grad_kl = tl.load(grad_kl_ptr + tl.program_id(1)).to(tl.float32)
+    grad_z = tl.load(grad_z_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    mu_q = tl.load(mu_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    logsigma_q = tl.load(logsigma_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    mu_p = tl.load(mu_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    logsigma_p = tl.load(logsigma_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    _, d_mu_q, d_logsigma_q, d_logsigma_p = gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p)
+    out_dtype = grad_mu_q_ptr.dtype.element_ty
+    grad_mu_q = grad_z + grad_kl * d_mu_q
+    grad_logsigma_q = grad_z * eps * tl.exp(logsigma_q) + grad_kl * d_logsigma_q
+    tl.store(grad_mu_q_ptr + image_base + offsets, grad_mu_q.to(out_dtype), mask=mask)
+    tl.store(grad_logsigma_q_ptr + image_base + offsets, grad_logsigma_q.to(out_dtype), mask=mask)
+    tl.store(grad_mu_p_ptr + image_base + offsets, (-(grad_kl * d_mu_q)).to(out_dtype), mask=mask)
+    tl.store(grad_logsigma_p_ptr + image_base + offsets, (grad_kl * d_logsigma_p).to(out_dtype), mask=mask)
+
+
+def _grid(mu_q: torch.Tensor) -> tuple[int, int, int]:
+    """(elements per image, block size, programs per image)."""
+    per_image = mu_q.numel() // mu_q.shape[0] if mu_q.shape[0] else 0
+    block = max(16, min(BLOCK, triton.next_power_of_2(max(per_image, 1))))
+    return per_image, block, triton.cdiv(per_image, block)
+
+
+def sample_and_kl_forward(
+    mu_q: torch.Tensor, logsigma_q: torch.Tensor, mu_p: torch.Tensor, logsigma_p: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z in mu_q's dtype and layout, KL summed over all dims but the first, float32 (B,))."""
+    batch = mu_q.shape[0]
+    per_image, block, programs = _grid(mu_q)
+    z = torch.empty_like(mu_q)
+    if programs == 0:
+        return z, torch.zeros(batch, dtype=torch.float32, device=mu_q.device)
+    partials = torch.empty((batch, programs), dtype=torch.float32, device=mu_q.device)
+    channels, height, width, channels_last = layout_args(mu_q)
+    _sample_and_kl_forward_kernel[(programs, batch)](
+        mu_q,
+        logsigma_q,
+        mu_p,
+        logsigma_p,
+        z,
+        partials,
+        seed,
+        per_image,
+        channels,
+        height,
+        width,
+        CHANNELS_LAST=channels_last,
+        BLOCK=block,
+        num_warps=NUM_WARPS,
+    )
+    return z, partials.view(batch) if programs == 1 else partials.sum(dim=1)
+
+
+def sample_and_kl_backward(
+    grad_z: torch.Tensor,
+    grad_kl: torch.Tensor,
+    mu_q: torch.Tensor,
+    logsigma_q: torch.Tensor,
+    mu_p: torch.Tensor,
+    logsigma_p: torch.Tensor,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients in (mu_q, logsigma_q, mu_p, logsigma_p) from grad_z (z's dtype/layout) and grad_kl (float32 (B,))."""
+    batch = mu_q.shape[0]
+    per_image, block, programs = _grid(mu_q)
+    grads = tuple(torch.empty_like(t) for t in (mu_q, logsigma_q, mu_p, logsigma_p))
+    if programs == 0:
+        return grads
+    channels, height, width, channels_last = layout_args(mu_q)
+    _sample_and_kl_backward_kernel[(programs, batch)](
+        grad_z,
+        grad_kl,
+        mu_q,
+        logsigma_q,
+        mu_p,
+        logsigma_p,
+        *grads,
+        seed,
+        per_image,
+        channels,
+        height,
+        width,
+        CHANNELS_LAST=channels_last,
+        BLOCK=block,
+        num_warps=NUM_WARPS,
+    )
+    return grads
