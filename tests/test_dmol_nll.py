@@ -158,6 +158,10 @@ def test_reference_saves_several_times_its_logits() -> None:
     assert sum(saved) > 3 * logits.numel() * logits.element_size()
 
 
+def _max_error(value: torch.Tensor, truth: torch.Tensor) -> float:
+    return (value.double() - truth).abs().max().item()
+
+
 @settings(max_examples=20 if "cpu" in FUSED_BACKENDS else 5, deadline=None)
 @given(
     batch=st.integers(1, 3),
@@ -168,17 +172,24 @@ def test_reference_saves_several_times_its_logits() -> None:
     bits=st.sampled_from([5, 8]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_randomized_cases_match_reference(batch, height, width, num_mix, scale, bits, seed) -> None:
+def test_randomized_cases_are_as_accurate_as_the_float32_reference(
+    batch, height, width, num_mix, scale, bits, seed
+) -> None:
+    """Wide logistics make σ(plus_in) − σ(min_in) cancel in float32, so the float32 reference itself is off by
+    up to ~1e-3 there: the oracle is the reference in float64, and a fused backend may not be much further
+    from it than the float32 reference is."""
     if not FUSED_BACKENDS:
         pytest.skip("no fused backend built")
     gen = torch.Generator().manual_seed(seed)
     logits = (torch.randn(batch, 10 * num_mix, height, width, generator=gen) * scale).to(DEVICE)
     x = random_targets(batch, height, width, bits, gen).to(DEVICE)
     upstream = torch.ones(batch, device=DEVICE)
+    truth_nll, truth_grad = _value_and_grad(logits.double().cpu(), x.double().cpu(), bits, "reference", upstream.cpu())
     ref_nll, ref_grad = _value_and_grad(logits, x, bits, "reference", upstream)
     for backend in FUSED_BACKENDS:
         nll, grad = _value_and_grad(logits, x, bits, backend, upstream)
-        finite = torch.isfinite(ref_nll)
-        assert torch.isfinite(nll[finite]).all()
-        torch.testing.assert_close(nll, ref_nll, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-5)
+        assert torch.isfinite(nll[torch.isfinite(ref_nll)]).all()
+        for value, ref, truth in ((nll, ref_nll, truth_nll), (grad, ref_grad, truth_grad)):
+            truth = truth.to(DEVICE)
+            allowed = 4 * _max_error(ref, truth) + 1e-5 * (1 + truth.abs().max().item())
+            assert _max_error(value, truth) <= allowed, backend
