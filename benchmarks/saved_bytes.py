@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from unittest import mock
 
 import torch
 from torch import Tensor
 
-from vdvae_fast import model as vdvae_model
-from vdvae_fast.hparams import PRESETS, preset
+if __package__ in (None, ""):  # run as a file: import this checkout's vdvae_fast, installed or not
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vdvae_fast import model as vdvae_model  # noqa: E402
+from vdvae_fast.hparams import PRESETS, preset  # noqa: E402
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -15,7 +15,9 @@ each op saves only its inputs (and a seed) for backward.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import os
 from types import ModuleType
 from typing import Any
@@ -55,13 +57,13 @@ def cuda_kernels_built() -> bool:
     return _EXTENSION is not None and bool(_EXTENSION.built_with_cuda())
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether Triton is importable (kernels run on CUDA, or on CPU under TRITON_INTERPRET=1)."""
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
+    """Whether Triton is importable (kernels run on CUDA, or on CPU under TRITON_INTERPRET=1).
+
+    Cached: torch.compile traces through backend selection, and an import inside it would break the graph.
+    """
+    return importlib.util.find_spec("triton") is not None
 
 
 def _triton_interpreted() -> bool:
@@ -326,7 +328,7 @@ def dmol_sample(logits: torch.Tensor, *, seed: int | None = None, backend: str =
     seed_t = _seed_tensor(seed)
     logits = logits.detach()
     if backend == "reference":
-        return reference.dmol_sample(logits, seed=int(seed_t))
+        return reference.dmol_sample(logits, seed=seed_t)
     return _dmol_sample(logits, seed_t, backend)
 
 
@@ -474,7 +476,7 @@ def sample_and_kl(
     backend = resolve_backend(backend, device, mu_q.dtype)
     seed_t = _seed_tensor(seed)
     if backend == "reference":
-        return reference.sample_and_kl(mu_q, logsigma_q, mu_p, logsigma_p, seed=int(seed_t))
+        return reference.sample_and_kl(mu_q, logsigma_q, mu_p, logsigma_p, seed=seed_t)
     return _sample_and_kl(*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p), seed_t, backend)
 
 
@@ -545,5 +547,5 @@ def sample_gaussian(
     backend = resolve_backend(backend, device, mu.dtype)
     seed_t = _seed_tensor(seed)
     if backend == "reference":
-        return reference.sample_gaussian(mu, logsigma, temperature=temperature, seed=int(seed_t))
+        return reference.sample_gaussian(mu, logsigma, temperature=temperature, seed=seed_t)
     return _sample_gaussian(*_dense_layout(mu, logsigma), float(temperature), seed_t, backend)

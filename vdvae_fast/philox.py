@@ -39,8 +39,11 @@ def _mulhi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
-def philox(seed: int, c0: torch.Tensor, c1: torch.Tensor | int = 0) -> tuple[torch.Tensor, ...]:
-    """Philox4x32-10 of counters (c0, c1, 0, 0) under key (seed low word, seed high word)."""
+def philox(seed: int | torch.Tensor, c0: torch.Tensor, c1: torch.Tensor | int = 0) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of counters (c0, c1, 0, 0) under key (seed low word, seed high word).
+
+    The seed may be a 0-d int64 tensor (as ops draws it), which keeps the draw traceable by torch.compile.
+    """
     c0 = c0.to(torch.int64) & _MASK32
     c1 = torch.as_tensor(c1, dtype=torch.int64, device=c0.device).expand_as(c0) & _MASK32
     c2 = torch.zeros_like(c0)
@@ -62,7 +65,7 @@ def uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
-def normal(seed: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
+def normal(seed: int | torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:
     """Standard normal draws for the elements of a tensor of `shape`, by row-major (logical) index.
 
     Equal to tl.randn(seed, index) in Triton.
@@ -76,7 +79,7 @@ def normal(seed: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
     return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(two_pi * u2)).reshape(shape)
 
 
-def open_uniform(seed: int, pixel: torch.Tensor, stream: int) -> torch.Tensor:
+def open_uniform(seed: int | torch.Tensor, pixel: torch.Tensor, stream: int) -> torch.Tensor:
     """Uniforms in [1e-5, 1 - 1e-5] for counters (pixel, stream): dmol_sample's draws."""
     v0, _, _, _ = philox(seed, pixel, stream)
     return uint_to_uniform(v0) * torch.tensor(0.99998, dtype=torch.float32) + torch.tensor(1.0e-5, dtype=torch.float32)

@@ -86,7 +86,9 @@ def dmol_nll(logits: torch.Tensor, x: torch.Tensor, *, num_bits: int = 8, backen
     return -per_pixel.sum(dim=(1, 2)) / (x.shape[1] * x.shape[2] * x.shape[3])
 
 
-def dmol_sample(logits: torch.Tensor, *, seed: int | None = None, backend: str = "reference") -> torch.Tensor:
+def dmol_sample(
+    logits: torch.Tensor, *, seed: int | torch.Tensor | None = None, backend: str = "reference"
+) -> torch.Tensor:
     """A (B, 3, H, W) float32 image in [−1, 1]: Gumbel-max mixture pick, logistic draw, RGB coupling, clamp."""
     seed = _seed_or_draw(seed)
     logits = logits.float()
@@ -127,7 +129,7 @@ def sample_gaussian(
     logsigma: torch.Tensor,
     *,
     temperature: float = 1.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     backend: str = "reference",
 ) -> torch.Tensor:
     """z = μ + t·exp(logσ)·ε in the input dtype, ε from the shared counter-based generator."""
@@ -143,7 +145,7 @@ def sample_and_kl(
     mu_p: torch.Tensor,
     logsigma_p: torch.Tensor,
     *,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     backend: str = "reference",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The posterior sample z and KL(q‖p) summed over all but the batch dimension (float32, shape (B,))."""
@@ -152,5 +154,5 @@ def sample_and_kl(
     return z, kl.reshape(kl.shape[0], -1).sum(1)
 
 
-def _seed_or_draw(seed: int | None) -> int:
-    return int(philox.draw_seed()) if seed is None else seed
+def _seed_or_draw(seed: int | torch.Tensor | None) -> int | torch.Tensor:
+    return philox.draw_seed() if seed is None else seed
