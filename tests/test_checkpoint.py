@@ -1,0 +1,190 @@
+"""Checkpoint files: atomic writes that survive a kill, clear errors for damaged or foreign files, RNG states."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vdvae_fast import checkpoint
+from vdvae_fast.checkpoint import CheckpointError
+from vdvae_fast.hparams import preset
+from vdvae_fast.model import VAE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy machine punishes more)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0, **changes) -> VAE:
+    torch.manual_seed(seed)
+    H = preset("tiny")
+    H.update(changes)
+    return VAE(H)
+
+
+def training_state(model: VAE, step: int = 7) -> dict:
+    """A checkpoint as the trainer writes it, for a model that never trained."""
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    return {
+        "format": checkpoint.FORMAT,
+        "version": checkpoint.VERSION,
+        "model": model.state_dict(),
+        "ema": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": None,
+        "step": step,
+        "epoch": 0,
+        "batch_in_epoch": step,
+        "skipped_updates": 0,
+        "rng": [checkpoint.capture_rng_state(torch.device("cpu"))],
+        "world_size": 1,
+        "hparams": dict(model.H),
+    }
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model()
+    path = checkpoint.save_checkpoint(training_state(model), tmp_path / "latest.pt")
+    state = checkpoint.load_checkpoint(tmp_path)  # a run directory means its latest.pt
+    assert state["path"] == str(path) and state["step"] == 7 and state["hparams"]["width"] == 16
+    other = tiny_model(seed=1)
+    checkpoint.load_module_state(other, state["model"], state["path"], "model")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True))
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file became latest.pt
+
+
+def test_a_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path):
+    """The writer is stopped for good between writing the temporary file and renaming it (os.fsync blocks)."""
+    path = tmp_path / "latest.pt"
+    checkpoint.save_checkpoint({"format": "old", "value": torch.arange(3)}, path)
+    script = textwrap.dedent(f"""
+        import os, sys, time, torch
+        from vdvae_fast import checkpoint
+        def stuck(fd):
+            print("writing", flush=True)
+            time.sleep(600)
+        os.fsync = stuck
+        checkpoint.save_checkpoint({{"format": "new", "value": torch.zeros(1_000_000)}}, {str(path)!r})
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stdout.readline().strip() == "writing"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    (temporary,) = tmp_path.glob(".latest.pt.*.tmp")  # the new bytes, never renamed
+    assert temporary.stat().st_size > 1_000_000
+    old = torch.load(path, weights_only=True)
+    assert old["format"] == "old" and torch.equal(old["value"], torch.arange(3))
+    assert checkpoint.remove_stale_temporaries(tmp_path) == [temporary] and not temporary.exists()
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pt"
+    checkpoint.save_checkpoint({"value": 1}, path)
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_checkpoint({"value": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"value": 1}
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_truncated_checkpoint_names_the_file(tmp_path):
+    path = checkpoint.save_checkpoint(training_state(tiny_model()), tmp_path / "iter-7.pt")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"iter-7\.pt.*truncated or corrupt"):
+        checkpoint.load_checkpoint(path)
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path):
+    path = tmp_path / "latest.pt"
+    path.write_bytes(np.random.RandomState(0).bytes(4096))
+    with pytest.raises(CheckpointError, match=r"latest\.pt.*truncated or corrupt"):
+        checkpoint.load_checkpoint(path)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        checkpoint.load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_mismatched_checkpoint_names_the_file_and_the_first_key_and_shapes(tmp_path):
+    path = checkpoint.save_checkpoint(training_state(tiny_model(width=24)), tmp_path / "wide.pt")
+    state = checkpoint.load_checkpoint(path)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load_module_state(tiny_model(), state["model"], state["path"], "the model weights")
+    message = str(err.value)
+    assert "wide.pt" in message and "encoder.in_conv.weight" in message and "(24, 3, 3, 3)" in message
+
+    fewer = {k: v for k, v in state["model"].items() if not k.startswith("decoder.out_net")}
+    with pytest.raises(CheckpointError, match=r"wide\.pt.*missing.*decoder\.out_net"):
+        checkpoint.load_module_state(tiny_model(width=24), fewer, state["path"], "the model weights")
+
+
+def test_other_files_are_refused_with_a_hint(tmp_path):
+    official = tmp_path / "cifar10-model-ema.th"
+    torch.save(tiny_model().state_dict(), official)
+    with pytest.raises(CheckpointError, match=r"not a vdvae_fast training checkpoint.*--restore_ema_path"):
+        checkpoint.load_checkpoint(official)
+    stale = training_state(tiny_model())
+    del stale["optimizer"]
+    checkpoint.save_checkpoint(stale, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="lacks the entries optimizer"):
+        checkpoint.load_checkpoint(tmp_path / "old.pt")
+
+
+def test_official_state_dicts_load_with_or_without_the_ddp_prefix(tmp_path):
+    source = tiny_model(seed=2)
+    path = tmp_path / "tiny-model-ema.th"
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)
+    target = tiny_model(seed=3)
+    assert checkpoint.load_weights(target, path) is None  # None: not one of our checkpoints
+    assert all(
+        torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values(), strict=True)
+    )
+
+    ours = checkpoint.save_checkpoint(training_state(source), tmp_path / "latest.pt")
+    weights, state = checkpoint.read_weights(ours, prefer_ema=True)
+    assert state["step"] == 7 and set(weights) == set(source.state_dict())
+
+
+def test_rng_states_round_trip():
+    cpu = torch.device("cpu")
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    state = checkpoint.capture_rng_state(cpu)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    checkpoint.restore_rng_state(state, cpu)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
