@@ -36,8 +36,15 @@ def _nvcc_command(source: Path, output: Path) -> list[str]:
         "-DTORCH_EXTENSION_NAME=_C",
         "-DVDVAE_FAST_WITH_CUDA",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *_cpu_wheel_defines(),
         *includes,
     ]
+
+
+def _cpu_wheel_defines() -> list[str]:
+    """The CPU torch wheel ships c10/cuda without its generated config header (Windows export macros only)."""
+    header = Path(cpp_extension.include_paths()[0]) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    return [] if header.exists() else ["-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")

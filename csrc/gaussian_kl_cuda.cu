@@ -1,0 +1,169 @@
+// CUDA kernels of gaussian_kl: the elementwise rate KL(q‖p) of VDVAE's diagonal Gaussians and its gradients.
+//
+// Grid-stride loops over flat memory (all tensors share one dense layout), 16-byte packets when every
+// pointer is aligned and the size divides, single elements otherwise.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <type_traits>
+
+#include "gaussian_math.h"
+
+namespace {
+
+namespace g = vdvae_fast::gaussian;
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 4096;
+
+int grid_for(int64_t packets) { return static_cast<int>(std::min(kMaxBlocks, (packets + kThreads - 1) / kThreads)); }
+
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
+                   const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
+                   at::opmath_type<scalar_t>* __restrict__ kl, int64_t packets) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using In = g::Packet<scalar_t, kVec>;
+  using Out = g::Packet<opmath_t, kVec>;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
+       p += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const In mq = reinterpret_cast<const In*>(mu_q)[p];
+    const In lsq = reinterpret_cast<const In*>(logsigma_q)[p];
+    const In mp = reinterpret_cast<const In*>(mu_p)[p];
+    const In lsp = reinterpret_cast<const In*>(logsigma_p)[p];
+    Out out;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      out.v[v] = g::kl(static_cast<opmath_t>(mq.v[v]), static_cast<opmath_t>(lsq.v[v]), static_cast<opmath_t>(mp.v[v]),
+                       static_cast<opmath_t>(lsp.v[v]));
+    }
+    reinterpret_cast<Out*>(kl)[p] = out;
+  }
+}
+
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl, const scalar_t* __restrict__ mu_q,
+                    const scalar_t* __restrict__ logsigma_q, const scalar_t* __restrict__ mu_p,
+                    const scalar_t* __restrict__ logsigma_p, scalar_t* __restrict__ g_mu_q,
+                    scalar_t* __restrict__ g_logsigma_q, scalar_t* __restrict__ g_mu_p,
+                    scalar_t* __restrict__ g_logsigma_p, int64_t packets) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using In = g::Packet<scalar_t, kVec>;
+  using Grad = g::Packet<opmath_t, kVec>;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
+       p += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const Grad gk = reinterpret_cast<const Grad*>(grad_kl)[p];
+    const In mq = reinterpret_cast<const In*>(mu_q)[p];
+    const In lsq = reinterpret_cast<const In*>(logsigma_q)[p];
+    const In mp = reinterpret_cast<const In*>(mu_p)[p];
+    const In lsp = reinterpret_cast<const In*>(logsigma_p)[p];
+    In out_mq, out_lsq, out_mp, out_lsp;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const g::KlGrads<opmath_t> d =
+          g::kl_grads(gk.v[v], static_cast<opmath_t>(mq.v[v]), static_cast<opmath_t>(lsq.v[v]),
+                      static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
+      out_mq.v[v] = static_cast<scalar_t>(d.mu_q);
+      out_lsq.v[v] = static_cast<scalar_t>(d.logsigma_q);
+      out_mp.v[v] = static_cast<scalar_t>(d.mu_p);
+      out_lsp.v[v] = static_cast<scalar_t>(d.logsigma_p);
+    }
+    reinterpret_cast<In*>(g_mu_q)[p] = out_mq;
+    reinterpret_cast<In*>(g_logsigma_q)[p] = out_lsq;
+    reinterpret_cast<In*>(g_mu_p)[p] = out_mp;
+    reinterpret_cast<In*>(g_logsigma_p)[p] = out_lsp;
+  }
+}
+
+// Packets of 16 bytes of the input dtype (the opmath tensors then hold 16 or 32 bytes per packet) when the
+// element count divides and every pointer is aligned, else single elements.
+template <typename scalar_t>
+bool can_use_packets(int64_t numel, std::initializer_list<const at::Tensor*> tensors) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr uintptr_t kOpmathBytes = sizeof(at::opmath_type<scalar_t>) * kVec;
+  if (numel % kVec != 0) return false;
+  for (const at::Tensor* t : tensors) {
+    if (!g::is_aligned(t->data_ptr(), t->element_size() == sizeof(scalar_t) ? 16 : kOpmathBytes)) return false;
+  }
+  return true;
+}
+
+void check_dense(const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "gaussian_kl kernels take contiguous or channels_last tensors");
+}
+
+at::Tensor gaussian_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigma_q, const at::Tensor& mu_p,
+                               const at::Tensor& logsigma_p) {
+  check_dense(mu_q);
+  const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
+  at::Tensor kl =
+      at::empty_like(mu_q, mu_q.options().dtype(mu_q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  const int64_t numel = mu_q.numel();
+  if (numel == 0) return kl;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "gaussian_kl_forward_cuda", [&] {
+    const auto launch = [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      forward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+          mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
+          logsigma_p.data_ptr<scalar_t>(), kl.data_ptr<at::opmath_type<scalar_t>>(), numel / kVec);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (can_use_packets<scalar_t>(numel, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &kl})) {
+      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
+    } else {
+      launch(std::integral_constant<int, 1>());
+    }
+  });
+  return kl;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(const at::Tensor& grad_kl,
+                                                                                const at::Tensor& mu_q,
+                                                                                const at::Tensor& logsigma_q,
+                                                                                const at::Tensor& mu_p,
+                                                                                const at::Tensor& logsigma_p) {
+  check_dense(mu_q);
+  const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
+  at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
+  at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);
+  const int64_t numel = mu_q.numel();
+  if (numel == 0) return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "gaussian_kl_backward_cuda", [&] {
+    const auto launch = [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      backward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+          grad_kl.data_ptr<at::opmath_type<scalar_t>>(), mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(),
+          mu_p.data_ptr<scalar_t>(), logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
+          g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(), g_logsigma_p.data_ptr<scalar_t>(),
+          numel / kVec);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (can_use_packets<scalar_t>(numel, {&grad_kl, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q, &g_logsigma_q,
+                                          &g_mu_p, &g_logsigma_p})) {
+      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
+    } else {
+      launch(std::integral_constant<int, 1>());
+    }
+  });
+  return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vdvae_fast_C, CUDA, m) {
+  m.impl("gaussian_kl_forward", &gaussian_kl_forward);
+  m.impl("gaussian_kl_backward", &gaussian_kl_backward);
+}

@@ -1,0 +1,194 @@
+// CPU kernels of sample_and_kl: one fused pass draws VDVAE's posterior sample z = mu_q + sigma_q·eps and
+// sums the rate KL(q‖p) per image; backward regenerates eps from (seed, logical index).
+//
+// Every image is a contiguous block of memory in both layouts, cut into fixed chunks of kChunk elements.
+// A chunk's KL partial is summed in a fixed order (per-lane tile sums, then double), and the partials
+// of an image are added in chunk order, so the result does not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "gaussian_math.h"
+
+namespace {
+
+namespace g = vdvae_fast::gaussian;
+
+constexpr int64_t kChunk = 16384;          // elements of one work item and one KL partial
+constexpr int kTile = 256;                 // elements per stack-buffered tile
+constexpr int kLanes = 16;                 // independent accumulators, one SIMD register of floats
+constexpr int64_t kGrainElements = 32768;  // below this much work, stay on one thread
+
+// The image-aligned chunks shared by forward and backward.
+struct Chunks {
+  int64_t per_image;
+  int64_t per_image_chunks;
+
+  int64_t count(int64_t batch) const { return batch * per_image_chunks; }
+  int64_t image(int64_t item) const { return item / per_image_chunks; }
+  int64_t begin(int64_t item) const { return image(item) * per_image + (item % per_image_chunks) * kChunk; }
+  int64_t end(int64_t item) const { return std::min(begin(item) + kChunk, (image(item) + 1) * per_image); }
+  int64_t grain() const {
+    return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, std::min(per_image, kChunk)));
+  }
+};
+
+Chunks chunks_of(const at::Tensor& t) {
+  const int64_t per_image = t.size(0) == 0 ? 0 : t.numel() / t.size(0);
+  return {per_image, (per_image + kChunk - 1) / kChunk};
+}
+
+void check_dense(const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "sample_and_kl kernels take contiguous or channels_last tensors");
+}
+
+// Sum of values[0, count) in a fixed order; pads the buffer (of kTile entries) with zeros up to the lanes.
+template <typename T>
+double tile_sum(T* values, int count) {
+  const int padded = (count + kLanes - 1) / kLanes * kLanes;
+  for (int k = count; k < padded; ++k) values[k] = T(0);
+  T lanes[kLanes] = {};
+  for (int k = 0; k < padded; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += values[k + l];
+  }
+  double sum = 0.0;
+  for (int l = 0; l < kLanes; ++l) sum += static_cast<double>(lanes[l]);
+  return sum;
+}
+
+// The math of one tile on opmath arrays. Restrict pointers are what lets gcc vectorize: through the
+// kernels' lambda captures it would have to prove that the arrays do not overlap, and gives up.
+// VF_VECTOR_LOOP inlines the math functions into the loop.
+template <typename T>
+VF_VECTOR_LOOP void forward_tile(const T* __restrict__ mu_q, const T* __restrict__ logsigma_q,
+                                 const T* __restrict__ mu_p, const T* __restrict__ logsigma_p,
+                                 const float* __restrict__ eps, T* __restrict__ z, T* __restrict__ kl, int count) {
+  for (int k = 0; k < count; ++k) {
+    z[k] = g::sample(mu_q[k], logsigma_q[k], T(1), eps[k]);
+    kl[k] = g::kl(mu_q[k], logsigma_q[k], mu_p[k], logsigma_p[k]);
+  }
+}
+
+template <typename T>
+VF_VECTOR_LOOP void backward_tile(const T* __restrict__ grad_z, T grad_kl, const T* __restrict__ mu_q,
+                                  const T* __restrict__ logsigma_q, const T* __restrict__ mu_p,
+                                  const T* __restrict__ logsigma_p, const float* __restrict__ eps,
+                                  T* __restrict__ g_mu_q, T* __restrict__ g_logsigma_q, T* __restrict__ g_mu_p,
+                                  T* __restrict__ g_logsigma_p, int count) {
+  for (int k = 0; k < count; ++k) {
+    const g::KlGrads<T> d = g::kl_grads(grad_kl, mu_q[k], logsigma_q[k], mu_p[k], logsigma_p[k]);
+    g_mu_q[k] = grad_z[k] + d.mu_q;
+    g_logsigma_q[k] = g::sample_grad_logsigma(grad_z[k], logsigma_q[k], T(1), eps[k]) + d.logsigma_q;
+    g_mu_p[k] = d.mu_p;
+    g_logsigma_p[k] = d.logsigma_p;
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* mu_q, const scalar_t* logsigma_q, const scalar_t* mu_p, const scalar_t* logsigma_p,
+                    scalar_t* z, at::opmath_type<scalar_t>* kl, int64_t batch, Chunks chunks, g::DenseLayout layout,
+                    uint64_t seed) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  std::vector<double> partial(chunks.count(batch), 0.0);
+  at::parallel_for(0, chunks.count(batch), chunks.grain(), [&](int64_t first, int64_t last) {
+    alignas(64) float eps[kTile];
+    alignas(64) uint32_t index[kTile];
+    alignas(64) opmath_t kl_tile[kTile];
+    g::Staging<scalar_t, opmath_t, 5, kTile> tile;
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t end = chunks.end(item);
+      double sum = 0.0;
+      for (int64_t start = chunks.begin(item); start < end; start += kTile) {
+        const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
+        g::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
+        forward_tile(tile.load(mu_q + start, 0, count), tile.load(logsigma_q + start, 1, count),
+                     tile.load(mu_p + start, 2, count), tile.load(logsigma_p + start, 3, count), eps,
+                     tile.output(z + start, 4), kl_tile, count);
+        tile.store(z + start, 4, count);
+        sum += tile_sum(kl_tile, count);
+      }
+      partial[item] = sum;
+    }
+  });
+  for (int64_t b = 0; b < batch; ++b) {
+    double sum = 0.0;
+    for (int64_t c = 0; c < chunks.per_image_chunks; ++c) sum += partial[b * chunks.per_image_chunks + c];
+    kl[b] = static_cast<opmath_t>(sum);
+  }
+}
+
+template <typename scalar_t>
+void backward_kernel(const scalar_t* grad_z, const at::opmath_type<scalar_t>* grad_kl, const scalar_t* mu_q,
+                     const scalar_t* logsigma_q, const scalar_t* mu_p, const scalar_t* logsigma_p, scalar_t* g_mu_q,
+                     scalar_t* g_logsigma_q, scalar_t* g_mu_p, scalar_t* g_logsigma_p, int64_t batch, Chunks chunks,
+                     g::DenseLayout layout, uint64_t seed) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, chunks.count(batch), chunks.grain(), [&](int64_t first, int64_t last) {
+    alignas(64) float eps[kTile];
+    alignas(64) uint32_t index[kTile];
+    g::Staging<scalar_t, opmath_t, 9, kTile> tile;
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t end = chunks.end(item);
+      for (int64_t start = chunks.begin(item); start < end; start += kTile) {
+        const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
+        g::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
+        backward_tile(tile.load(grad_z + start, 0, count), grad_kl[chunks.image(item)],
+                      tile.load(mu_q + start, 1, count), tile.load(logsigma_q + start, 2, count),
+                      tile.load(mu_p + start, 3, count), tile.load(logsigma_p + start, 4, count), eps,
+                      tile.output(g_mu_q + start, 5), tile.output(g_logsigma_q + start, 6),
+                      tile.output(g_mu_p + start, 7), tile.output(g_logsigma_p + start, 8), count);
+        tile.store(g_mu_q + start, 5, count);
+        tile.store(g_logsigma_q + start, 6, count);
+        tile.store(g_mu_p + start, 7, count);
+        tile.store(g_logsigma_p + start, 8, count);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigma_q,
+                                                         const at::Tensor& mu_p, const at::Tensor& logsigma_p,
+                                                         int64_t seed) {
+  check_dense(mu_q);
+  const int64_t batch = mu_q.size(0);
+  at::Tensor z = at::empty_like(mu_q);
+  at::Tensor kl =
+      at::empty({batch}, mu_q.options().dtype(mu_q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_forward_cpu", [&] {
+    forward_kernel<scalar_t>(mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
+                             logsigma_p.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                             kl.data_ptr<at::opmath_type<scalar_t>>(), batch, chunks_of(mu_q), g::layout_of(mu_q),
+                             static_cast<uint64_t>(seed));
+  });
+  return {z, kl};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backward(
+    const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu_q, const at::Tensor& logsigma_q,
+    const at::Tensor& mu_p, const at::Tensor& logsigma_p, int64_t seed) {
+  check_dense(mu_q);
+  at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
+  at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_backward_cpu", [&] {
+    backward_kernel<scalar_t>(grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<at::opmath_type<scalar_t>>(),
+                              mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
+                              logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
+                              g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(),
+                              g_logsigma_p.data_ptr<scalar_t>(), mu_q.size(0), chunks_of(mu_q), g::layout_of(mu_q),
+                              static_cast<uint64_t>(seed));
+  });
+  return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vdvae_fast_C, CPU, m) {
+  m.impl("sample_and_kl_forward", &sample_and_kl_forward);
+  m.impl("sample_and_kl_backward", &sample_and_kl_backward);
+}

@@ -1,0 +1,149 @@
+// CUDA kernels of sample_gaussian: VDVAE's prior sampling at temperature t, z = mu + t·sigma·eps, and its
+// gradients. eps comes from (seed, logical index) in forward and is regenerated in backward.
+//
+// Grid-stride loops over flat memory, 16-byte packets when every pointer is aligned and the size divides.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <type_traits>
+
+#include "gaussian_math.h"
+
+namespace {
+
+namespace g = vdvae_fast::gaussian;
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 4096;
+
+int grid_for(int64_t packets) { return static_cast<int>(std::min(kMaxBlocks, (packets + kThreads - 1) / kThreads)); }
+
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logsigma, scalar_t* __restrict__ z,
+                   int64_t packets, at::opmath_type<scalar_t> temperature, g::DenseLayout layout, uint64_t seed) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Packet = g::Packet<scalar_t, kVec>;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
+       p += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const Packet m = reinterpret_cast<const Packet*>(mu)[p];
+    const Packet ls = reinterpret_cast<const Packet*>(logsigma)[p];
+    Packet out;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const float eps = g::gaussian_eps(seed, layout.logical_index(static_cast<uint32_t>(p * kVec + v)));
+      out.v[v] = static_cast<scalar_t>(
+          g::sample(static_cast<opmath_t>(m.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps));
+    }
+    reinterpret_cast<Packet*>(z)[p] = out;
+  }
+}
+
+// ∂z/∂mu = 1: grad_mu is grad_z itself.
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ logsigma,
+                    scalar_t* __restrict__ g_mu, scalar_t* __restrict__ g_logsigma, int64_t packets,
+                    at::opmath_type<scalar_t> temperature, g::DenseLayout layout, uint64_t seed) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Packet = g::Packet<scalar_t, kVec>;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
+       p += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const Packet gz = reinterpret_cast<const Packet*>(grad_z)[p];
+    const Packet ls = reinterpret_cast<const Packet*>(logsigma)[p];
+    Packet out;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const float eps = g::gaussian_eps(seed, layout.logical_index(static_cast<uint32_t>(p * kVec + v)));
+      out.v[v] = static_cast<scalar_t>(
+          g::sample_grad_logsigma(static_cast<opmath_t>(gz.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps));
+    }
+    reinterpret_cast<Packet*>(g_mu)[p] = gz;
+    reinterpret_cast<Packet*>(g_logsigma)[p] = out;
+  }
+}
+
+// Packets of 16 bytes when the element count divides and every pointer is aligned, else single elements.
+template <typename scalar_t>
+bool can_use_packets(int64_t numel, std::initializer_list<const at::Tensor*> tensors) {
+  if (numel % (16 / sizeof(scalar_t)) != 0) return false;
+  for (const at::Tensor* t : tensors) {
+    if (!g::is_aligned(t->data_ptr(), 16)) return false;
+  }
+  return true;
+}
+
+void check_dense(const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "sample_gaussian kernels take contiguous or channels_last tensors");
+}
+
+at::Tensor sample_gaussian_forward(const at::Tensor& mu, const at::Tensor& logsigma, double temperature, int64_t seed) {
+  check_dense(mu);
+  const c10::cuda::OptionalCUDAGuard device_guard(mu.device());
+  at::Tensor z = at::empty_like(mu);
+  const int64_t numel = mu.numel();
+  if (numel == 0) return z;
+  const g::DenseLayout layout = g::layout_of(mu);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "sample_gaussian_forward_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto launch = [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      forward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+          mu.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), numel / kVec,
+          static_cast<opmath_t>(temperature), layout, static_cast<uint64_t>(seed));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (can_use_packets<scalar_t>(numel, {&mu, &logsigma, &z})) {
+      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
+    } else {
+      launch(std::integral_constant<int, 1>());
+    }
+  });
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(const at::Tensor& grad_z, const at::Tensor& mu,
+                                                            const at::Tensor& logsigma, double temperature,
+                                                            int64_t seed) {
+  check_dense(mu);
+  const c10::cuda::OptionalCUDAGuard device_guard(mu.device());
+  at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(logsigma);
+  const int64_t numel = mu.numel();
+  if (numel == 0) return {g_mu, g_logsigma};
+  const g::DenseLayout layout = g::layout_of(mu);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "sample_gaussian_backward_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto launch = [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      backward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+          grad_z.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), g_mu.data_ptr<scalar_t>(),
+          g_logsigma.data_ptr<scalar_t>(), numel / kVec, static_cast<opmath_t>(temperature), layout,
+          static_cast<uint64_t>(seed));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (can_use_packets<scalar_t>(numel, {&grad_z, &logsigma, &g_mu, &g_logsigma})) {
+      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
+    } else {
+      launch(std::integral_constant<int, 1>());
+    }
+  });
+  return {g_mu, g_logsigma};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vdvae_fast_C, CUDA, m) {
+  m.impl("sample_gaussian_forward", &sample_gaussian_forward);
+  m.impl("sample_gaussian_backward", &sample_gaussian_backward);
+}
