@@ -189,14 +189,15 @@ def small_builtin(monkeypatch):
 )
 def test_demo_preset_learns(tmp_path, small_builtin, backend):
     H = train.parse_args(["--hps", "demo", "--save_dir", str(tmp_path), "--backend", backend, "--device", "cpu",
-                          "--max_iters", "150", "--iters_per_images", "100000"])  # fmt: skip
+                          "--max_iters", "150", "--num_epochs", "2", "--iters_per_images", "100000"])  # fmt: skip
     runtime = train.setup_runtime(H)
     directory = train.prepare_run_directory(H, runtime)
     trainer = train.Trainer(H, runtime, train.RunLog(directory), directory)
     before = trainer.evaluate("valid")["elbo_bpd"]
     summary = trainer.train()
     after = summary["eval"]["elbo_bpd"]
-    assert 8.0 < before < 10.0
+    assert summary["step"] == 150
+    assert 8.0 < before < 10.0, before
     assert after < before - 1.5, f"validation bits/dim went from {before:.3f} to {after:.3f} only"
 
 
