@@ -51,6 +51,15 @@ def grad_tolerance(dtype: torch.dtype, reference_grad: torch.Tensor) -> dict[str
     return {"rtol": rtol, "atol": scaled_atol * max(reference_grad.abs().max().item(), 1e-6)}
 
 
+@pytest.fixture
+def one_thread():
+    """Training tests run small models whose steps are faster on one thread than split across two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(
     params=FUSED_BACKENDS or [pytest.param("none", marks=pytest.mark.skip(reason="no fused backend built"))]
 )

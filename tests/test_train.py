@@ -38,12 +38,7 @@ ARCHITECTURES = {
 QUIET = ["--iters_per_print", "1", "--iters_per_images", "100000", "--iters_per_save", "100000"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_network(size: int) -> list[str]:
