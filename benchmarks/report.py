@@ -21,6 +21,8 @@ def add_bandwidth(rows: list[dict], bandwidth_gbps: float) -> None:
 
 
 def _fmt(value: object) -> str:
+    if value is None:  # not measured on this device (peak memory on a CPU) or not counted (batch sweeps)
+        return "–"
     if isinstance(value, float):
         if math.isnan(value):
             return "–"
@@ -48,15 +50,17 @@ COLUMNS = {
         "name",
         "config",
         "batch",
-        "precision",
+        "dtype",
+        "median_ms",
         "images_per_s",
         "peak_mem_bytes",
         "saved_bytes",
         "tflops",
         "mfu",
         "speedup_vs_baseline",
+        "note",
     ],
-    "sample": ["name", "backend", "batch", "images_per_s", "speedup_vs_eager"],
+    "sample": ["name", "backend", "batch", "dtype", "median_ms", "images_per_s", "speedup_vs_eager"],
 }
 
 
@@ -114,5 +118,8 @@ def write(results: dict, out_dir: Path) -> Path:
         results["rows"] = [r for r in previous.get("rows", []) if r["suite"] not in suites] + results["rows"]
     json_path.write_text(json.dumps(results, indent=1))
     (out_dir / f"{stem}.md").write_text(markdown(results))
-    plot(results, out_dir / f"{stem}.png")
+    try:
+        plot(results, out_dir / f"{stem}.png")
+    except ImportError as error:  # matplotlib is optional (the bench extra): the JSON and table are written
+        print(f"no plot written: {error}")
     return json_path
