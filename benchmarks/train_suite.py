@@ -285,14 +285,16 @@ def sweep(name: str, config: Config, measured: dict, device: torch.device, budge
     return rows
 
 
-def _finish(rows: list[dict], peak_tflops: float) -> list[dict]:
-    """Achieved TFLOP/s, MFU and speedup over baseline at the same preset and batch; rows in table order."""
+def _finish(rows: list[dict], peak_tflops: float | None) -> list[dict]:
+    """Achieved TFLOP/s, MFU and speedup over baseline at the same preset and batch; rows in table order.
+
+    peak_tflops None (on a CPU, whose bf16 convolutions outrun its fp32 matmul peak) leaves MFU out."""
     baseline = {(r["name"], r["batch"]): r["median_ms"] for r in rows if r["config"] == "baseline" and "median_ms" in r}
     for row in rows:
         if "median_ms" not in row:
             continue
         row["tflops"] = row["flops"] / (row["median_ms"] * 1e-3) / 1e12
-        row["mfu"] = row["tflops"] / peak_tflops
+        row["mfu"] = row["tflops"] / peak_tflops if peak_tflops else None
         row["peak_tflops"] = peak_tflops  # this run's: a results file merged from several runs shows only the last's
         reference = baseline.get((row["name"], row["batch"]))
         row["speedup_vs_baseline"] = reference / row["median_ms"] if reference else float("nan")
@@ -316,7 +318,7 @@ def run(
     the sweep for imagenet64 only. peak_tflops defaults to a fresh matmul measurement.
     """
     budget = Budget(time.monotonic() + budget_s) if budget_s is not None else Budget()
-    peak_tflops = peak_tflops or matmul_peak_tflops(device)
+    peak_tflops = (peak_tflops or matmul_peak_tflops(device)) if device.type == "cuda" else None
     if device.type == "cuda":
         cases = [(name, preset(name).n_batch) for name in (QUICK_GPU_PRESETS if quick else GPU_PRESETS)]
         configs, plan = CONFIGS, GPU_PLAN
