@@ -15,16 +15,14 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "gaussian_math.h"
+#include "gaussian_cuda.cuh"
 
 namespace {
 
 namespace g = vdvae_fast::gaussian;
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 4096;
-
-int grid_for(int64_t packets) { return static_cast<int>(std::min(kMaxBlocks, (packets + kThreads - 1) / kThreads)); }
+using g::grid_for;
+using g::kThreads;
 
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
@@ -85,27 +83,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Packets of 16 bytes of the input dtype (the opmath tensors then hold 16 or 32 bytes per packet) when the
-// element count divides and every pointer is aligned, else single elements.
-template <typename scalar_t>
-bool can_use_packets(int64_t numel, std::initializer_list<const at::Tensor*> tensors) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  constexpr uintptr_t kOpmathBytes = sizeof(at::opmath_type<scalar_t>) * kVec;
-  if (numel % kVec != 0) return false;
-  for (const at::Tensor* t : tensors) {
-    if (!g::is_aligned(t->data_ptr(), t->element_size() == sizeof(scalar_t) ? 16 : kOpmathBytes)) return false;
-  }
-  return true;
-}
-
-void check_dense(const at::Tensor& t) {
-  TORCH_CHECK(t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "gaussian_kl kernels take contiguous or channels_last tensors");
-}
-
 at::Tensor gaussian_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigma_q, const at::Tensor& mu_p,
                                const at::Tensor& logsigma_p) {
-  check_dense(mu_q);
+  g::check_dense(mu_q, "gaussian_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   at::Tensor kl =
       at::empty_like(mu_q, mu_q.options().dtype(mu_q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
@@ -120,7 +100,7 @@ at::Tensor gaussian_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigm
           logsigma_p.data_ptr<scalar_t>(), kl.data_ptr<at::opmath_type<scalar_t>>(), numel / kVec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (can_use_packets<scalar_t>(numel, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &kl})) {
+    if (g::can_use_packets<scalar_t>(numel, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &kl})) {
       launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
     } else {
       launch(std::integral_constant<int, 1>());
@@ -134,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
                                                                                 const at::Tensor& logsigma_q,
                                                                                 const at::Tensor& mu_p,
                                                                                 const at::Tensor& logsigma_p) {
-  check_dense(mu_q);
+  g::check_dense(mu_q, "gaussian_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
   at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);
@@ -151,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
           numel / kVec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (can_use_packets<scalar_t>(numel, {&grad_kl, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q, &g_logsigma_q,
+    if (g::can_use_packets<scalar_t>(numel, {&grad_kl, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q, &g_logsigma_q,
                                           &g_mu_p, &g_logsigma_p})) {
       launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
     } else {

@@ -17,13 +17,13 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "gaussian_math.h"
+#include "gaussian_cuda.cuh"
 
 namespace {
 
 namespace g = vdvae_fast::gaussian;
 
-constexpr int kThreads = 256;
+using g::kThreads;
 constexpr int64_t kElementsPerSlice = 2048;
 constexpr int64_t kMaxSlices = 1024;
 
@@ -133,26 +133,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Packets of 16 bytes when every image starts on one and every pointer is aligned, else single elements.
-template <typename scalar_t>
-bool can_use_packets(int64_t per_image, std::initializer_list<const at::Tensor*> tensors) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  if (per_image % kVec != 0) return false;
-  for (const at::Tensor* t : tensors) {
-    if (!g::is_aligned(t->data_ptr(), 16)) return false;
-  }
-  return true;
-}
-
-void check_dense(const at::Tensor& t) {
-  TORCH_CHECK(t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "sample_and_kl kernels take contiguous or channels_last tensors");
-}
-
 std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigma_q,
                                                          const at::Tensor& mu_p, const at::Tensor& logsigma_p,
                                                          int64_t seed) {
-  check_dense(mu_q);
+  g::check_dense(mu_q, "sample_and_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   const int64_t batch = mu_q.size(0);
   const g::DenseLayout layout = g::layout_of(mu_q);
@@ -174,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward(const at::Tensor& mu_q,
           static_cast<uint64_t>(seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (can_use_packets<scalar_t>(layout.image_size, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &z})) {
+    if (g::can_use_packets<scalar_t>(layout.image_size, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &z})) {
       launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
     } else {
       launch(std::integral_constant<int, 1>());
@@ -190,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward(const at::Tensor& mu_q,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backward(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu_q, const at::Tensor& logsigma_q,
     const at::Tensor& mu_p, const at::Tensor& logsigma_p, int64_t seed) {
-  check_dense(mu_q);
+  g::check_dense(mu_q, "sample_and_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   const int64_t batch = mu_q.size(0);
   const g::DenseLayout layout = g::layout_of(mu_q);
@@ -211,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backwar
           g_logsigma_p.data_ptr<scalar_t>(), slices, layout, static_cast<uint64_t>(seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (can_use_packets<scalar_t>(layout.image_size, {&grad_z, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q,
+    if (g::can_use_packets<scalar_t>(layout.image_size, {&grad_z, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q,
                                                       &g_logsigma_q, &g_mu_p, &g_logsigma_p})) {
       launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
     } else {

@@ -15,16 +15,14 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "gaussian_math.h"
+#include "gaussian_cuda.cuh"
 
 namespace {
 
 namespace g = vdvae_fast::gaussian;
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 4096;
-
-int grid_for(int64_t packets) { return static_cast<int>(std::min(kMaxBlocks, (packets + kThreads - 1) / kThreads)); }
+using g::grid_for;
+using g::kThreads;
 
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
@@ -71,23 +69,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Packets of 16 bytes when the element count divides and every pointer is aligned, else single elements.
-template <typename scalar_t>
-bool can_use_packets(int64_t numel, std::initializer_list<const at::Tensor*> tensors) {
-  if (numel % (16 / sizeof(scalar_t)) != 0) return false;
-  for (const at::Tensor* t : tensors) {
-    if (!g::is_aligned(t->data_ptr(), 16)) return false;
-  }
-  return true;
-}
-
-void check_dense(const at::Tensor& t) {
-  TORCH_CHECK(t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "sample_gaussian kernels take contiguous or channels_last tensors");
-}
-
 at::Tensor sample_gaussian_forward(const at::Tensor& mu, const at::Tensor& logsigma, double temperature, int64_t seed) {
-  check_dense(mu);
+  g::check_dense(mu, "sample_gaussian");
   const c10::cuda::OptionalCUDAGuard device_guard(mu.device());
   at::Tensor z = at::empty_like(mu);
   const int64_t numel = mu.numel();
@@ -103,7 +86,7 @@ at::Tensor sample_gaussian_forward(const at::Tensor& mu, const at::Tensor& logsi
           static_cast<opmath_t>(temperature), layout, static_cast<uint64_t>(seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (can_use_packets<scalar_t>(numel, {&mu, &logsigma, &z})) {
+    if (g::can_use_packets<scalar_t>(numel, {&mu, &logsigma, &z})) {
       launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
     } else {
       launch(std::integral_constant<int, 1>());
@@ -115,7 +98,7 @@ at::Tensor sample_gaussian_forward(const at::Tensor& mu, const at::Tensor& logsi
 std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(const at::Tensor& grad_z, const at::Tensor& mu,
                                                             const at::Tensor& logsigma, double temperature,
                                                             int64_t seed) {
-  check_dense(mu);
+  g::check_dense(mu, "sample_gaussian");
   const c10::cuda::OptionalCUDAGuard device_guard(mu.device());
   at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(logsigma);
   const int64_t numel = mu.numel();
@@ -132,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(const at::Tensor& gr
           static_cast<uint64_t>(seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (can_use_packets<scalar_t>(numel, {&grad_z, &logsigma, &g_mu, &g_logsigma})) {
+    if (g::can_use_packets<scalar_t>(numel, {&grad_z, &logsigma, &g_mu, &g_logsigma})) {
       launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
     } else {
       launch(std::integral_constant<int, 1>());

@@ -1,0 +1,42 @@
+// Launch helpers shared by the CUDA kernels of the Gaussian ops (sample_and_kl, gaussian_kl, sample_gaussian):
+// block size, grid size, the 16-byte packet test and the layout check.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <initializer_list>
+
+#include "gaussian_math.h"
+
+namespace vdvae_fast {
+namespace gaussian {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 4096;
+
+// Blocks of a grid-stride loop over `packets` work items.
+inline int grid_for(int64_t packets) {
+  return static_cast<int>(std::min(kMaxBlocks, (packets + kThreads - 1) / kThreads));
+}
+
+// Packets of 16 bytes of the input dtype when `count` (the elements a packet must not straddle: all of them,
+// or one image) divides and every pointer is aligned to its packet (tensors of the math dtype hold 16 or 32
+// bytes per packet); else the kernels take single elements.
+template <typename scalar_t>
+bool can_use_packets(int64_t count, std::initializer_list<const at::Tensor*> tensors) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  if (count % kVec != 0) return false;
+  for (const at::Tensor* t : tensors) {
+    if (!is_aligned(t->data_ptr(), static_cast<uintptr_t>(t->element_size()) * kVec)) return false;
+  }
+  return true;
+}
+
+inline void check_dense(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              " kernels take contiguous or channels_last tensors");
+}
+
+}  // namespace gaussian
+}  // namespace vdvae_fast
