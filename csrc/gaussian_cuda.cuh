@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <type_traits>
 
 #include "gaussian_math.h"
 
@@ -31,6 +32,16 @@ bool can_use_packets(int64_t count, std::initializer_list<const at::Tensor*> ten
     if (!is_aligned(t->data_ptr(), static_cast<uintptr_t>(t->element_size()) * kVec)) return false;
   }
   return true;
+}
+
+// Calls launch(std::integral_constant<int, kVec>) with the packet width can_use_packets allows, else with 1.
+template <typename scalar_t, typename Launch>
+void launch_by_packets(int64_t count, std::initializer_list<const at::Tensor*> tensors, Launch&& launch) {
+  if (can_use_packets<scalar_t>(count, tensors)) {
+    launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
+  } else {
+    launch(std::integral_constant<int, 1>());
+  }
 }
 
 inline void check_dense(const at::Tensor& t, const char* op) {

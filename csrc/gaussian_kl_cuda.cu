@@ -100,11 +100,7 @@ at::Tensor gaussian_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigm
           logsigma_p.data_ptr<scalar_t>(), kl.data_ptr<at::opmath_type<scalar_t>>(), numel / kVec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (g::can_use_packets<scalar_t>(numel, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &kl})) {
-      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
-    } else {
-      launch(std::integral_constant<int, 1>());
-    }
+    g::launch_by_packets<scalar_t>(numel, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &kl}, launch);
   });
   return kl;
 }
@@ -131,12 +127,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
           numel / kVec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (g::can_use_packets<scalar_t>(numel, {&grad_kl, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q, &g_logsigma_q,
-                                          &g_mu_p, &g_logsigma_p})) {
-      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
-    } else {
-      launch(std::integral_constant<int, 1>());
-    }
+    g::launch_by_packets<scalar_t>(
+        numel, {&grad_kl, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q, &g_logsigma_q, &g_mu_p, &g_logsigma_p},
+        launch);
   });
   return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
 }

@@ -158,11 +158,7 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward(const at::Tensor& mu_q,
           static_cast<uint64_t>(seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (g::can_use_packets<scalar_t>(layout.image_size, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &z})) {
-      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
-    } else {
-      launch(std::integral_constant<int, 1>());
-    }
+    g::launch_by_packets<scalar_t>(layout.image_size, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &z}, launch);
     const int blocks = static_cast<int>((batch + kThreads - 1) / kThreads);
     sum_partials_kernel<opmath_t>
         <<<blocks, kThreads, 0, stream>>>(partials.data_ptr<opmath_t>(), kl.data_ptr<opmath_t>(), batch, slices);
@@ -195,12 +191,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backwar
           g_logsigma_p.data_ptr<scalar_t>(), slices, layout, static_cast<uint64_t>(seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (g::can_use_packets<scalar_t>(layout.image_size, {&grad_z, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q,
-                                                      &g_logsigma_q, &g_mu_p, &g_logsigma_p})) {
-      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
-    } else {
-      launch(std::integral_constant<int, 1>());
-    }
+    g::launch_by_packets<scalar_t>(
+        layout.image_size,
+        {&grad_z, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q, &g_logsigma_q, &g_mu_p, &g_logsigma_p}, launch);
   });
   return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
 }

@@ -86,11 +86,7 @@ at::Tensor sample_gaussian_forward(const at::Tensor& mu, const at::Tensor& logsi
           static_cast<opmath_t>(temperature), layout, static_cast<uint64_t>(seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (g::can_use_packets<scalar_t>(numel, {&mu, &logsigma, &z})) {
-      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
-    } else {
-      launch(std::integral_constant<int, 1>());
-    }
+    g::launch_by_packets<scalar_t>(numel, {&mu, &logsigma, &z}, launch);
   });
   return z;
 }
@@ -115,11 +111,7 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(const at::Tensor& gr
           static_cast<uint64_t>(seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (g::can_use_packets<scalar_t>(numel, {&grad_z, &logsigma, &g_mu, &g_logsigma})) {
-      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>());
-    } else {
-      launch(std::integral_constant<int, 1>());
-    }
+    g::launch_by_packets<scalar_t>(numel, {&grad_z, &logsigma, &g_mu, &g_logsigma}, launch);
   });
   return {g_mu, g_logsigma};
 }
