@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a small subset of cases (smoke run)")
     parser.add_argument(
-        "--no-compile", action="store_true", help="skip torch.compile (of the reference ops; of the model in train)"
+        "--no-compile", action="store_true", help="skip torch.compile (of the original ops; of the model in train)"
     )
     parser.add_argument(
         "--budget-s",
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{results['environment']['device']}: {results['bandwidth_gbps']:.1f} GB/s copy bandwidth")
     for name, run in SUITES.items():
         if args.suite in (name, "all"):
-            options = {"quick": args.quick, "compile_reference": not args.no_compile}
+            options = {"quick": args.quick, "with_compile": not args.no_compile}
             if name == "train":  # MFU needs the measured peak; only the train suite has a time budget
                 options.update(peak_tflops=results["peak_tflops"], budget_s=args.budget_s)
             results["rows"] += run(device, **options)

@@ -82,26 +82,45 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+# What each suite's panel plots: its speedup column, the rows' label, and which rows are the baseline itself.
+PANELS = {
+    "ops": ("speedup_vs_eager", "{name} {mode} {shape} {dtype} [{backend}]", "backend", "original"),
+    "train": ("speedup_vs_baseline", "{name} batch {batch} [{config}]", "config", "baseline"),
+    "sample": ("speedup_vs_eager", "{name} batch {batch} [{backend}]", "backend", "original"),
+}
+
+
+def _panel_rows(results: dict, suite: str) -> list[dict]:
+    column, _, key, baseline = PANELS[suite]
+    rows = [r for r in results["rows"] if r["suite"] == suite and r.get(key) != baseline and not r.get("sweep")]
+    return [r for r in rows if not math.isnan(r.get(column, float("nan")))]
+
+
 def plot(results: dict, path: Path) -> None:
-    """Speedup over eager of every fused op row (log scale), one bar per case and backend."""
+    """One panel per suite: the speedup of every row over its suite's baseline (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results["rows"] if r["suite"] == "ops" and r["backend"] != "reference"]
-    rows = [r for r in rows if not math.isnan(r.get("speedup_vs_eager", float("nan")))]
-    if not rows:
+    panels = [(suite, _panel_rows(results, suite)) for suite in PANELS]
+    panels = [(suite, rows) for suite, rows in panels if rows]
+    if not panels:
         return
-    labels = [f"{r['name']} {r['mode']} {_fmt(r['shape'])} {r['dtype']} [{r['backend']}]" for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.5))
-    ax.barh(range(len(rows)), [r["speedup_vs_eager"] for r in rows], color="tab:blue")
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("speedup over the eager reference (×)")
-    ax.set_title(results["environment"]["device"], fontsize=9)
+    heights = [len(rows) + 2 for _, rows in panels]
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(10, 0.25 * sum(heights) + 1), gridspec_kw={"height_ratios": heights}, squeeze=False
+    )
+    for ax, (suite, rows) in zip(axes[:, 0], panels, strict=True):
+        column, label, _, baseline = PANELS[suite]
+        labels = [label.format(**{k: _fmt(v) for k, v in r.items()}) for r in rows]
+        ax.barh(range(len(rows)), [r[column] for r in rows], color="tab:blue")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{suite}: speedup over {baseline} (×)", fontsize=8)
+    axes[0, 0].set_title(results["environment"]["device"], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

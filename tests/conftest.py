@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from vdvae_fast import ops  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-FUSED_BACKENDS = [b for b in ops.available_backends(DEVICE) if b != "reference"]
+FUSED_BACKENDS = [b for b in ops.available_backends(DEVICE) if b not in ops.EAGER_BACKENDS]
 INTERPRETED = DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 # Tolerances of a fused backend against the eager reference, by input dtype: (rtol, atol).

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMETER_COUNTS_M = {"cifar10": 39.1, "imagenet32": 119.3, "imagenet64": 125.0, "ffhq256": 114.9}
 fused_cpu = pytest.mark.skipif(not ops.extension_built(), reason="the fused cpu backend (vdvae_fast._C) is not built")
 # Fused backends that run on CPU tensors here: cpu once built, Triton under TRITON_INTERPRET=1 (see conftest).
-FUSED_CPU_BACKENDS = [b for b in ops.available_backends("cpu") if b != "reference"] or [
+FUSED_CPU_BACKENDS = [b for b in ops.available_backends("cpu") if b not in ops.EAGER_BACKENDS] or [
     pytest.param("cpu", marks=pytest.mark.skip(reason="no fused CPU backend: vdvae_fast._C is not built"))
 ]
 
@@ -260,7 +260,8 @@ def test_checkpointing_gives_identical_gradients(mode):
     assert after_plain == after_ckpt  # recomputation leaves torch's random stream where it was
 
 
-def test_checkpoint_recomputation_replays_z(monkeypatch):
+@pytest.mark.parametrize("backend", ops.EAGER_BACKENDS)  # Philox seeds, and torch's sampler (original)
+def test_checkpoint_recomputation_replays_z(monkeypatch, backend):
     draws = []
     sample_and_kl = ops.sample_and_kl
 
@@ -270,7 +271,7 @@ def test_checkpoint_recomputation_replays_z(monkeypatch):
         return z, kl
 
     monkeypatch.setattr(ops, "sample_and_kl", recording)
-    vae = _model(grad_checkpoint="decoder")
+    vae = _model(grad_checkpoint="decoder", backend=backend)
     layers = len(vae.decoder.dec_blocks)
     x, x_target = _batch()
     out = vae(x, x_target)

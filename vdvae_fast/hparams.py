@@ -91,7 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "num_variables_visualize": 6,
     "num_temperatures_visualize": 3,
     # vdvae_fast: ops backend, numerics and memory
-    "backend": "auto",  # ops backend: auto, cpu, cuda, triton, reference
+    "backend": "auto",  # ops backend: auto, cpu, cuda, triton, reference, original
     "precision": "fp32",  # fp32, bf16, fp16 (torch.autocast in the trainer)
     "grad_checkpoint": "none",  # none, decoder, all
     "channels_last": False,
@@ -406,7 +406,7 @@ _CLI_TYPES: dict[str, Any] = {
     "valid_holdout": int,
 }
 _CLI_CHOICES: dict[str, tuple[str, ...]] = {
-    "backend": ("auto", "cpu", "cuda", "triton", "reference"),
+    "backend": ("auto", "cpu", "cuda", "triton", "reference", "original"),
     "precision": ("fp32", "bf16", "fp16"),
     "grad_checkpoint": ("none", "decoder", "all"),
 }
@@ -464,8 +464,8 @@ HELP: dict[str, str] = {
     "num_images_visualize": "images per row of the sample grid",
     "num_variables_visualize": "rows of partial reconstructions (the first k latents kept, t = 0.1) in the grid",
     "num_temperatures_visualize": "rows of unconditional samples in the grid (at t = 1.0, 0.9, 0.8, 0.7)",
-    "backend": "kernels of the fused ops: auto (the fastest built for the device), cpu, cuda, triton, or "
-    "reference (eager PyTorch)",
+    "backend": "kernels of the fused ops: auto (the fastest built for the device), cpu, cuda, triton, "
+    "reference (eager PyTorch, seeded like the kernels) or original (eager PyTorch with torch's sampler, as openai/vdvae)",
     "precision": "fp32; bf16 (autocast); or fp16 (autocast with a gradient scaler)",
     "grad_checkpoint": "recompute blocks in backward instead of storing activations: none, decoder or all",
     "channels_last": "keep weights and activations channels_last (faster convolutions on recent GPUs)",

@@ -6,7 +6,9 @@ implementation calls one backend's kernels:
 - ``cpu``  — C++ kernels of vdvae_fast._C (torch.ops.vdvae_fast_C) on CPU tensors,
 - ``cuda`` — CUDA kernels of the same extension on CUDA tensors,
 - ``triton`` — the Triton kernels of vdvae_fast.kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
-- ``reference`` — the eager formulas of vdvae_fast.reference with plain autograd (the baseline),
+- ``reference`` — the eager formulas of vdvae_fast.reference with plain autograd (the oracle),
+- ``original`` — the same formulas with torch's own generator for the noise, as openai/vdvae runs them
+  (the baseline of the benchmarks; it takes no seed: torch.manual_seed reproduces it),
 - ``auto`` — the fastest one built for the tensors' device; the env var VDVAE_FAST_BACKEND overrides it.
 
 Backward passes are separate custom ops that recompute everything from the saved inputs, so
@@ -25,7 +27,8 @@ import torch
 
 from . import philox, reference
 
-BACKENDS = ("reference", "triton", "cuda", "cpu", "auto")
+BACKENDS = ("reference", "original", "triton", "cuda", "cpu", "auto")
+EAGER_BACKENDS = ("reference", "original")  # plain PyTorch with autograd, no kernels
 SUPPORTED_NUM_BITS = (5, 8)
 MAX_MIXTURES = 32
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -80,7 +83,7 @@ def available_backends(device: torch.device | str) -> list[str]:
             found.append("triton")
     elif device.type == "cpu" and extension_built():
         found.append("cpu")
-    found.append("reference")
+    found += EAGER_BACKENDS
     if device.type == "cpu" and triton_available() and _triton_interpreted():
         found.append("triton")  # the interpreter is for tests: slower than eager, never chosen by auto
     return found
@@ -214,7 +217,14 @@ def _check_gaussians(**tensors: torch.Tensor) -> torch.device:
     return _check_same_device(**tensors)
 
 
-def _seed_tensor(seed: int | None) -> torch.Tensor:
+def _seed_tensor(seed: int | None, backend: str) -> torch.Tensor | None:
+    """The seed as a 0-d CPU tensor (drawn from torch's generator when None); None for the original backend."""
+    if backend == "original":
+        if seed is not None:
+            raise ValueError(
+                "the original backend draws from torch's generator and takes no seed; use torch.manual_seed"
+            )
+        return None
     if seed is None:
         return philox.draw_seed()
     if not 0 <= int(seed) < 2**63:
@@ -292,7 +302,7 @@ def dmol_nll(
     if check_inputs and not torch.compiler.is_compiling():
         _check_image_target(x)
     backend = resolve_backend(backend, device, logits.dtype)
-    if backend == "reference":
+    if backend in EAGER_BACKENDS:
         return reference.dmol_nll(logits, x, num_bits=num_bits)
     x = x.detach().to(reference.compute_dtype(logits.dtype))
     return _dmol_nll(logits, x, num_bits, backend)
@@ -324,10 +334,10 @@ def dmol_sample(logits: torch.Tensor, *, seed: int | None = None, backend: str =
     if logits.shape[0] * logits.shape[2] * logits.shape[3] >= philox.MAX_COUNTER:
         raise ValueError("more than 2**32 pixels in one dmol_sample call; split the batch")
     backend = resolve_backend(backend, device, logits.dtype)
-    seed_t = _seed_tensor(seed)
+    seed_t = _seed_tensor(seed, backend)
     logits = logits.detach()
-    if backend == "reference":
-        return reference.dmol_sample(logits, seed=seed_t)
+    if backend in EAGER_BACKENDS:
+        return reference.dmol_sample(logits, seed=seed_t, backend=backend)
     return _dmol_sample(logits, seed_t, backend)
 
 
@@ -392,7 +402,7 @@ def gaussian_kl(
     """KL(q‖p) of diagonal Gaussians, elementwise (float32), differentiable in all four parameters."""
     device = _check_gaussians(mu_q=mu_q, logsigma_q=logsigma_q, mu_p=mu_p, logsigma_p=logsigma_p)
     backend = resolve_backend(backend, device, mu_q.dtype)
-    if backend == "reference":
+    if backend in EAGER_BACKENDS:
         return reference.gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p)
     return _gaussian_kl(*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p), backend)
 
@@ -473,9 +483,9 @@ def sample_and_kl(
     """
     device = _check_gaussians(mu_q=mu_q, logsigma_q=logsigma_q, mu_p=mu_p, logsigma_p=logsigma_p)
     backend = resolve_backend(backend, device, mu_q.dtype)
-    seed_t = _seed_tensor(seed)
-    if backend == "reference":
-        return reference.sample_and_kl(mu_q, logsigma_q, mu_p, logsigma_p, seed=seed_t)
+    seed_t = _seed_tensor(seed, backend)
+    if backend in EAGER_BACKENDS:
+        return reference.sample_and_kl(mu_q, logsigma_q, mu_p, logsigma_p, seed=seed_t, backend=backend)
     return _sample_and_kl(*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p), seed_t, backend)
 
 
@@ -544,7 +554,7 @@ def sample_gaussian(
     if not temperature >= 0.0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     backend = resolve_backend(backend, device, mu.dtype)
-    seed_t = _seed_tensor(seed)
-    if backend == "reference":
-        return reference.sample_gaussian(mu, logsigma, temperature=temperature, seed=seed_t)
+    seed_t = _seed_tensor(seed, backend)
+    if backend in EAGER_BACKENDS:
+        return reference.sample_gaussian(mu, logsigma, temperature=temperature, seed=seed_t, backend=backend)
     return _sample_gaussian(*_dense_layout(mu, logsigma), float(temperature), seed_t, backend)

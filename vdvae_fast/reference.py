@@ -6,6 +6,9 @@ Every fused kernel is tested against these functions. They follow openai/vdvae's
 deliberate differences: tensors are NCHW as the model's output conv produces them, and
 randomness comes from the counter-based generator of vdvae_fast.philox so that every
 backend draws the same numbers for the same seed.
+
+backend="original" draws the noise from torch's own generator instead, as openai/vdvae does: the
+baseline that benchmarks measure against, since eager Philox costs far more than torch's sampler.
 """
 
 from __future__ import annotations
@@ -90,19 +93,16 @@ def dmol_sample(
     logits: torch.Tensor, *, seed: int | torch.Tensor | None = None, backend: str = "reference"
 ) -> torch.Tensor:
     """A (B, 3, H, W) float32 image in [−1, 1]: Gumbel-max mixture pick, logistic draw, RGB coupling, clamp."""
-    seed = _seed_or_draw(seed)
     logits = logits.float()
-    batch, _, height, width = logits.shape
     mixture_logits, means, raw_log_scales, raw_coeffs = _split_logits(logits)
     num_mix = mixture_logits.shape[-1]
-    pixel = torch.arange(batch * height * width, device=logits.device).reshape(batch, height, width)
-    gumbel_u = torch.stack([philox.open_uniform(seed, pixel, k) for k in range(num_mix)], dim=-1)
+    uniforms = _open_uniforms(seed, mixture_logits.shape[:3], num_mix + 3, logits.device, backend)
+    gumbel_u, u = uniforms[..., :num_mix], uniforms[..., num_mix:]
     choice = torch.argmax(mixture_logits - torch.log(-torch.log(gumbel_u)), dim=-1)
     select = F.one_hot(choice, num_classes=num_mix).to(logits.dtype).unsqueeze(3)  # (B, H, W, 1, M)
     mean = (means * select).sum(-1)
     log_scale = torch.clamp_min((raw_log_scales * select).sum(-1), LOG_SCALE_MIN)
     coeff = (torch.tanh(raw_coeffs) * select).sum(-1)
-    u = torch.stack([philox.open_uniform(seed, pixel, num_mix + c) for c in range(3)], dim=-1)
     draw = mean + torch.exp(log_scale) * (torch.log(u) - torch.log(1.0 - u))
     x0 = draw[..., 0].clamp(-1.0, 1.0)
     x1 = (draw[..., 1] + coeff[..., 0] * x0).clamp(-1.0, 1.0)
@@ -133,8 +133,11 @@ def sample_gaussian(
     backend: str = "reference",
 ) -> torch.Tensor:
     """z = μ + t·exp(logσ)·ε in the input dtype, ε from the shared counter-based generator."""
-    eps = philox.normal(_seed_or_draw(seed), mu.shape, mu.device)
     dtype = compute_dtype(mu.dtype)
+    if backend == "original":
+        eps = torch.randn(mu.shape, device=mu.device, dtype=dtype)
+    else:
+        eps = philox.normal(_seed_or_draw(seed), mu.shape, mu.device)
     z = mu.to(dtype) + temperature * torch.exp(logsigma.to(dtype)) * eps
     return z.to(mu.dtype)
 
@@ -149,10 +152,21 @@ def sample_and_kl(
     backend: str = "reference",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The posterior sample z and KL(q‖p) summed over all but the batch dimension (float32, shape (B,))."""
-    z = sample_gaussian(mu_q, logsigma_q, seed=_seed_or_draw(seed))
+    z = sample_gaussian(mu_q, logsigma_q, seed=seed, backend=backend)
     kl = gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p)
     return z, kl.reshape(kl.shape[0], -1).sum(1)
 
 
 def _seed_or_draw(seed: int | torch.Tensor | None) -> int | torch.Tensor:
     return philox.draw_seed() if seed is None else seed
+
+
+def _open_uniforms(
+    seed: int | torch.Tensor | None, pixels: torch.Size, streams: int, device: torch.device, backend: str
+) -> torch.Tensor:
+    """Uniforms in [1e-5, 1 − 1e-5] of shape (*pixels, streams): Philox counters (pixel, stream), or torch's."""
+    if backend == "original":
+        return torch.empty((*pixels, streams), device=device).uniform_(1.0e-5, 1.0 - 1.0e-5)
+    seed = _seed_or_draw(seed)
+    pixel = torch.arange(pixels.numel(), device=device).reshape(pixels)
+    return torch.stack([philox.open_uniform(seed, pixel, k) for k in range(streams)], dim=-1)

@@ -156,7 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n_batch", type=int, default=None, help="samples drawn per forward pass (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--backend", default=None, help="ops backend: auto, cpu, cuda, triton or reference")
+    parser.add_argument("--backend", default=None, help="ops backend: auto, cpu, cuda, triton, reference or original")
     return parser
 
 
