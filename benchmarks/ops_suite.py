@@ -119,7 +119,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     shapes = CPU_SHAPES if device.type == "cpu" else GPU_SHAPES
     if quick:
         shapes = shapes[:2]
-    dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
+    dtypes = [torch.float32, torch.bfloat16]
     found = []
     for op, (preset, batch, side), dtype in itertools.product(OPS, shapes, dtypes):
         channels = 10 * NUM_MIXTURES if op.startswith("dmol") else ZDIM

@@ -417,42 +417,90 @@ VF_DMOL_FN T clamp_unit(T v) {
   return v < T(-1) ? T(-1) : (v > T(1) ? T(1) : v);
 }
 
-// One pixel of reference.dmol_sample in float32. load(ch) returns channel ch of the pixel as float.
-// Mixture k's Gumbel noise uses Philox stream k, colour c's logistic noise stream M + c.
+// Mixture k's Gumbel-perturbed logit at a pixel; its noise is Philox stream k
+VF_DMOL_FN float gumbel_score(float logit, uint64_t seed, uint32_t pixel, uint32_t k) {
+  const float u = philox_open_uniform(seed, pixel, k);
+  return logit - vf_log(-vf_log(u));
+}
+
+// Whether mixture k's score replaces the best of mixtures < k in the Gumbel-max pick, starting from
+// best = -inf and choice 0: torch.argmax keeps the first maximum and treats NaN as the largest value
+VF_DMOL_FN bool replaces_best(float best, float score) { return (best == best) & ((score > best) | (score != score)); }
+
+// mean + exp(max(raw_log_scale, -7)) * logit(u), u from Philox stream `stream`
+VF_DMOL_FN float logistic_draw(float mean, float raw_log_scale, uint64_t seed, uint32_t pixel, uint32_t stream) {
+  const float log_scale = raw_log_scale < float(kLogScaleMin) ? float(kLogScaleMin) : raw_log_scale;
+  const float u = philox_open_uniform(seed, pixel, stream);
+  return mean + vf_exp(log_scale) * (vf_log(u) - vf_log(1.0f - u));
+}
+
+// NaN for a NaN v, else 0
+VF_DMOL_FN float nan_part(float v) { return v == v ? 0.0f : v; }
+
+// The chosen mixture's parameters as the reference forms them, sums over the mixtures against the
+// one-hot choice. The means and log-scales are such sums, so a NaN or an infinite one in any mixture
+// makes the sample NaN there. The reference sums tanh of the coefficients, where only a NaN reaches
+// the sum (tanh(inf) * 0 = 0): the chosen raw coefficient is kept, its tanh taken once, and a NaN
+// coefficient of another mixture is added to the mean of the colour it couples into, which gives the
+// same NaN samples.
+struct ChosenMixture {
+  float mean[3] = {0.0f, 0.0f, 0.0f};
+  float raw_log_scale[3] = {0.0f, 0.0f, 0.0f};
+  float raw_coeff[3] = {0.0f, 0.0f, 0.0f};
+
+  VF_DMOL_FN void add(bool chosen, const MixtureParams<float>& p) {
+    const float one_hot = chosen ? 1.0f : 0.0f;
+    for (int c = 0; c < 3; ++c) {
+      mean[c] += p.mean[c] * one_hot;
+      raw_log_scale[c] += p.raw_log_scale[c] * one_hot;
+      raw_coeff[c] = chosen ? p.raw_coeff[c] : raw_coeff[c];
+    }
+    mean[1] += nan_part(p.raw_coeff[0]);
+    mean[2] += nan_part(p.raw_coeff[1]) + nan_part(p.raw_coeff[2]);
+  }
+
+  // The logistic draws (colour c's noise is Philox stream M + c), the RGB coupling and the clamp
+  VF_DMOL_FN PixelSample sample(int64_t mixtures, uint64_t seed, uint32_t pixel) const {
+    const uint32_t stream = static_cast<uint32_t>(mixtures);
+    const float draw[3] = {logistic_draw(mean[0], raw_log_scale[0], seed, pixel, stream),
+                           logistic_draw(mean[1], raw_log_scale[1], seed, pixel, stream + 1),
+                           logistic_draw(mean[2], raw_log_scale[2], seed, pixel, stream + 2)};
+    PixelSample out;
+    out.x[0] = clamp_unit(draw[0]);
+    out.x[1] = clamp_unit(draw[1] + vf_tanh(raw_coeff[0]) * out.x[0]);
+    out.x[2] = clamp_unit(draw[2] + vf_tanh(raw_coeff[1]) * out.x[0] + vf_tanh(raw_coeff[2]) * out.x[1]);
+    return out;
+  }
+};
+
+// Mixture k's 9 parameters at a pixel; load(ch) returns channel ch of the pixel as float
+template <typename Load>
+VF_DMOL_FN MixtureParams<float> mixture_params(const Load& load, int64_t mixtures, int64_t k) {
+  MixtureParams<float> p;
+  for (int c = 0; c < 3; ++c) {
+    p.mean[c] = load(mean_channel(mixtures, c, k));
+    p.raw_log_scale[c] = load(log_scale_channel(mixtures, c, k));
+    p.raw_coeff[c] = load(coeff_channel(mixtures, c, k));
+  }
+  return p;
+}
+
+// One pixel of reference.dmol_sample in float32 (the CUDA kernel; the CPU kernel runs the same steps
+// over tiles of pixels).
 template <typename Load>
 VF_DMOL_FN PixelSample sample_pixel(const Load& load, int64_t mixtures, uint64_t seed, uint32_t pixel) {
-  // Gumbel-max pick; torch.argmax keeps the first maximum and treats NaN as the largest value
   int64_t choice = 0;
-  float best = 0.0f;
+  float best = -std::numeric_limits<float>::infinity();
   for (int64_t k = 0; k < mixtures; ++k) {
-    const float u = philox_open_uniform(seed, pixel, static_cast<uint32_t>(k));
-    const float score = load(k) - vf_log(-vf_log(u));
-    if (k == 0 || (best == best && (score > best || score != score))) {
+    const float score = gumbel_score(load(k), seed, pixel, static_cast<uint32_t>(k));
+    if (replaces_best(best, score)) {
       best = score;
       choice = k;
     }
   }
-  // The chosen mixture's parameters as the reference forms them, summed against the one-hot choice:
-  // a NaN (or an infinite mean or log-scale) in any mixture makes the sample NaN there too
-  float mean[3] = {0.0f, 0.0f, 0.0f}, raw_log_scale[3] = {0.0f, 0.0f, 0.0f}, coeff[3] = {0.0f, 0.0f, 0.0f};
-  for (int64_t k = 0; k < mixtures; ++k) {
-    const float one_hot = k == choice ? 1.0f : 0.0f;
-    for (int c = 0; c < 3; ++c) {
-      mean[c] += load(mean_channel(mixtures, c, k)) * one_hot;
-      raw_log_scale[c] += load(log_scale_channel(mixtures, c, k)) * one_hot;
-      coeff[c] += vf_tanh(load(coeff_channel(mixtures, c, k))) * one_hot;
-    }
-  }
-  PixelSample out;
-  for (int c = 0; c < 3; ++c) {
-    const float log_scale = raw_log_scale[c] < float(kLogScaleMin) ? float(kLogScaleMin) : raw_log_scale[c];
-    const float u = philox_open_uniform(seed, pixel, static_cast<uint32_t>(mixtures + c));
-    out.x[c] = mean[c] + vf_exp(log_scale) * (vf_log(u) - vf_log(1.0f - u));
-  }
-  out.x[0] = clamp_unit(out.x[0]);
-  out.x[1] = clamp_unit(out.x[1] + coeff[0] * out.x[0]);
-  out.x[2] = clamp_unit(out.x[2] + coeff[1] * out.x[0] + coeff[2] * out.x[1]);
-  return out;
+  ChosenMixture chosen;
+  for (int64_t k = 0; k < mixtures; ++k) chosen.add(k == choice, mixture_params(load, mixtures, k));
+  return chosen.sample(mixtures, seed, pixel);
 }
 
 }  // namespace dmol

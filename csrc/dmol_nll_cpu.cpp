@@ -16,6 +16,8 @@
 #include <limits>
 #include <vector>
 
+#include "dmol_tile.h"
+
 // The math of the tiles (up to pop_options) is compiled with two GCC options changed:
 // -fno-trapping-math, because under the default a float comparison counts as a possible trap,
 // which stops the if-conversion of dmol_math.h's selects and with it the vectorization of the
@@ -184,66 +186,6 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& x, int64_t num_bit
   TORCH_CHECK(num_bits == 5 || num_bits == 8, "dmol: num_bits must be 5 or 8, got ", num_bits);
 }
 
-// Where the pixels of one tile of an image lie: lane t is at offset(t) from the image's first
-// element. When the H and W dimensions collapse into one stride (contiguous and channels_last do),
-// offset(t) is affine in t and the copies below vectorize; other strides use a table.
-struct TilePixels {
-  int64_t first, count;
-  int64_t pixel_stride;  // 0 when H and W do not collapse
-  int64_t channel_stride;
-  bool channels_inner;  // channels_last: copy pixel by pixel, else channel by channel
-  int64_t table[kTile];
-
-  TilePixels(int64_t tile, const Geometry& g, const at::Tensor& t)
-      : first(tile * kTile),
-        count(std::min(kTile, g.pixels - tile * kTile)),
-        pixel_stride(g.height == 1 || t.stride(2) == g.width * t.stride(3) ? t.stride(3) : 0),
-        channel_stride(t.stride(1)),
-        channels_inner(t.stride(1) < t.stride(3)) {
-    for (int64_t i = 0; pixel_stride == 0 && i < count; ++i)
-      table[i] = ((first + i) / g.width) * t.stride(2) + ((first + i) % g.width) * t.stride(3);
-  }
-
-  // Calls copy(channel, lane, offset of element (channel, lane)) for every element of the tile
-  template <typename Copy>
-  void for_each(int64_t channels, const Copy& copy) const {
-    if (pixel_stride != 0) {
-      visit(channels, copy, [&](int64_t t) { return (first + t) * pixel_stride; });
-    } else {
-      visit(channels, copy, [&](int64_t t) { return table[t]; });
-    }
-  }
-
- private:
-  template <typename Copy, typename Offset>
-  void visit(int64_t channels, const Copy& copy, const Offset& offset) const {
-    if (channels_inner) {
-      for (int64_t t = 0; t < count; ++t)
-        for (int64_t ch = 0; ch < channels; ++ch) copy(ch, t, offset(t) + ch * channel_stride);
-    } else {
-      for (int64_t ch = 0; ch < channels; ++ch)
-        for (int64_t t = 0; t < count; ++t) copy(ch, t, offset(t) + ch * channel_stride);
-    }
-  }
-};
-
-// rows[ch][lane] = image[ch][pixel of lane] in acc_t; lanes past the tile's end get 0 (finite math)
-template <typename scalar_t, typename acc_t>
-void gather(const scalar_t* image, int64_t channels, const TilePixels& tile, acc_t* rows) {
-  tile.for_each(channels, [&](int64_t ch, int64_t t, int64_t offset) {
-    rows[ch * kTile + t] = static_cast<acc_t>(image[offset]);
-  });
-  for (int64_t ch = 0; ch < channels; ++ch)
-    for (int64_t t = tile.count; t < kTile; ++t) rows[ch * kTile + t] = acc_t(0);
-}
-
-template <typename scalar_t, typename acc_t>
-void scatter(const acc_t* rows, int64_t channels, const TilePixels& tile, scalar_t* image) {
-  tile.for_each(channels, [&](int64_t ch, int64_t t, int64_t offset) {
-    image[offset] = static_cast<scalar_t>(rows[ch * kTile + t]);
-  });
-}
-
 // Tiles per task: ~16k mixture terms, enough to amortize a thread, small enough to balance
 int64_t grain_for(const Geometry& g) { return std::max<int64_t>(1, 16384 / (kTile * g.mixtures)); }
 
@@ -258,8 +200,8 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& x, int64_t num_bit
     Tile<acc_t> tile(geo.mixtures, false);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / geo.tiles_per_image;
-      const TilePixels in_logits(i % geo.tiles_per_image, geo, logits);
-      const TilePixels in_x(i % geo.tiles_per_image, geo, x);
+      const TilePixels<kTile> in_logits(i % geo.tiles_per_image, logits);
+      const TilePixels<kTile> in_x(i % geo.tiles_per_image, x);
       gather(logits_data + b * logits.stride(0), logits.size(1), in_logits, tile.logits.data());
       gather(x_data + b * x.stride(0), 3, in_x, tile.x.data());
       tile.template mixture_log_probs<false>(bins);
@@ -292,9 +234,9 @@ void backward_impl(const at::Tensor& grad_nll, const at::Tensor& logits, const a
     Tile<acc_t> tile(geo.mixtures, true);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / geo.tiles_per_image;
-      const TilePixels in_logits(i % geo.tiles_per_image, geo, logits);
-      const TilePixels in_x(i % geo.tiles_per_image, geo, x);
-      const TilePixels in_grad(i % geo.tiles_per_image, geo, grad_logits);
+      const TilePixels<kTile> in_logits(i % geo.tiles_per_image, logits);
+      const TilePixels<kTile> in_x(i % geo.tiles_per_image, x);
+      const TilePixels<kTile> in_grad(i % geo.tiles_per_image, grad_logits);
       gather(logits_data + b * logits.stride(0), logits.size(1), in_logits, tile.logits.data());
       gather(x_data + b * x.stride(0), 3, in_x, tile.x.data());
       tile.template mixture_log_probs<true>(bins);

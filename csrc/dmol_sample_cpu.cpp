@@ -1,13 +1,106 @@
-// CPU kernel of dmol_sample: one image from the DMoL per call, pixel by pixel (dmol_math.h's
-// sample_pixel: Gumbel-max mixture pick, logistic draw, RGB coupling, clamp to [-1, 1]).
+// CPU kernel of dmol_sample: the steps of dmol_math.h's sample_pixel (Gumbel-max mixture pick,
+// logistic draw, RGB coupling, clamp to [-1, 1]) over tiles of kTile pixels of one image, each step a
+// loop over the tile's lanes that the compiler vectorizes (Philox included). Float NCHW logits are
+// read in place, one contiguous row per channel; other layouts and dtypes are gathered into rows.
 // The randomness is Philox keyed by the seed and counted by the pixel's NCHW index, so the image
-// does not depend on the layout or the thread count.
+// does not depend on the layout, the tiling or the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "dmol_tile.h"
+
+// The tile math (up to pop_options) is compiled as dmol_nll_cpu.cpp's, with -fno-trapping-math and
+// -fno-thread-jumps, without which gcc does not if-convert dmol_math.h's selects and the loops stay
+// scalar.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math", "no-thread-jumps")
+#endif
 #include "dmol_math.h"
+
+namespace vdvae_fast {
+namespace {
+
+constexpr int64_t kTile = 256;  // pixels per tile: the lane count of the inner loops
+
+// Per-lane state of a tile between the steps, as structure of arrays
+struct Lanes {
+  alignas(64) float best[kTile];
+  alignas(64) int32_t choice[kTile];
+  alignas(64) float mean[3][kTile];
+  alignas(64) float raw_log_scale[3][kTile];
+  alignas(64) float raw_coeff[3][kTile];
+  alignas(64) float x[3][kTile];
+
+  dmol::ChosenMixture chosen(int64_t t) const {
+    dmol::ChosenMixture m;
+    for (int c = 0; c < 3; ++c) {
+      m.mean[c] = mean[c][t];
+      m.raw_log_scale[c] = raw_log_scale[c][t];
+      m.raw_coeff[c] = raw_coeff[c][t];
+    }
+    return m;
+  }
+
+  void set_chosen(int64_t t, const dmol::ChosenMixture& m) {
+    for (int c = 0; c < 3; ++c) {
+      mean[c][t] = m.mean[c];
+      raw_log_scale[c][t] = m.raw_log_scale[c];
+      raw_coeff[c][t] = m.raw_coeff[c];
+    }
+  }
+};
+
+// sample_pixel's steps for the `count` lanes of a tile, on its channel rows (channel ch of lane t at
+// rows[ch * row_stride + t]). flatten inlines Philox and the math into the loops, where a call would
+// stop the vectorizer.
+__attribute__((flatten)) void sample_tile(const float* __restrict__ rows, int64_t row_stride, int64_t mixtures,
+                                          int64_t count, uint64_t seed, uint32_t first_pixel, Lanes& lanes) {
+  for (int64_t t = 0; t < count; ++t) {
+    lanes.best[t] = -std::numeric_limits<float>::infinity();
+    lanes.choice[t] = 0;
+  }
+  for (int64_t k = 0; k < mixtures; ++k) {
+    const float* logit = rows + k * row_stride;
+    for (int64_t t = 0; t < count; ++t) {
+      const float score = dmol::gumbel_score(logit[t], seed, first_pixel + static_cast<uint32_t>(t),
+                                             static_cast<uint32_t>(k));
+      const bool replace = dmol::replaces_best(lanes.best[t], score);
+      lanes.best[t] = replace ? score : lanes.best[t];
+      lanes.choice[t] = replace ? static_cast<int32_t>(k) : lanes.choice[t];
+    }
+  }
+  for (int64_t t = 0; t < count; ++t) lanes.set_chosen(t, dmol::ChosenMixture{});
+  // mixture k's parameter j of colour c is channel M + 3Mc + Mj + k: its 9 rows lie s apart from row M + k
+  const int64_t s = mixtures * row_stride;
+  for (int64_t k = 0; k < mixtures; ++k) {
+    const float* p = rows + (mixtures + k) * row_stride;
+    for (int64_t t = 0; t < count; ++t) {
+      dmol::ChosenMixture chosen = lanes.chosen(t);
+      chosen.add(lanes.choice[t] == k, {{p[t], p[3 * s + t], p[6 * s + t]},
+                                        {p[s + t], p[4 * s + t], p[7 * s + t]},
+                                        {p[2 * s + t], p[5 * s + t], p[8 * s + t]}});
+      lanes.set_chosen(t, chosen);
+    }
+  }
+  for (int64_t t = 0; t < count; ++t) {
+    const dmol::PixelSample x = lanes.chosen(t).sample(mixtures, seed, first_pixel + static_cast<uint32_t>(t));
+    for (int c = 0; c < 3; ++c) lanes.x[c][t] = x.x[c];
+  }
+}
+
+}  // namespace
+}  // namespace vdvae_fast
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 namespace vdvae_fast {
 namespace {
@@ -15,24 +108,37 @@ namespace {
 at::Tensor dmol_sample_cpu(const at::Tensor& logits, int64_t seed) {
   TORCH_CHECK(logits.dim() == 4 && logits.size(1) % 10 == 0 && logits.size(1) > 0,
               "dmol_sample: logits must be (B, 10M, H, W), got ", logits.sizes());
-  const int64_t batch = logits.size(0), mixtures = logits.size(1) / 10;
-  const int64_t height = logits.size(2), width = logits.size(3), pixels = height * width;
-  at::Tensor image = at::empty({batch, 3, height, width},
+  const int64_t batch = logits.size(0), channels = logits.size(1), mixtures = channels / 10;
+  const int64_t pixels = logits.size(2) * logits.size(3), tiles_per_image = (pixels + kTile - 1) / kTile;
+  at::Tensor image = at::empty({batch, 3, logits.size(2), logits.size(3)},
                                logits.options().dtype(at::kFloat).memory_format(logits.suggest_memory_format()));
   float* out = image.data_ptr<float>();
-  const auto out_strides = image.strides();
+  // Tiles per task: ~16k Gumbel draws, enough to amortize a thread, small enough to balance
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kTile * mixtures));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dmol_sample_cpu", [&] {
     const scalar_t* in = logits.data_ptr<scalar_t>();
-    const auto in_strides = logits.strides();
-    at::parallel_for(0, batch * pixels, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t b = p / pixels, h = (p % pixels) / width, w = p % width;
-        const scalar_t* pixel = in + b * in_strides[0] + h * in_strides[2] + w * in_strides[3];
-        const auto load = [&](int64_t ch) { return static_cast<float>(pixel[ch * in_strides[1]]); };
-        const dmol::PixelSample s =
-            dmol::sample_pixel(load, mixtures, static_cast<uint64_t>(seed), static_cast<uint32_t>(p));
-        float* dst = out + b * out_strides[0] + h * out_strides[2] + w * out_strides[3];
-        for (int c = 0; c < 3; ++c) dst[c * out_strides[1]] = s.x[c];
+    at::parallel_for(0, batch * tiles_per_image, grain, [&](int64_t begin, int64_t end) {
+      Lanes lanes;
+      std::vector<float> gathered;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / tiles_per_image;
+        const TilePixels<kTile> in_logits(i % tiles_per_image, logits);
+        const scalar_t* image_in = in + b * logits.stride(0);
+        // float rows that are consecutive in memory are read in place
+        const float* rows;
+        int64_t row_stride;
+        if (std::is_same<scalar_t, float>::value && in_logits.pixel_stride == 1) {
+          rows = reinterpret_cast<const float*>(image_in) + in_logits.first;
+          row_stride = in_logits.channel_stride;
+        } else {
+          gathered.resize(channels * kTile);
+          gather(image_in, channels, in_logits, gathered.data());
+          rows = gathered.data();
+          row_stride = kTile;
+        }
+        sample_tile(rows, row_stride, mixtures, in_logits.count, static_cast<uint64_t>(seed),
+                    static_cast<uint32_t>(b * pixels + in_logits.first), lanes);
+        scatter(&lanes.x[0][0], 3, TilePixels<kTile>(i % tiles_per_image, image), out + b * image.stride(0));
       }
     });
   });

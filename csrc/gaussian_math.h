@@ -6,10 +6,10 @@
 // Philox stream (philox.h) at the element's logical row-major index, so z does not depend on the
 // memory layout and backward passes regenerate eps instead of storing it.
 //
-// exp (float), and log and cos for Box-Muller (double), are written here as branch-free polynomials:
+// exp, and log and cos for Box-Muller, are written here as branch-free float polynomials:
 // the libm calls are opaque to gcc's vectorizer without -ffast-math, and on the GPU they would become the
 // less accurate intrinsics of --use_fast_math. Both backends thus compute the same eps as philox_normal
-// up to float rounding.
+// to a few ulp.
 #pragma once
 
 #include <cmath>
@@ -69,55 +69,64 @@ VF_HOST_DEVICE float exp_f(float x) {
   return p * scale_a * scale_b;
 }
 
-// Box-Muller below works in double and rounds once, so that eps is the correctly rounded float of
-// sqrt(-2 ln u1)·cos(angle) in all but near-tie cases: float polynomials would add an ulp or two of their
-// own to the reference's. The polynomials are truncated near 1e-12 relative error, far below float's ulp.
+// Box-Muller below works in float: in double it would fill half the SIMD lanes and cost 2.5x as much. Over
+// all their inputs, log_unit is within 1 ulp of ln u and cos_angle within 1.5 ulp of cos x, which keeps eps
+// within 4 ulp of the float64 Box-Muller of the same uniforms (tests/test_gaussian_ops.py), about as close as
+// the reference's own float log and cos. The polynomials are truncated below 3e-9 relative error (0.05 ulp).
+
+// f / d and sqrt rounded to nearest also under nvcc's --use_fast_math, which would approximate both.
+VF_HOST_DEVICE float div_rn(float f, float d) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(f, d);
+#else
+  return f / d;
+#endif
+}
+
+VF_HOST_DEVICE float sqrt_rn(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return std::sqrt(x);
+#endif
+}
 
 // ln u for a positive normal float u (the uniform, in [1e-7, 1)): u = 2^e·m with m in [sqrt(1/2), sqrt(2)),
 // ln m = ln(1 + f) = 2 atanh(s) with s = f / (2 + f), written f - s·(f - R(s²)) so that the exact f
 // carries the result and the series only corrects it.
-VF_HOST_DEVICE double log_unit(float u) {
+VF_HOST_DEVICE float log_unit(float u) {
   const uint32_t offset = float_bits(u) - 0x3f3504f3u;  // bits of sqrt(1/2)
   const int32_t e = static_cast<int32_t>(offset) >> 23;
-  const double f = static_cast<double>(bits_float((offset & 0x007fffffu) + 0x3f3504f3u)) - 1.0;
-  const double s = f / (2.0 + f);
-  const double z = s * s;
-  const double series =
-      z * (2.0 / 3.0 + z * (2.0 / 5.0 + z * (2.0 / 7.0 + z * (2.0 / 9.0 + z * (2.0 / 11.0 + z * (2.0 / 13.0))))));
-  return static_cast<double>(e) * 0x1.62e42fefa39efp-1 + (f - s * (f - series));
+  const float f = bits_float((offset & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  const float s = div_rn(f, 2.0f + f);
+  const float z = s * s;
+  const float series = z * (2.0f / 3.0f + z * (2.0f / 5.0f + z * (2.0f / 7.0f + z * (2.0f / 9.0f))));
+  const float k = static_cast<float>(e);
+  return k * kLn2Hi + ((f - s * (f - series)) + k * kLn2Lo);
 }
 
-// cos x for a float angle 0 <= x <= 2 pi: x = q pi/2 + r with |r| <= pi/4 (q·kPio2Hi is exact, so the
-// reduction is exact up to the tiny q·kPio2Lo), then the sine or cosine Taylor polynomial of r with the sign
-// of quadrant q.
-VF_HOST_DEVICE double cos_angle(float x) {
-  constexpr double kPio2Hi = 0x1.921fb544p+0;
-  constexpr double kPio2Lo = 0x1.0b4611a626331p-34;
+// cos x for a float angle 0 <= x <= 2 pi: x = q pi/2 + r with |r| <= pi/4 in three steps (q·kPio2Hi,
+// q·kPio2Mid and x - q·kPio2Hi are exact), then the sine or cosine Taylor polynomial of r with the sign of
+// quadrant q.
+VF_HOST_DEVICE float cos_angle(float x) {
+  constexpr float kPio2Hi = 0x1.92p+0f;
+  constexpr float kPio2Mid = 0x1.fb544p-12f;
+  constexpr float kPio2Lo = 0x1.0b4612p-34f;
   const float shifted = x * 0.636619772367581343f + kRoundShift;
   const uint32_t q_int = float_bits(shifted) - float_bits(kRoundShift);
-  const double q = static_cast<double>(shifted - kRoundShift);
-  const double r = (static_cast<double>(x) - q * kPio2Hi) - q * kPio2Lo;
-  const double r2 = r * r;
-  const double sin_r =
-      r + r * r2 *
-              (-1.0 / 6.0 +
-               r2 * (1.0 / 120.0 +
-                     r2 * (-1.0 / 5040.0 + r2 * (1.0 / 362880.0 + r2 * (-1.0 / 39916800.0 + r2 / 6227020800.0)))));
-  const double cos_r =
-      1.0 - r2 * (0.5 - r2 * (1.0 / 24.0 +
-                              r2 * (-1.0 / 720.0 + r2 * (1.0 / 40320.0 + r2 * (-1.0 / 3628800.0 + r2 / 479001600.0)))));
-  // cos(r + q pi/2) cycles through cos r, -sin r, -cos r, sin r.
-  const double value = (q_int & 1u) ? sin_r : cos_r;
-  const double sign = 1.0 - 2.0 * static_cast<double>(((q_int + 1u) >> 1) & 1u);
-  return value * sign;
-}
-
-VF_HOST_DEVICE double sqrt_d(double x) {
-#if defined(__CUDA_ARCH__)
-  return __dsqrt_rn(x);
-#else
-  return std::sqrt(x);
-#endif
+  const float q = shifted - kRoundShift;
+  const float r = ((x - q * kPio2Hi) - q * kPio2Mid) - q * kPio2Lo;
+  const float r2 = r * r;
+  const float sin_r =
+      r + r * r2 * (-1.0f / 6.0f + r2 * (1.0f / 120.0f + r2 * (-1.0f / 5040.0f + r2 * (1.0f / 362880.0f))));
+  const float cos_r =
+      1.0f - r2 * (0.5f - r2 * (1.0f / 24.0f +
+                                r2 * (-1.0f / 720.0f + r2 * (1.0f / 40320.0f + r2 * (-1.0f / 3628800.0f)))));
+  // cos(r + q pi/2) cycles through cos r, -sin r, -cos r, sin r: chosen by a mask and signed by the sign bit,
+  // as without AVX-512 gcc if-converts no select here (float or integer) and the loop would not vectorize.
+  const uint32_t odd = 0u - (q_int & 1u);
+  const uint32_t value = (float_bits(sin_r) & odd) | (float_bits(cos_r) & ~odd);
+  return bits_float(value ^ (((q_int + 1u) & 2u) << 30));
 }
 
 // The opmath exponential: the polynomial for float, libm for double (gradcheck precision).
@@ -125,7 +134,7 @@ VF_HOST_DEVICE float exp_op(float x) { return exp_f(x); }
 VF_HOST_DEVICE double exp_op(double x) { return ::exp(x); }
 
 // philox_normal (tl.randn) with the vectorizable log and cos above: the same integer stream and the same
-// float uniforms and angle, so eps agrees with vdvae_fast.philox.normal to float rounding.
+// float uniforms and angle, so eps agrees with vdvae_fast.philox.normal to a few ulp.
 VF_HOST_DEVICE float gaussian_eps(uint64_t seed, uint32_t index) {
   const Philox4 r = philox(seed, index, 0u, 0u, 0u);
   // max(u1, 1e-7) on the bit patterns, which order like the values for non-negative floats: gcc
@@ -134,7 +143,7 @@ VF_HOST_DEVICE float gaussian_eps(uint64_t seed, uint32_t index) {
   const uint32_t floor_bits = float_bits(1.0e-7f);
   const float u1 = bits_float(u1_bits > floor_bits ? u1_bits : floor_bits);
   const float u2 = uint_to_uniform(r.v1);
-  return static_cast<float>(sqrt_d(-2.0 * log_unit(u1)) * cos_angle(6.283185307179586f * u2));
+  return sqrt_rn(-2.0f * log_unit(u1)) * cos_angle(6.283185307179586f * u2);
 }
 
 // Where a dense tensor keeps its elements: contiguous (memory offset = logical index) or 4-D

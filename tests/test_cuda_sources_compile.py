@@ -32,7 +32,7 @@ def _nvcc_command(source: Path, output: Path) -> list[str]:
         "-O3",
         "--use_fast_math",
         "-arch=sm_90",
-        "--expt-relaxed-constexpr",
+        *cpp_extension.COMMON_NVCC_FLAGS,  # what torch's CUDAExtension passes: relaxed constexpr, no half operators
         "-DTORCH_EXTENSION_NAME=_C",
         "-DVDVAE_FAST_WITH_CUDA",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
