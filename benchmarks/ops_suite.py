@@ -64,14 +64,14 @@ def make_inputs(case: Case, device: torch.device, generator: torch.Generator) ->
     )
 
 
-def make_forward(case: Case, backend: str, compiled: bool) -> Callable[..., torch.Tensor]:
-    """A function of the op's inputs returning one scalar-reducible tensor; torch.compile'd if `compiled`."""
+def make_forward(case: Case, backend: str, compiled: bool) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
+    """The op as a function of its inputs, returning its outputs; torch.compile'd if `compiled`."""
     seed = {} if backend == "original" else {"seed": 1}  # the original draws from torch's generator
     if case.op == "dmol_nll":
         num_bits = 5 if case.preset == "ffhq256" else 8
         fn = lambda logits, x: ops.dmol_nll(logits, x, num_bits=num_bits, backend=backend, check_inputs=False)  # noqa: E731
     elif case.op == "sample_and_kl":
-        fn = lambda *p: _sum_pair(ops.sample_and_kl(*p, backend=backend, **seed))  # noqa: E731
+        fn = lambda *p: ops.sample_and_kl(*p, backend=backend, **seed)  # noqa: E731
     elif case.op == "gaussian_kl":
         fn = lambda *p: ops.gaussian_kl(*p, backend=backend)  # noqa: E731
     else:
@@ -79,18 +79,23 @@ def make_forward(case: Case, backend: str, compiled: bool) -> Callable[..., torc
     return torch.compile(fn) if compiled else fn
 
 
-def _sum_pair(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    z, kl = pair
-    return z.float().sum() + kl.sum()
+def make_step(case: Case, forward: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]) -> Callable[..., None]:
+    """One timed call: the op's forward, or its forward and the backward of dense random output gradients.
 
-
-def make_step(case: Case, forward: Callable[..., torch.Tensor]) -> Callable[..., None]:
-    """One timed call: the op's forward, or forward and backward of its sum."""
+    Dense gradients, as the layer above sends them in a model (a sum's expanded gradient would flatter the eager
+    ops, which broadcast it), made once per input set in the first, untimed call; torch.autograd.grad, as for
+    the activations of a model, so no time goes into accumulating .grad.
+    """
     if not case.backward:
         return lambda *inputs: forward(*inputs)
+    upstream: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def forward_backward(*inputs: torch.Tensor) -> None:
-        forward(*inputs).sum().backward()
+        outputs = forward(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        if id(inputs[0]) not in upstream:
+            upstream[id(inputs[0])] = tuple(torch.randn_like(o) for o in outputs)
+        torch.autograd.grad(outputs, [t for t in inputs if t.requires_grad], upstream[id(inputs[0])])
 
     return forward_backward
 

@@ -114,7 +114,10 @@ def plot(results: dict, path: Path) -> None:
     for ax, (suite, rows) in zip(axes[:, 0], panels, strict=True):
         column, label, _, baseline = PANELS[suite]
         labels = [label.format(**{k: _fmt(v) for k, v in r.items()}) for r in rows]
-        ax.barh(range(len(rows)), [r[column] for r in rows], color="tab:blue")
+        compiled = ["compile" in str(r.get("backend", r.get("config"))) for r in rows]  # torch.compile bars differ
+        ax.barh(
+            range(len(rows)), [r[column] for r in rows], color=["tab:orange" if c else "tab:blue" for c in compiled]
+        )
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yticks(range(len(rows)), labels, fontsize=7)

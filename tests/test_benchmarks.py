@@ -133,3 +133,14 @@ def test_command_line_writes_the_results_of_a_quick_ops_run(tmp_path, monkeypatc
     assert saved["environment"]["torch"] == torch.__version__
     assert {r["backend"] for r in saved["rows"]} == {"cpu", "original"}
     assert all(r["pct_bandwidth"] == pytest.approx(10 * r["gbps"]) for r in saved["rows"])
+
+
+@needs_cpu_kernels
+def test_profile_of_a_step_reports_the_share_of_the_fused_ops(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import profile_step
+
+    profile_step.main(["--hps", "tiny", "--config", "fused", "--batch", "2", "--device", "cpu"])
+    share = float(capsys.readouterr().out.splitlines()[-1].split("fused ops ")[1].split("%")[0])
+    assert 0 < share < 100  # the custom ops ran inside the profiled step
+    profile_step.main(["--hps", "tiny", "--config", "baseline", "--batch", "2", "--device", "cpu"])
+    assert "fused ops 0.0%" in capsys.readouterr().out  # the original ops are plain PyTorch

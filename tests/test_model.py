@@ -13,7 +13,7 @@ import torch._dynamo
 
 from vdvae_fast import ops, reference
 from vdvae_fast.hparams import preset
-from vdvae_fast.model import VAE, load_official_state_dict
+from vdvae_fast.model import VAE, _upsample_nearest, load_official_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 # The released parameter counts (issue 3, shared/vdvae-presets.md), to the 0.1M they are quoted at.
@@ -242,6 +242,18 @@ def test_fused_and_reference_backends_agree(backend):
 # ----------------------------------------------------------------------------------------------------
 # Gradient checkpointing, mixed precision, memory
 # ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_upsampling_matches_nearest_interpolation_and_its_gradient(factor):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 3, 4 * factor, 5 * factor, dtype=torch.float64)
+    expected = torch.nn.functional.interpolate(x, scale_factor=factor)
+    (expected_grad,) = torch.autograd.grad(expected, x, upstream)
+    got = _upsample_nearest(x, factor)
+    (grad,) = torch.autograd.grad(got, x, upstream)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["decoder", "all"])

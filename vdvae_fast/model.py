@@ -55,6 +55,14 @@ def _run(block: nn.Module, use_checkpoint: bool, *args: Any) -> Any:
     return block(*args)
 
 
+def _upsample_nearest(x: Tensor, factor: int) -> Tensor:
+    """F.interpolate(x, scale_factor=factor) as a broadcast: its backward sums each block where interpolate's
+    scatter-adds, which Inductor's CPU code generation rejected under bf16 autocast (torch 2.13)."""
+    batch, channels, height, width = x.shape
+    blocks = x[:, :, :, None, :, None].expand(batch, channels, height, factor, width, factor)
+    return blocks.reshape(batch, channels, height * factor, width * factor)
+
+
 def _same_dtype(*tensors: Tensor) -> list[Tensor]:
     """The Gaussian parameters in one dtype (the ops require it; under autocast they already agree)."""
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
@@ -152,7 +160,7 @@ class DecBlock(nn.Module):
         """Add the nearest-upsampled state of the mixin resolution ("m" in the layer string)."""
         if upper is None:
             return x
-        return x + F.interpolate(upper[:, : x.shape[1]], scale_factor=self.base // self.mixin)
+        return x + _upsample_nearest(upper[:, : x.shape[1]], self.base // self.mixin)
 
     def _prior(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         features = self.prior(x)

@@ -829,6 +829,9 @@ def run(H: Hyperparams) -> dict[str, Any]:
         return summary
     finally:
         if runtime.distributed and dist.is_initialized():
+            # After a clean finish, no rank closes gloo's connections while another still uses them.
+            if sys.exc_info()[0] is None:
+                dist.barrier()
             dist.destroy_process_group()
 
 
