@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "dmol_tile.h"
+#include "kernel_checks.h"
 
 // The math of the tiles (up to pop_options) is compiled with two GCC options changed:
 // -fno-trapping-math, because under the default a float comparison counts as a possible trap,
@@ -175,17 +176,6 @@ struct Geometry {
   int64_t num_tiles() const { return batch * tiles_per_image; }
 };
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& x, int64_t num_bits) {
-  TORCH_CHECK(logits.dim() == 4 && logits.size(1) % 10 == 0 && logits.size(1) > 0,
-              "dmol: logits must be (B, 10M, H, W), got ", logits.sizes());
-  TORCH_CHECK(x.dim() == 4 && x.size(0) == logits.size(0) && x.size(1) == 3 && x.size(2) == logits.size(2) &&
-                  x.size(3) == logits.size(3),
-              "dmol: x must be (B, 3, H, W) matching logits, got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::toOpMathType(logits.scalar_type()),
-              "dmol: x must be in the math dtype of logits, got ", x.scalar_type());
-  TORCH_CHECK(num_bits == 5 || num_bits == 8, "dmol: num_bits must be 5 or 8, got ", num_bits);
-}
-
 // Tiles per task: ~16k mixture terms, enough to amortize a thread, small enough to balance
 int64_t grain_for(const Geometry& g) { return std::max<int64_t>(1, 16384 / (kTile * g.mixtures)); }
 
@@ -248,7 +238,7 @@ void backward_impl(const at::Tensor& grad_nll, const at::Tensor& logits, const a
 }
 
 at::Tensor dmol_nll_forward_cpu(const at::Tensor& logits, const at::Tensor& x, int64_t num_bits) {
-  check_inputs(logits, x, num_bits);
+  check_dmol_inputs(logits, x, num_bits);
   at::Tensor nll = at::empty({logits.size(0)}, logits.options().dtype(x.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dmol_nll_forward_cpu",
                                   [&] { forward_impl<scalar_t, at::opmath_type<scalar_t>>(logits, x, num_bits, nll); });
@@ -257,7 +247,7 @@ at::Tensor dmol_nll_forward_cpu(const at::Tensor& logits, const at::Tensor& x, i
 
 at::Tensor dmol_nll_backward_cpu(const at::Tensor& grad_nll, const at::Tensor& logits, const at::Tensor& x,
                                  int64_t num_bits) {
-  check_inputs(logits, x, num_bits);
+  check_dmol_inputs(logits, x, num_bits);
   TORCH_CHECK(grad_nll.dim() == 1 && grad_nll.size(0) == logits.size(0) && grad_nll.scalar_type() == x.scalar_type(),
               "dmol: grad_nll must be (B,) in the math dtype, got ", grad_nll.sizes(), " ", grad_nll.scalar_type());
   at::Tensor grad_logits = at::empty_like(logits);

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "dmol_math.h"
+#include "kernel_checks.h"
 
 namespace vdvae_fast {
 namespace {
@@ -156,14 +157,7 @@ __global__ void __launch_bounds__(kThreads)
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& x, int64_t num_bits) {
   TORCH_CHECK(logits.is_cuda() && x.device() == logits.device(), "dmol: logits and x must be on one CUDA device");
-  TORCH_CHECK(logits.dim() == 4 && logits.size(1) % 10 == 0 && logits.size(1) > 0,
-              "dmol: logits must be (B, 10M, H, W), got ", logits.sizes());
-  TORCH_CHECK(x.dim() == 4 && x.size(0) == logits.size(0) && x.size(1) == 3 && x.size(2) == logits.size(2) &&
-                  x.size(3) == logits.size(3),
-              "dmol: x must be (B, 3, H, W) matching logits, got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::toOpMathType(logits.scalar_type()),
-              "dmol: x must be in the math dtype of logits, got ", x.scalar_type());
-  TORCH_CHECK(num_bits == 5 || num_bits == 8, "dmol: num_bits must be 5 or 8, got ", num_bits);
+  check_dmol_inputs(logits, x, num_bits);
 }
 
 Geometry geometry_of(const at::Tensor& logits) {

@@ -1,5 +1,5 @@
 // Launch helpers shared by the CUDA kernels of the Gaussian ops (sample_and_kl, gaussian_kl, sample_gaussian):
-// block size, grid size, the 16-byte packet test and the layout check.
+// block size, grid size and the 16-byte packet test (the layout check is kernel_checks.h's).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "gaussian_math.h"
+#include "kernel_checks.h"
 
 namespace vdvae_fast {
 namespace gaussian {
@@ -42,11 +43,6 @@ void launch_by_packets(int64_t count, std::initializer_list<const at::Tensor*> t
   } else {
     launch(std::integral_constant<int, 1>());
   }
-}
-
-inline void check_dense(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast), op,
-              " kernels take contiguous or channels_last tensors");
 }
 
 }  // namespace gaussian

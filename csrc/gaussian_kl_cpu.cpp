@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "gaussian_math.h"
+#include "kernel_checks.h"
 
 namespace {
 
@@ -18,11 +19,6 @@ namespace g = vdvae_fast::gaussian;
 
 constexpr int kTile = 256;  // elements per stack-buffered tile (half-precision inputs are widened per tile)
 constexpr int64_t kGrain = 32768;
-
-void check_dense(const at::Tensor& t) {
-  TORCH_CHECK(t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "gaussian_kl kernels take contiguous or channels_last tensors");
-}
 
 // The math of one tile on opmath arrays. Restrict pointers are what lets gcc vectorize: through the
 // kernels' lambda captures it would have to prove that the arrays do not overlap, and gives up.
@@ -86,7 +82,7 @@ void backward_kernel(const at::opmath_type<scalar_t>* grad_kl, const scalar_t* m
 
 at::Tensor gaussian_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigma_q, const at::Tensor& mu_p,
                                const at::Tensor& logsigma_p) {
-  check_dense(mu_q);
+  vdvae_fast::check_dense(mu_q, "gaussian_kl");
   at::Tensor kl =
       at::empty_like(mu_q, mu_q.options().dtype(mu_q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "gaussian_kl_forward_cpu", [&] {
@@ -101,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
                                                                                 const at::Tensor& logsigma_q,
                                                                                 const at::Tensor& mu_p,
                                                                                 const at::Tensor& logsigma_p) {
-  check_dense(mu_q);
+  vdvae_fast::check_dense(mu_q, "gaussian_kl");
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
   at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "gaussian_kl_backward_cpu", [&] {

@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads)
 
 at::Tensor gaussian_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigma_q, const at::Tensor& mu_p,
                                const at::Tensor& logsigma_p) {
-  g::check_dense(mu_q, "gaussian_kl");
+  vdvae_fast::check_dense(mu_q, "gaussian_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   at::Tensor kl =
       at::empty_like(mu_q, mu_q.options().dtype(mu_q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
                                                                                 const at::Tensor& logsigma_q,
                                                                                 const at::Tensor& mu_p,
                                                                                 const at::Tensor& logsigma_p) {
-  g::check_dense(mu_q, "gaussian_kl");
+  vdvae_fast::check_dense(mu_q, "gaussian_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
   at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "gaussian_math.h"
+#include "kernel_checks.h"
 
 namespace {
 
@@ -41,11 +42,6 @@ struct Chunks {
 Chunks chunks_of(const at::Tensor& t) {
   const int64_t per_image = t.size(0) == 0 ? 0 : t.numel() / t.size(0);
   return {per_image, (per_image + kChunk - 1) / kChunk};
-}
-
-void check_dense(const at::Tensor& t) {
-  TORCH_CHECK(t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "sample_and_kl kernels take contiguous or channels_last tensors");
 }
 
 // Sum of values[0, count) in a fixed order; pads the buffer (of kTile entries) with zeros up to the lanes.
@@ -155,7 +151,7 @@ void backward_kernel(const scalar_t* grad_z, const at::opmath_type<scalar_t>* gr
 std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigma_q,
                                                          const at::Tensor& mu_p, const at::Tensor& logsigma_p,
                                                          int64_t seed) {
-  check_dense(mu_q);
+  vdvae_fast::check_dense(mu_q, "sample_and_kl");
   const int64_t batch = mu_q.size(0);
   at::Tensor z = at::empty_like(mu_q);
   at::Tensor kl =
@@ -172,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward(const at::Tensor& mu_q,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backward(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu_q, const at::Tensor& logsigma_q,
     const at::Tensor& mu_p, const at::Tensor& logsigma_p, int64_t seed) {
-  check_dense(mu_q);
+  vdvae_fast::check_dense(mu_q, "sample_and_kl");
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
   at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_backward_cpu", [&] {

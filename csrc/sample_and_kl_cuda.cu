@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kThreads)
 std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigma_q,
                                                          const at::Tensor& mu_p, const at::Tensor& logsigma_p,
                                                          int64_t seed) {
-  g::check_dense(mu_q, "sample_and_kl");
+  vdvae_fast::check_dense(mu_q, "sample_and_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   const int64_t batch = mu_q.size(0);
   const g::DenseLayout layout = g::layout_of(mu_q);
@@ -170,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward(const at::Tensor& mu_q,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backward(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu_q, const at::Tensor& logsigma_q,
     const at::Tensor& mu_p, const at::Tensor& logsigma_p, int64_t seed) {
-  g::check_dense(mu_q, "sample_and_kl");
+  vdvae_fast::check_dense(mu_q, "sample_and_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   const int64_t batch = mu_q.size(0);
   const g::DenseLayout layout = g::layout_of(mu_q);

@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "gaussian_math.h"
+#include "kernel_checks.h"
 
 namespace {
 
@@ -16,11 +17,6 @@ namespace g = vdvae_fast::gaussian;
 
 constexpr int kTile = 256;        // elements per stack-buffered tile of eps
 constexpr int64_t kGrain = 8192;  // Philox makes each element costly: split work finer than ATen's default
-
-void check_dense(const at::Tensor& t) {
-  TORCH_CHECK(t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "sample_gaussian kernels take contiguous or channels_last tensors");
-}
 
 // The math of one tile on opmath arrays. Restrict pointers are what lets gcc vectorize: through the
 // kernels' lambda captures it would have to prove that the arrays do not overlap, and gives up.
@@ -78,7 +74,7 @@ void backward_kernel(const scalar_t* grad_z, const scalar_t* logsigma, scalar_t*
 }
 
 at::Tensor sample_gaussian_forward(const at::Tensor& mu, const at::Tensor& logsigma, double temperature, int64_t seed) {
-  check_dense(mu);
+  vdvae_fast::check_dense(mu, "sample_gaussian");
   at::Tensor z = at::empty_like(mu);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "sample_gaussian_forward_cpu", [&] {
     forward_kernel<scalar_t>(mu.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), mu.numel(),
@@ -90,7 +86,7 @@ at::Tensor sample_gaussian_forward(const at::Tensor& mu, const at::Tensor& logsi
 std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(const at::Tensor& grad_z, const at::Tensor& mu,
                                                             const at::Tensor& logsigma, double temperature,
                                                             int64_t seed) {
-  check_dense(mu);
+  vdvae_fast::check_dense(mu, "sample_gaussian");
   at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(logsigma);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "sample_gaussian_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad_z.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), g_mu.data_ptr<scalar_t>(),

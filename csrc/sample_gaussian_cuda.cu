@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 at::Tensor sample_gaussian_forward(const at::Tensor& mu, const at::Tensor& logsigma, double temperature, int64_t seed) {
-  g::check_dense(mu, "sample_gaussian");
+  vdvae_fast::check_dense(mu, "sample_gaussian");
   const c10::cuda::OptionalCUDAGuard device_guard(mu.device());
   at::Tensor z = at::empty_like(mu);
   const int64_t numel = mu.numel();
@@ -94,7 +94,7 @@ at::Tensor sample_gaussian_forward(const at::Tensor& mu, const at::Tensor& logsi
 std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(const at::Tensor& grad_z, const at::Tensor& mu,
                                                             const at::Tensor& logsigma, double temperature,
                                                             int64_t seed) {
-  g::check_dense(mu, "sample_gaussian");
+  vdvae_fast::check_dense(mu, "sample_gaussian");
   const c10::cuda::OptionalCUDAGuard device_guard(mu.device());
   at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(logsigma);
   const int64_t numel = mu.numel();
