@@ -397,3 +397,36 @@ def test_too_few_images_for_vdvae_holdout(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
         data.load_dataset(make_h("mnist"))
+
+
+def test_an_epoch_can_start_part_way_with_the_same_order():
+    """A resumed run passes over the batches it trained on: the rest of the epoch, in the same order."""
+    dataset = data.ArrayImages(indexed_images(23, 4))
+    loader = data.make_loader(dataset, 5, shuffle=True, seed=3, drop_last=True)
+    data.set_epoch(loader, 2)
+    whole = order_of(loader)
+    data.set_epoch(loader, 2, start_batch=2)
+    assert order_of(loader) == whole[10:] and len(loader) == 2
+    data.set_epoch(loader, 3)
+    assert len(loader) == 4 and sorted(order_of(loader)) != sorted(whole)  # the next epoch starts from its first
+
+
+def test_starting_an_epoch_leaves_torchs_default_generator_alone():
+    """The training noise draws from torch's default generator: iterating a loader must not move it."""
+    loader = data.make_loader(data.ArrayImages(indexed_images(8, 4)), 4, shuffle=True, seed=0)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    for start in (0, 1):
+        data.set_epoch(loader, 0, start_batch=start)
+        order_of(loader)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_dataset_names_aliases_and_preprocessing():
+    assert data.canonical_dataset("FFHQ256") == "ffhq_256" and data.canonical_dataset("cifar-10") == "cifar10"
+    assert data.canonical_dataset("mnist") == "mnist"  # left for the caller to refuse
+    assert data.preprocessing_for("ffhq256").num_bits == 5
+    assert data.preprocessing_for("folder") == data.preprocessing_for("imagenet32")
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; choose one of cifar10, imagenet32"):
+        data.preprocessing_for("mnist")

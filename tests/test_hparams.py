@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import argparse
 import pickle
+import re
 
 import pytest
 
+from vdvae_fast import data, model, ops
 from vdvae_fast.hparams import (
+    DEFAULTS,
+    FIELDS,
+    GRAD_CHECKPOINT_MODES,
+    HELP,
+    PRECISIONS,
     PRESETS,
     Hyperparams,
+    add_arguments,
+    changed_since,
     check_layer_strings,
     parse_args,
     parse_channel_string,
     parse_layer_string,
     preset,
+    reference_table,
     resolution_widths,
+    validate,
 )
 
 # shared/vdvae-presets.md: what each released preset must hold (inherited values included).
@@ -181,3 +193,82 @@ def test_command_line_overrides_are_typed():
     assert H.width == 384 and H.grad_checkpoint == "none"
     with pytest.raises(SystemExit):
         parse_args(["--hps", "nope"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The field table, writes, validate
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_defaults_help_and_cli_come_from_the_field_table():
+    assert list(DEFAULTS) == list(FIELDS) and list(HELP) == list(FIELDS)
+    assert all(DEFAULTS[key] == field.default and HELP[key] == field.help for key, field in FIELDS.items())
+    actions = {action.dest: action for action in add_arguments(argparse.ArgumentParser())._actions}
+    for key, field in FIELDS.items():
+        assert actions[key].help == field.help and actions[key].default is None, key
+        assert actions[key].choices == field.choices, key
+    table = reference_table()
+    assert all(f"`--{key}`" in table for key in FIELDS)
+
+
+def test_every_enumeration_is_the_one_its_owner_defines():
+    assert FIELDS["backend"].choices == ops.BACKENDS
+    assert FIELDS["dataset"].choices == data.DATASETS
+    assert FIELDS["grad_checkpoint"].choices == GRAD_CHECKPOINT_MODES == model.GRAD_CHECKPOINT_MODES
+    assert FIELDS["precision"].choices == tuple(PRECISIONS) == ("fp32", "bf16", "fp16")
+
+
+def test_command_line_choices_are_checked_and_dataset_aliases_accepted(capsys):
+    assert parse_args(["--hps", "tiny", "--dataset", "FFHQ256"]).dataset == "ffhq_256"
+    for flag, value in (("--dataset", "mnist"), ("--backend", "fast"), ("--precision", "fp8")):
+        with pytest.raises(SystemExit) as info:
+            parse_args(["--hps", "tiny", flag, value])
+        assert info.value.code == 2 and f"invalid choice: '{value}'" in capsys.readouterr().err
+
+
+def test_unknown_keys_are_refused_on_write():
+    H = preset("tiny")
+    with pytest.raises(AttributeError, match="unknown hyperparameter 'widht'"):
+        H.widht = 3
+    with pytest.raises(AttributeError, match="unknown hyperparameter 'lr_'"):
+        H["lr_"] = 0.1
+    with pytest.raises(AttributeError, match="unknown hyperparameter 'zdims'"):
+        H.update(zdims=2)
+    with pytest.raises(AttributeError, match="unknown hyperparameter 'x'"):
+        Hyperparams(width=3, x=1)
+    assert "widht" not in H and "lr_" not in H and "zdims" not in H
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"precision": "fp8"}, "--precision must be one of fp32, bf16, fp16, got 'fp8'"),
+        ({"backend": "fast"}, "--backend must be one of reference, original, triton, cuda, cpu, auto"),
+        ({"grad_checkpoint": "some"}, "--grad_checkpoint must be one of none, decoder, all"),
+        ({"dataset": "mnist"}, "--dataset must be one of cifar10"),
+        ({"iters_per_save": 0}, "--iters_per_save must be at least 1, got 0"),
+        ({"n_batch": 0}, "--n_batch must be at least 1, got 0"),
+        ({"test_eval": True}, "--test_eval evaluates trained weights: give --restore_ema_path or --restore_path"),
+    ],
+)
+def test_validate_names_the_flag_and_what_is_valid(changes, message):
+    H = preset("tiny")
+    H.update(changes)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(H)
+
+
+def test_validate_accepts_every_preset_and_dataset_aliases():
+    for name in PRESETS:
+        validate(preset(name))
+    H = preset("tiny")
+    H.dataset = "ffhq256"
+    validate(H)
+
+
+def test_changed_since_separates_architecture_from_the_rest():
+    saved, now = preset("tiny"), preset("tiny")
+    now.update(width=32, lr=0.1, max_iters=5, device="cpu")
+    architecture, others = changed_since(saved, now)
+    assert architecture == {"width": (16, 32)}
+    assert others == {"lr": (saved.lr, 0.1)}  # max_iters and device say where this invocation runs

@@ -4,7 +4,7 @@ The trainer uses four things::
 
     splits = load_dataset(H)                       # DataSplits(train, valid, test, ...)
     loader = make_loader(splits.train, H.n_batch, shuffle=True, distributed=ddp, seed=H.seed, drop_last=True)
-    set_epoch(loader, epoch)                       # before each epoch: a new, reproducible order
+    set_epoch(loader, epoch, start_batch)          # before each epoch: a new, reproducible order (from a batch)
     for batch in loader:                           # uint8 tensor (N, H, W, C)
         x_input, x_target = preprocess(batch, H, device)   # float32 NHWC on `device`
 
@@ -46,7 +46,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ __all__ = [
     "ImageFiles",
     "Preprocessing",
     "builtin_patches",
+    "canonical_dataset",
     "load_dataset",
     "make_loader",
     "preprocess",
@@ -70,11 +71,8 @@ __all__ = [
     "set_epoch",
 ]
 
-DATASETS = ("cifar10", "imagenet32", "imagenet64", "ffhq_256", "ffhq_1024", "folder", "builtin")
 # Preset-style spellings accepted for convenience; the canonical names are VDVAE's.
 _ALIASES = {"ffhq256": "ffhq_256", "ffhq1024": "ffhq_1024", "cifar-10": "cifar10"}
-# Native image size of each fixed-size dataset.
-_NATIVE_SIZE = {"cifar10": 32, "imagenet32": 32, "imagenet64": 64, "ffhq_256": 256, "ffhq_1024": 1024}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -121,29 +119,23 @@ class Preprocessing:
         return x_input, x_target
 
 
-# ImageNet-32's statistics serve the generic photo datasets (folder, builtin), which have no published constants.
-_IMAGENET32 = Preprocessing(shift=-116.2373, scale=1.0 / 69.37404)
-_PREPROCESSING = {
-    "cifar10": Preprocessing(shift=-120.63838, scale=1.0 / 64.16736),
-    "imagenet32": _IMAGENET32,
-    "imagenet64": Preprocessing(shift=-115.92961967, scale=1.0 / 69.37404),
-    "ffhq_256": Preprocessing(shift=-112.8666757481, scale=1.0 / 69.84780273, num_bits=5),
-    "ffhq_1024": Preprocessing(shift=-0.4387, scale=1.0 / 0.2743, shift_loss=-0.5, scale_loss=2.0, unit_range=True),
-    "folder": _IMAGENET32,
-    "builtin": _IMAGENET32,
-}
+def canonical_dataset(name: str) -> str:
+    """VDVAE's name of a dataset given in any accepted spelling (lower case, preset-style aliases); a name
+    that is no dataset comes back lower-cased, for the caller to refuse."""
+    lowered = str(name).lower()
+    return _ALIASES.get(lowered, lowered)
 
 
-def _dataset_name(name: str) -> str:
-    canonical = _ALIASES.get(str(name).lower(), str(name).lower())
-    if canonical not in DATASETS:
+def _dataset_entry(name: str) -> DatasetEntry:
+    canonical = canonical_dataset(name)
+    if canonical not in _REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return canonical
+    return _REGISTRY[canonical]
 
 
 def preprocessing_for(dataset: str) -> Preprocessing:
     """The preprocessing constants of a dataset (by VDVAE name)."""
-    return _PREPROCESSING[_dataset_name(dataset)]
+    return _dataset_entry(dataset).preprocessing
 
 
 def preprocess(
@@ -280,8 +272,21 @@ def _check_images(array: np.ndarray, size: int, file: Path) -> None:
         )
 
 
-def _holdout(H: Any, default: int, n: int, source: str) -> int:
-    count = int(H.get("valid_holdout") or default)
+@dataclass(frozen=True)
+class DataRequest:
+    """What every dataset loader is given: the folder of its files, the image side, and how many training
+    images to hold out for validation (None: the dataset's VDVAE number)."""
+
+    root: Path
+    size: int
+    valid_holdout: int | None = None
+
+
+Splits = tuple[Dataset, Dataset, Dataset]
+
+
+def _holdout(request: DataRequest, default: int, n: int, source: str) -> int:
+    count = int(request.valid_holdout or default)
     if not 0 < count < n:
         raise ValueError(
             f"{source} has {n} images, too few to hold out {count} for validation as VDVAE's split does; "
@@ -296,26 +301,27 @@ def _permutation_split(n: int, seed: int, holdout: int) -> tuple[np.ndarray, np.
     return perm[:-holdout], perm[-holdout:]
 
 
-def _npy_split(H: Any, path: Path, size: int, seed: int, default_holdout: int) -> tuple[ArrayImages, ArrayImages]:
+def _npy_split(request: DataRequest, path: Path, seed: int, default_holdout: int) -> tuple[ArrayImages, ArrayImages]:
     array = np.load(path, mmap_mode="r")
-    _check_images(array, size, path)
-    train, valid = _permutation_split(len(array), seed, _holdout(H, default_holdout, len(array), str(path)))
+    _check_images(array, request.size, path)
+    holdout = _holdout(request, default_holdout, len(array), str(path))
+    train, valid = _permutation_split(len(array), seed, holdout)
     return ArrayImages(array, train, path=path), ArrayImages(array, valid, path=path)
 
 
-def _load_imagenet(H: Any, root: Path, dataset: str) -> tuple[Dataset, Dataset, Dataset]:
+def _load_imagenet(dataset: str, request: DataRequest) -> Splits:
     names = [f"{dataset}-train.npy", f"{dataset}-valid.npy"]
-    _missing(dataset, root, names)
-    train, valid = _npy_split(H, root / names[0], _NATIVE_SIZE[dataset], seed=42, default_holdout=5000)
-    test_path = root / names[1]
+    _missing(dataset, request.root, names)
+    train, valid = _npy_split(request, request.root / names[0], seed=42, default_holdout=5000)
+    test_path = request.root / names[1]
     test = ArrayImages(np.load(test_path, mmap_mode="r"), path=test_path)
-    _check_images(test.array, _NATIVE_SIZE[dataset], test_path)
+    _check_images(test.array, request.size, test_path)
     return train, valid, test
 
 
-def _load_ffhq256(H: Any, root: Path) -> tuple[Dataset, Dataset, Dataset]:
-    _missing("ffhq_256", root, ["ffhq-256.npy"])
-    train, valid = _npy_split(H, root / "ffhq-256.npy", 256, seed=5, default_holdout=7000)
+def _load_ffhq256(request: DataRequest) -> Splits:
+    _missing("ffhq_256", request.root, ["ffhq-256.npy"])
+    train, valid = _npy_split(request, request.root / "ffhq-256.npy", seed=5, default_holdout=7000)
     return train, valid, valid  # VDVAE evaluates FFHQ-256 on its held-out images
 
 
@@ -335,13 +341,14 @@ def _read_cifar_batch(path: Path) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1))
 
 
-def _load_cifar10(H: Any, root: Path) -> tuple[Dataset, Dataset, Dataset]:
+def _load_cifar10(request: DataRequest) -> Splits:
+    root = request.root
     names = [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/test_batch"]
     _missing("cifar10", root, names)
     train_all = np.concatenate([_read_cifar_batch(root / name) for name in names[:5]])
     test = _read_cifar_batch(root / names[5])
     # sklearn's train_test_split(test_size=k, random_state=s) takes permutation[:k] as the held-out part.
-    holdout = _holdout(H, 5000, len(train_all), str(root / "cifar-10-batches-py"))
+    holdout = _holdout(request, 5000, len(train_all), str(root / "cifar-10-batches-py"))
     perm = np.random.RandomState(11172018).permutation(len(train_all))
     return ArrayImages(train_all, perm[holdout:]), ArrayImages(train_all, perm[:holdout]), ArrayImages(test)
 
@@ -355,9 +362,10 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _load_ffhq1024(root: Path) -> tuple[Dataset, Dataset, Dataset]:
+def _load_ffhq1024(request: DataRequest) -> Splits:
     # VDVAE's data.py reads data_root/ffhq1024/{train,valid}; its setup script builds {train,valid} in place,
     # so data_root/{train,valid} is accepted too.
+    root = request.root
     in_place = (root / "train").is_dir() and not (root / "ffhq1024").exists()
     names = ["train", "valid"] if in_place else ["ffhq1024/train", "ffhq1024/valid"]
     _missing("ffhq_1024", root, names)
@@ -367,7 +375,8 @@ def _load_ffhq1024(root: Path) -> tuple[Dataset, Dataset, Dataset]:
     return train, valid, valid
 
 
-def _load_folder(root: Path, size: int) -> tuple[Dataset, Dataset, Dataset]:
+def _load_folder(request: DataRequest) -> Splits:
+    root, size = request.root, request.size
     if not root.is_dir():
         raise FileNotFoundError(
             f"dataset 'folder' needs a folder of PNG/JPEG images as data_root; {str(root)!r} is not one"
@@ -426,9 +435,47 @@ def builtin_patches(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     return train, valid
 
 
+def _load_builtin(request: DataRequest) -> Splits:
+    train_patches, valid_patches = builtin_patches(request.size)
+    valid = ArrayImages(valid_patches)
+    return ArrayImages(train_patches), valid, valid
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A dataset of the registry: its loader, its preprocessing, and its native image side (None: any size,
+    chosen with image_size)."""
+
+    load: Callable[[DataRequest], Splits]
+    preprocessing: Preprocessing
+    native_size: int | None = None
+
+
+# ImageNet-32's statistics serve the generic photo datasets (folder, builtin), which have no published constants.
+_IMAGENET32 = Preprocessing(shift=-116.2373, scale=1.0 / 69.37404)
+_REGISTRY: dict[str, DatasetEntry] = {
+    "cifar10": DatasetEntry(_load_cifar10, Preprocessing(shift=-120.63838, scale=1.0 / 64.16736), 32),
+    "imagenet32": DatasetEntry(functools.partial(_load_imagenet, "imagenet32"), _IMAGENET32, 32),
+    "imagenet64": DatasetEntry(
+        functools.partial(_load_imagenet, "imagenet64"), Preprocessing(shift=-115.92961967, scale=1.0 / 69.37404), 64
+    ),
+    "ffhq_256": DatasetEntry(
+        _load_ffhq256, Preprocessing(shift=-112.8666757481, scale=1.0 / 69.84780273, num_bits=5), 256
+    ),
+    "ffhq_1024": DatasetEntry(
+        _load_ffhq1024,
+        Preprocessing(shift=-0.4387, scale=1.0 / 0.2743, shift_loss=-0.5, scale_loss=2.0, unit_range=True),
+        1024,
+    ),
+    "folder": DatasetEntry(_load_folder, _IMAGENET32),
+    "builtin": DatasetEntry(_load_builtin, _IMAGENET32),
+}
+DATASETS: tuple[str, ...] = tuple(_REGISTRY)
+
+
 def _image_size(H: Any, dataset: str) -> int:
     requested = H.get("image_size")
-    native = _NATIVE_SIZE.get(dataset)
+    native = _REGISTRY[dataset].native_size
     if native is not None:
         if requested and int(requested) != native:
             raise ValueError(f"dataset {dataset!r} has {native}x{native} images but image_size is {requested}")
@@ -443,27 +490,14 @@ def _image_size(H: Any, dataset: str) -> int:
 
 def load_dataset(H: Any) -> DataSplits:
     """Open H.dataset under H.data_root with VDVAE's train/valid/test splits (memory-mapped where possible)."""
-    dataset = _dataset_name(H.dataset)
+    entry = _dataset_entry(H.dataset)
+    dataset = canonical_dataset(H.dataset)
     channels = H.get("image_channels")
     if channels and int(channels) != 3:
         raise ValueError(f"all datasets are RGB (3 channels); image_channels is {channels}")
-    size = _image_size(H, dataset)
-    root = Path(H.get("data_root") or ".").expanduser()
-    if dataset in ("imagenet32", "imagenet64"):
-        train, valid, test = _load_imagenet(H, root, dataset)
-    elif dataset == "cifar10":
-        train, valid, test = _load_cifar10(H, root)
-    elif dataset == "ffhq_256":
-        train, valid, test = _load_ffhq256(H, root)
-    elif dataset == "ffhq_1024":
-        train, valid, test = _load_ffhq1024(root)
-    elif dataset == "folder":
-        train, valid, test = _load_folder(root, size)
-    else:
-        train_patches, valid_patches = builtin_patches(size)
-        train, valid = ArrayImages(train_patches), ArrayImages(valid_patches)
-        test = valid
-    return DataSplits(train, valid, test, size, 3, _PREPROCESSING[dataset], dataset)
+    request = DataRequest(Path(H.get("data_root") or ".").expanduser(), _image_size(H, dataset), H.get("valid_holdout"))
+    train, valid, test = entry.load(request)
+    return DataSplits(train, valid, test, request.size, 3, entry.preprocessing, dataset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,20 +505,33 @@ def load_dataset(H: Any) -> DataSplits:
 # --------------------------------------------------------------------------------------------
 
 
-class _UnpaddedDistributedSampler(DistributedSampler):
-    """Each example on exactly one rank (shards may differ by one): exact evaluation without duplicates."""
+class _ShardSampler(DistributedSampler):
+    """torch's DistributedSampler (one replica when not distributed) with two additions: uneven shards
+    (even=False: each example on exactly one rank, shards may differ by one, for exact evaluation) and an
+    epoch that starts part-way (`start` examples of this rank's order already consumed before a resume)."""
 
-    def __iter__(self):
+    def __init__(self, dataset: Dataset, even: bool, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.even = even
+        self.start = 0
+
+    def _order(self) -> list[int]:
+        if self.even:
+            return list(super().__iter__())
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
             order = torch.randperm(len(self.dataset), generator=g).tolist()
         else:
             order = list(range(len(self.dataset)))
-        return iter(order[self.rank :: self.num_replicas])
+        return order[self.rank :: self.num_replicas]
+
+    def __iter__(self):
+        return iter(self._order()[self.start :])
 
     def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.num_replicas))
+        full = super().__len__() if self.even else len(range(self.rank, len(self.dataset), self.num_replicas))
+        return max(0, full - self.start)
 
 
 def make_loader(
@@ -500,21 +547,22 @@ def make_loader(
     rank: int | None = None,
     world_size: int | None = None,
 ) -> DataLoader:
-    """A DataLoader of uint8 NHWC batches whose order depends only on (seed, epoch): see set_epoch.
+    """The DataLoader of uint8 NHWC batches whose order depends only on (seed, epoch): see set_epoch.
 
-    Always uses a DistributedSampler (one replica when not distributed) so shuffling is reproducible across
-    resumes. Distributed, each rank gets batch_size examples per batch; with even_shards (training) the
-    sampler repeats a few examples so every rank runs the same number of steps, without it (evaluation)
-    every example is seen exactly once and ranks may differ by one batch. rank/world_size default to the
-    initialised process group.
+    Distributed, each rank gets batch_size examples per batch; with even_shards (training) the sampler
+    repeats a few examples so every rank runs the same number of steps, without it (evaluation) every
+    example is seen exactly once and ranks may differ by one batch. rank/world_size default to the
+    initialised process group. The loader has a generator of its own, so that starting an epoch never
+    draws from torch's default generator, which the training noise uses.
     """
     if distributed:
         world_size = dist.get_world_size() if world_size is None else world_size
         rank = dist.get_rank() if rank is None else rank
     else:
         world_size, rank = 1, 0
-    sampler_cls = DistributedSampler if even_shards else _UnpaddedDistributedSampler
-    sampler = sampler_cls(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler = _ShardSampler(
+        dataset, even_shards, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -523,10 +571,13 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        generator=torch.Generator(),
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Give the loader's sampler the epoch number, which (with the seed) fixes that epoch's order."""
-    if isinstance(loader.sampler, DistributedSampler):
+def set_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
+    """Give the loader's sampler the epoch number, which (with the seed) fixes that epoch's order, and the
+    number of its batches to pass over (those a resumed run had already trained on)."""
+    if isinstance(loader.sampler, _ShardSampler):
         loader.sampler.set_epoch(epoch)
+        loader.sampler.start = start_batch * int(loader.batch_size)

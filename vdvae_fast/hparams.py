@@ -1,24 +1,172 @@
-"""Hyperparameters of VDVAE: the released presets as data, the layer-string grammar and a small CLI.
+"""Hyperparameters of VDVAE: one field table, the released presets as data, the layer-string grammar, the CLI.
 
-A preset is a flat attribute dict read by the model (architecture keys), the data pipeline (dataset,
-image_size, num_bits) and the training program (lr, EMA rate, skip threshold, ...). Each preset starts
-from its parent, as in openai/vdvae's hps.py, so the released values stay easy to compare line by line.
+Every hyperparameter is one row of ``FIELDS`` (default, type, choices, help); the defaults, the command line
+and the reference table in the docs are derived from it. A preset is a flat attribute dict read by the model
+(architecture keys), the data pipeline (dataset, image_size, num_bits) and the training program (lr, EMA rate,
+skip threshold, ...). Each preset starts from its parent, as in openai/vdvae's hps.py, so the released values
+stay easy to compare line by line. Cross-flag rules live in one place: ``validate``.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+import torch
+
+from .data import DATASETS, canonical_dataset
+from .ops import BACKENDS
+
+# Autocast dtype of each --precision (None: plain fp32). fp16 also gets a gradient scaler in the trainer.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What gradient checkpointing recomputes in backward: nothing, every decoder block, every block.
+GRAD_CHECKPOINT_MODES = ("none", "decoder", "all")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One hyperparameter: its default, how the command line parses it (None: the default's type; bool defaults
+    take _parse_bool), the values it may take (None: any) and what it means (--help and the docs print it)."""
+
+    default: Any
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def parser(self) -> Callable[[str], Any]:
+        if self.type is not None:
+            return self.type
+        if isinstance(self.default, bool):
+            return _parse_bool
+        return type(self.default)
+
+
+_UNUSED = "accepted for openai/vdvae compatibility; unused"
+
+FIELDS: dict[str, Field] = {
+    # architecture
+    "enc_blocks": Field(None, "encoder layer string: RxN = N residual blocks at resolution R, RdK = a block then "
+                        "average pooling by K (e.g. 32x11,32d2,16x6,...)", str),
+    "dec_blocks": Field(None, "decoder layer string: RxN = N stochastic layers at resolution R, RmS = a layer that "
+                        "adds the upsampled state of resolution S (e.g. 1x1,4m1,4x2,...)", str),
+    "zdim": Field(16, "channels of each stochastic layer's latent z"),
+    "width": Field(512, "channels of the residual stream"),
+    "custom_width_str": Field("", "per-resolution widths, e.g. 32:64,16:128 (empty: width everywhere)"),
+    "bottleneck_multiple": Field(0.25, "width inside each residual block, as a fraction of the stream's width"),
+    "no_bias_above": Field(64, "learned initial decoder states at resolutions up to this one; zeros above"),
+    "num_mixtures": Field(10, "components of the discretized mixture of logistics (DMoL) output layer"),
+    # data
+    "dataset": Field(None, "cifar10, imagenet32, imagenet64, ffhq_256, ffhq_1024 (VDVAE's files), folder (any "
+                     "PNG/JPEG images under data_root) or builtin (photographs shipped with scikit-image: no "
+                     "download)", canonical_dataset, DATASETS),
+    "data_root": Field("./", "folder holding the dataset's files (README: Train lists them)"),
+    "image_size": Field(None, "image side in pixels: fixed by the fixed-size datasets, chosen for folder and "
+                        "builtin", int),
+    "image_channels": Field(3, "3: the DMoL output layer models RGB images"),
+    "num_bits": Field(8, "bit depth of the loss targets (8; ffhq_256 uses 5, taken from the data)"),
+    "valid_holdout": Field(None, "training images held out for validation (default VDVAE's 5000, or 7000 for "
+                           "ffhq_256); for small files", int),
+    # optimization: AdamW, linear warmup, gradient skipping above the skip threshold, EMA of the weights
+    "lr": Field(0.00015, "peak learning rate of AdamW"),
+    "wd": Field(0.0, "AdamW's decoupled weight decay"),
+    "adam_beta1": Field(0.9, "AdamW's beta1 (VDVAE: 0.9)"),
+    "adam_beta2": Field(0.9, "AdamW's beta2 (VDVAE: 0.9)"),
+    "warmup_iters": Field(0, "updates over which the learning rate grows linearly from 0 to lr", float),
+    "grad_clip": Field(200.0, "clip the gradient norm to this value"),
+    "skip_threshold": Field(400.0, "skip an update whose gradient norm (before clipping) is at or above this; -1 "
+                            "never skips"),
+    "ema_rate": Field(0.999, "decay of the exponential moving average (EMA) of the weights that evaluation and "
+                      "samples use"),
+    "n_batch": Field(32, "images per update in each process (the global batch is n_batch times the number of "
+                     "processes)"),
+    "num_epochs": Field(10000, "passes over the training split"),
+    "seed": Field(0, "random seed of the initial weights, the data order and the noise"),
+    # bookkeeping of the training program
+    "desc": Field("test", "name of the run: its outputs go to save_dir/desc/"),
+    "save_dir": Field("./saved_models", "folder of the runs"),
+    "restore_path": Field(None, "resume from a vdvae_fast checkpoint (latest.pt, iter-N.pt, or a run folder "
+                          "meaning its latest.pt): weights, EMA, optimizer, schedule, position in the data and "
+                          "random streams. An official openai/vdvae *-model.th file only initializes the weights",
+                          str),
+    "restore_ema_path": Field(None, "EMA weights: a vdvae_fast checkpoint or an official openai/vdvae "
+                              "*-model-ema.th file; with --test_eval, the weights evaluated", str),
+    "restore_log_path": Field(None, "openai/vdvae's separate log file; not needed: --restore_path holds the "
+                              "position", str),
+    "restore_optimizer_path": Field(None, "openai/vdvae's separate optimizer file; not needed: --restore_path "
+                                    "holds it", str),
+    "test_eval": Field(False, "evaluate the restored EMA weights on the test split once, write a sample grid, "
+                       "and exit"),
+    "temperature": Field(1.0, f"prior temperature ({_UNUSED} by training; see python -m vdvae_fast.sample "
+                         "--temperature)"),
+    "iters_per_ckpt": Field(25000, "write a checkpoint iter-N.pt every this many updates"),
+    "iters_per_print": Field(1000, "log a train_loss record and print a progress line every this many updates"),
+    "iters_per_save": Field(10000, "rewrite latest.pt every this many updates"),
+    "iters_per_images": Field(10000, "write the sample grid samples-N.png every this many updates"),
+    "epochs_per_eval": Field(10, "evaluate the EMA weights on the validation split every this many epochs (and "
+                             "at the end)"),
+    "epochs_per_probe": Field(None, _UNUSED, int),
+    "epochs_per_eval_save": Field(20, _UNUSED),
+    "num_images_visualize": Field(8, "images per row of the sample grid"),
+    "num_variables_visualize": Field(6, "rows of partial reconstructions (the first k latents kept, t = 0.1) in "
+                                     "the grid"),
+    "num_temperatures_visualize": Field(3, "rows of unconditional samples in the grid (at t = 1.0, 0.9, 0.8, 0.7)"),
+    # vdvae_fast: ops backend, numerics and memory
+    "backend": Field("auto", "kernels of the fused ops: auto (the fastest built for the device), cpu, cuda, "
+                     "triton, reference (eager PyTorch, seeded like the kernels) or original (eager PyTorch with "
+                     "torch's sampler, as openai/vdvae)", choices=BACKENDS),
+    "precision": Field("fp32", "fp32; bf16 (autocast); or fp16 (autocast with a gradient scaler)",
+                       choices=tuple(PRECISIONS)),
+    "grad_checkpoint": Field("none", "recompute blocks in backward instead of storing activations: none, decoder "
+                             "or all", choices=GRAD_CHECKPOINT_MODES),
+    "channels_last": Field(False, "keep weights and activations channels_last (faster convolutions on recent "
+                           "GPUs)"),
+    "check_inputs": Field(True, "let the loss check that targets lie in [-1, 1]; the trainer checks the first "
+                          "batch, then turns it off"),
+    # vdvae_fast: the training program
+    "device": Field("auto", "auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each process takes "
+                    "cuda:LOCAL_RANK"),
+    "compile": Field(False, "torch.compile the training forward pass"),
+    "max_iters": Field(None, "stop after this many updates in all, those before a resume included (0: no limit "
+                       "but num_epochs)", int),
+    "num_workers": Field(None, "DataLoader worker processes per training process (default: 4 on CUDA, 0 on CPU)",
+                         int),
+    "num_threads": Field(None, "CPU threads of each process's tensor operations (default: torch's, one per core); "
+                         "1 is often fastest for small models and on machines shared with other jobs", int),
+}  # fmt: skip
+
+DEFAULTS: dict[str, Any] = {key: field.default for key, field in FIELDS.items()}
+HELP: dict[str, str] = {key: field.help for key, field in FIELDS.items()}
+
+
+def _check_known(keys: Iterable[str]) -> None:
+    unknown = [key for key in keys if key not in FIELDS]
+    if unknown:
+        raise AttributeError(
+            f"unknown hyperparameter {unknown[0]!r}; the known ones are listed by `python train.py --help`"
+        )
 
 
 class Hyperparams(dict):
     """A dict whose keys read and write as attributes (``H.width``), like VDVAE's ``H``.
 
-    A missing key raises AttributeError rather than returning None, so a typo fails loudly; use
-    ``H.get(key, default)`` for optional keys.
+    Only the keys of FIELDS may be set, so a typo fails loudly on write as on read (a missing key raises
+    AttributeError rather than returning None); use ``H.get(key, default)`` for optional keys.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.update(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -28,6 +176,19 @@ class Hyperparams(dict):
 
     def __setattr__(self, name: str, value: Any) -> None:
         self[name] = value
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _check_known([name])
+        super().__setitem__(name, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        changes = dict(*args, **kwargs)
+        _check_known(changes)
+        super().update(changes)
+
+    def setdefault(self, name: str, default: Any = None) -> Any:
+        _check_known([name])
+        return super().setdefault(name, default)
 
     def __delattr__(self, name: str) -> None:
         try:
@@ -42,68 +203,6 @@ class Hyperparams(dict):
 # ----------------------------------------------------------------------------------------------------
 # Presets
 # ----------------------------------------------------------------------------------------------------
-
-DEFAULTS: dict[str, Any] = {
-    # architecture
-    "enc_blocks": None,
-    "dec_blocks": None,
-    "zdim": 16,
-    "width": 512,
-    "custom_width_str": "",
-    "bottleneck_multiple": 0.25,
-    "no_bias_above": 64,
-    "num_mixtures": 10,
-    # data
-    "dataset": None,
-    "data_root": "./",
-    "image_size": None,
-    "image_channels": 3,
-    "num_bits": 8,
-    # optimization: AdamW, linear warmup, gradient skipping above the skip threshold, EMA of the weights
-    "lr": 0.00015,
-    "wd": 0.0,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.9,
-    "warmup_iters": 0,
-    "grad_clip": 200.0,
-    "skip_threshold": 400.0,
-    "ema_rate": 0.999,
-    "n_batch": 32,
-    "num_epochs": 10000,
-    "seed": 0,
-    # bookkeeping of the training program
-    "desc": "test",
-    "save_dir": "./saved_models",
-    "restore_path": None,
-    "restore_ema_path": None,
-    "restore_log_path": None,
-    "restore_optimizer_path": None,
-    "test_eval": False,
-    "temperature": 1.0,
-    "iters_per_ckpt": 25000,
-    "iters_per_print": 1000,
-    "iters_per_save": 10000,
-    "iters_per_images": 10000,
-    "epochs_per_eval": 10,
-    "epochs_per_probe": None,
-    "epochs_per_eval_save": 20,
-    "num_images_visualize": 8,
-    "num_variables_visualize": 6,
-    "num_temperatures_visualize": 3,
-    # vdvae_fast: ops backend, numerics and memory
-    "backend": "auto",  # ops backend: auto, cpu, cuda, triton, reference, original
-    "precision": "fp32",  # fp32, bf16, fp16 (torch.autocast in the trainer)
-    "grad_checkpoint": "none",  # none, decoder, all
-    "channels_last": False,
-    "check_inputs": True,  # dmol_nll checks targets lie in [-1, 1] (synchronizes a GPU)
-    # vdvae_fast: the training program
-    "device": "auto",
-    "compile": False,
-    "max_iters": None,
-    "num_workers": None,
-    "num_threads": None,
-    "valid_holdout": None,
-}
 
 # name -> (parent, changes). Released values from openai/vdvae (see shared/vdvae-presets.md).
 _PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
@@ -395,102 +494,9 @@ def check_layer_strings(H: Hyperparams) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-# Keys whose default (None, or an int where fractions are allowed) does not tell their type.
-_CLI_TYPES: dict[str, Any] = {
-    "image_size": int,
-    "epochs_per_probe": int,
-    "warmup_iters": float,
-    "max_iters": int,
-    "num_workers": int,
-    "num_threads": int,
-    "valid_holdout": int,
-}
-_CLI_CHOICES: dict[str, tuple[str, ...]] = {
-    "backend": ("auto", "cpu", "cuda", "triton", "reference", "original"),
-    "precision": ("fp32", "bf16", "fp16"),
-    "grad_checkpoint": ("none", "decoder", "all"),
-}
-_UNUSED = "accepted for openai/vdvae compatibility; unused"
-
-# What each flag means; --help prints these, so every key of DEFAULTS has one.
-HELP: dict[str, str] = {
-    "enc_blocks": "encoder layer string: RxN = N residual blocks at resolution R, RdK = a block then average "
-    "pooling by K (e.g. 32x11,32d2,16x6,...)",
-    "dec_blocks": "decoder layer string: RxN = N stochastic layers at resolution R, RmS = a layer that adds the "
-    "upsampled state of resolution S (e.g. 1x1,4m1,4x2,...)",
-    "zdim": "channels of each stochastic layer's latent z",
-    "width": "channels of the residual stream",
-    "custom_width_str": "per-resolution widths, e.g. 32:64,16:128 (empty: width everywhere)",
-    "bottleneck_multiple": "width inside each residual block, as a fraction of the stream's width",
-    "no_bias_above": "learned initial decoder states at resolutions up to this one; zeros above",
-    "num_mixtures": "components of the discretized mixture of logistics (DMoL) output layer",
-    "dataset": "cifar10, imagenet32, imagenet64, ffhq_256, ffhq_1024, folder (any PNG/JPEG images under "
-    "data_root) or builtin (photographs shipped with scikit-image: no download)",
-    "data_root": "folder holding the dataset's files (README: Train lists them)",
-    "image_size": "image side in pixels: fixed by the fixed-size datasets, chosen for folder and builtin",
-    "image_channels": "3: the DMoL output layer models RGB images",
-    "num_bits": "bit depth of the loss targets (8; ffhq_256 uses 5, taken from the data)",
-    "valid_holdout": "training images held out for validation (default VDVAE's 5000, or 7000 for ffhq_256); "
-    "for small files",
-    "lr": "peak learning rate of AdamW",
-    "wd": "AdamW's decoupled weight decay",
-    "adam_beta1": "AdamW's beta1 (VDVAE: 0.9)",
-    "adam_beta2": "AdamW's beta2 (VDVAE: 0.9)",
-    "warmup_iters": "updates over which the learning rate grows linearly from 0 to lr",
-    "grad_clip": "clip the gradient norm to this value",
-    "skip_threshold": "skip an update whose gradient norm (before clipping) is at or above this; -1 never skips",
-    "ema_rate": "decay of the exponential moving average (EMA) of the weights that evaluation and samples use",
-    "n_batch": "images per update in each process (the global batch is n_batch times the number of processes)",
-    "num_epochs": "passes over the training split",
-    "seed": "random seed of the initial weights, the data order and the noise",
-    "desc": "name of the run: its outputs go to save_dir/desc/",
-    "save_dir": "folder of the runs",
-    "restore_path": "resume from a vdvae_fast checkpoint (latest.pt, iter-N.pt, or a run folder meaning its "
-    "latest.pt): weights, EMA, optimizer, schedule, position in the data and random streams. An official "
-    "openai/vdvae *-model.th file only initializes the weights",
-    "restore_ema_path": "EMA weights: a vdvae_fast checkpoint or an official openai/vdvae *-model-ema.th file; "
-    "with --test_eval, the weights evaluated",
-    "restore_log_path": "openai/vdvae's separate log file; not needed: --restore_path holds the position",
-    "restore_optimizer_path": "openai/vdvae's separate optimizer file; not needed: --restore_path holds it",
-    "test_eval": "evaluate the restored EMA weights on the test split once, write a sample grid, and exit",
-    "temperature": f"prior temperature ({_UNUSED} by training; see python -m vdvae_fast.sample --temperature)",
-    "iters_per_ckpt": "write a checkpoint iter-N.pt every this many updates",
-    "iters_per_print": "log a train_loss record and print a progress line every this many updates",
-    "iters_per_save": "rewrite latest.pt every this many updates",
-    "iters_per_images": "write the sample grid samples-N.png every this many updates",
-    "epochs_per_eval": "evaluate the EMA weights on the validation split every this many epochs (and at the end)",
-    "epochs_per_probe": _UNUSED,
-    "epochs_per_eval_save": _UNUSED,
-    "num_images_visualize": "images per row of the sample grid",
-    "num_variables_visualize": "rows of partial reconstructions (the first k latents kept, t = 0.1) in the grid",
-    "num_temperatures_visualize": "rows of unconditional samples in the grid (at t = 1.0, 0.9, 0.8, 0.7)",
-    "backend": "kernels of the fused ops: auto (the fastest built for the device), cpu, cuda, triton, "
-    "reference (eager PyTorch, seeded like the kernels) or original (eager PyTorch with torch's sampler, as openai/vdvae)",
-    "precision": "fp32; bf16 (autocast); or fp16 (autocast with a gradient scaler)",
-    "grad_checkpoint": "recompute blocks in backward instead of storing activations: none, decoder or all",
-    "channels_last": "keep weights and activations channels_last (faster convolutions on recent GPUs)",
-    "check_inputs": "let the loss check that targets lie in [-1, 1]; the trainer checks the first batch, then "
-    "turns it off",
-    "device": "auto (CUDA when available), cpu, cuda or cuda:N; under torchrun each process takes cuda:LOCAL_RANK",
-    "compile": "torch.compile the training forward pass",
-    "max_iters": "stop after this many updates in all, those before a resume included (0: no limit but num_epochs)",
-    "num_workers": "DataLoader worker processes per training process (default: 4 on CUDA, 0 on CPU)",
-    "num_threads": "CPU threads of each process's tensor operations (default: torch's, one per core); 1 is often "
-    "fastest for small models and on machines shared with other jobs",
-}
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--hps NAME`` and one documented ``--key value`` override per hyperparameter (typed by its
-    default). Booleans also work as bare switches: ``--test_eval`` means ``--test_eval true``."""
+    """Add ``--hps NAME`` and one documented ``--key value`` override per field of FIELDS. Booleans also work
+    as bare switches: ``--test_eval`` means ``--test_eval true``."""
     parser.add_argument(
         "--hps",
         "--hparam_sets",
@@ -499,16 +505,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=PRESETS,
         help="preset to start from; every other flag overrides one of its values",
     )
-    for key, default in DEFAULTS.items():
-        extra: dict[str, Any] = {"help": HELP[key], "default": None}
-        if key in _CLI_CHOICES:
-            extra.update(choices=_CLI_CHOICES[key])
-        elif key in _CLI_TYPES:
-            extra.update(type=_CLI_TYPES[key])
-        elif isinstance(default, bool):
-            extra.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-        elif isinstance(default, (int, float)):
-            extra.update(type=type(default))
+    for key, field in FIELDS.items():
+        extra: dict[str, Any] = {"help": field.help, "default": None, "type": field.parser()}
+        if field.choices is not None:
+            extra["choices"] = field.choices
+        if isinstance(field.default, bool):
+            extra.update(nargs="?", const=True, metavar="BOOL")
         parser.add_argument(f"--{key}", **extra)
     return parser
 
@@ -521,3 +523,65 @@ def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParse
     H = preset(args.hps)
     H.update({key: value for key, value in vars(args).items() if key != "hps" and value is not None})
     return H
+
+
+def _check_choices(H: Hyperparams) -> None:
+    """Each value of a field with choices, read as the command line would read it, is one of them."""
+    for key, field in FIELDS.items():
+        value = H.get(key)
+        if field.choices is None or value is None:
+            continue
+        if (field.parser()(value) if isinstance(value, str) else value) not in field.choices:
+            raise ValueError(f"--{key} must be one of {', '.join(map(str, field.choices))}, got {H[key]!r}")
+
+
+def validate(H: Hyperparams) -> None:
+    """Every check that spans flags or values, before any work starts: raise ValueError naming the flag and
+    what would be valid."""
+    _check_choices(H)
+    for key in ("iters_per_print", "iters_per_save", "iters_per_ckpt", "iters_per_images", "epochs_per_eval"):
+        if int(H[key]) < 1:
+            raise ValueError(f"--{key} must be at least 1, got {H[key]}")
+    if H.n_batch < 1:
+        raise ValueError(f"--n_batch must be at least 1, got {H.n_batch}")
+    if H.restore_path is None and H.restore_ema_path is None and H.test_eval:
+        raise ValueError("--test_eval evaluates trained weights: give --restore_ema_path or --restore_path")
+
+
+# Keys that shape the network: a checkpoint trained with other values cannot be loaded.
+ARCHITECTURE_KEYS = (
+    "enc_blocks", "dec_blocks", "width", "zdim", "custom_width_str", "bottleneck_multiple", "no_bias_above",
+    "num_mixtures", "image_size", "image_channels",
+)  # fmt: skip
+# Keys that only say where an invocation runs or what it restores: never reported as changed on resume.
+INVOCATION_KEYS = (
+    "restore_path", "restore_ema_path", "test_eval", "max_iters", "device", "num_workers", "num_threads",
+)  # fmt: skip
+
+
+def changed_since(
+    saved: dict[str, Any], current: dict[str, Any]
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """What differs between a checkpoint's hyperparameters and this run's, as {key: (saved, now)}: the
+    architecture keys, then the others (invocation keys left out)."""
+    changed = {
+        key: (saved.get(key), current.get(key))
+        for key in sorted(set(saved) | set(current))
+        if key not in INVOCATION_KEYS and saved.get(key) != current.get(key)
+    }
+    architecture = {key: values for key, values in changed.items() if key in ARCHITECTURE_KEYS}
+    others = {key: values for key, values in changed.items() if key not in ARCHITECTURE_KEYS}
+    return architecture, others
+
+
+def reference_table() -> str:
+    """The hyperparameters as a Markdown table (flag, default, choices, meaning), for the docs."""
+    lines = ["| flag | default | choices | meaning |", "| --- | --- | --- | --- |"]
+    for key, field in FIELDS.items():
+        choices = ", ".join(map(str, field.choices)) if field.choices else ""
+        lines.append(f"| `--{key}` | `{field.default!r}` | {choices} | {field.help} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_table())
