@@ -231,7 +231,7 @@ def test_fused_and_reference_backends_agree(backend):
     x, x_target = _batch(batch=3)
     outputs, grads = {}, {}
     for name in ("reference", backend):
-        vae.H.backend = name
+        vae.backend = name
         outputs[name], grads[name] = _grads(vae, x, x_target, seed=5)
     for key in ("elbo", "rate", "distortion", "kl_per_layer"):
         torch.testing.assert_close(outputs[backend][key], outputs["reference"][key], rtol=2e-5, atol=2e-6)
@@ -462,3 +462,25 @@ def test_bad_hyperparameters():
         VAE(_tiny(image_channels=1))
     with pytest.raises(ValueError, match="bad token '8y2' at position 1"):
         VAE(_tiny(enc_blocks="8y2,8d2,4x2,4d4,1x1"))
+
+
+def test_backend_and_input_checking_are_fixed_at_construction(monkeypatch):
+    """The model reads its configuration once: later changes to the H it was built from change nothing."""
+    H = _tiny(backend="reference", check_inputs=True)
+    vae = VAE(H, check_inputs=False)
+    assert vae.backend == "reference" and vae.check_inputs is False and vae.H is not H
+    calls = []
+    dmol_nll = ops.dmol_nll
+
+    def recording(logits, x, **kwargs):
+        calls.append(kwargs)
+        return dmol_nll(logits, x, **kwargs)
+
+    monkeypatch.setattr(ops, "dmol_nll", recording)
+    H.update(backend="no-such-backend", check_inputs=True)
+    vae(*_batch())
+    assert calls[-1]["backend"] == "reference" and calls[-1]["check_inputs"] is False
+    vae.backend, vae.check_inputs = "original", True
+    vae(*_batch())
+    assert calls[-1]["backend"] == "original" and calls[-1]["check_inputs"] is True
+    assert VAE(_tiny(), backend="original").backend == "original"

@@ -22,9 +22,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
-from .hparams import Hyperparams, check_layer_strings, parse_layer_string, resolution_widths
+from .hparams import GRAD_CHECKPOINT_MODES, Hyperparams, check_layer_strings, parse_layer_string, resolution_widths
 
-GRAD_CHECKPOINT_MODES = ("none", "decoder", "all")
 Temperature = float | Sequence[float] | None
 
 
@@ -281,20 +280,24 @@ class VAE(nn.Module):
     """The very deep VAE. ``vae(x, x_target)`` returns the negative ELBO and its two terms in nats per
     dimension (batch means): distortion -log p(x|z) and rate sum_i KL(q(z_i|.) || p(z_i|.)).
 
-    H.backend (or the backend argument) picks the ops backend; H.grad_checkpoint ("none", "decoder",
-    "all") recomputes blocks in backward; H.channels_last keeps weights and activations channels_last.
+    Configuration is fixed at construction and kept in attributes: `backend` (default H.backend) picks the ops
+    backend, a call's backend argument overrides it; `check_inputs` (default H.check_inputs) lets the loss check
+    that targets lie in [-1, 1]; H.grad_checkpoint ("none", "decoder", "all") recomputes blocks in backward;
+    H.channels_last keeps weights and activations channels_last. The model keeps its own copy of H.
 
     Under torch.autocast the convs run in bf16/fp16 and the ops take their outputs as they are: they
     compute in float32 and return float32 KL and NLL. The residual states follow type promotion: the
     decoder's, seeded by the float32 learned biases, stays float32; the encoder's is low precision.
     """
 
-    def __init__(self, H: Hyperparams) -> None:
+    def __init__(self, H: Hyperparams, *, backend: str | None = None, check_inputs: bool | None = None) -> None:
         super().__init__()
         check_layer_strings(H)
         if H.image_channels != 3:
             raise ValueError(f"the DMoL output layer models RGB images, but image_channels is {H.image_channels}")
-        self.H = H
+        self.H = H.copy()
+        self.backend: str = H.get("backend", "auto") if backend is None else backend
+        self.check_inputs: bool = bool(H.get("check_inputs", True) if check_inputs is None else check_inputs)
         self.encoder = Encoder(H)
         self.decoder = Decoder(H)
         self.set_grad_checkpoint(H.get("grad_checkpoint", "none"))
@@ -311,7 +314,7 @@ class VAE(nn.Module):
         self.decoder.grad_checkpoint = mode in ("decoder", "all")
 
     def _backend(self, backend: str | None) -> str:
-        return backend if backend is not None else self.H.get("backend", "auto")
+        return backend if backend is not None else self.backend
 
     def _check_images(self, **images: Tensor) -> None:
         size, channels = self.H.image_size, self.H.image_channels
@@ -335,8 +338,7 @@ class VAE(nn.Module):
         self._check_images(x=x, x_target=x_target)
         activations = self.encoder(x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format))
         px_z, stats = self.decoder(activations, backend)
-        check_inputs = self.H.get("check_inputs", True)
-        distortion = self.decoder.out_net.nll(px_z, x_target.permute(0, 3, 1, 2), backend, check_inputs)
+        distortion = self.decoder.out_net.nll(px_z, x_target.permute(0, 3, 1, 2), backend, self.check_inputs)
         kl = torch.stack([layer["kl"] for layer in stats], dim=1) / x[0].numel()
         rate = kl.sum(dim=1)
         return {
