@@ -182,3 +182,52 @@ def test_rng_states_round_trip():
     checkpoint.restore_rng_state(state, cpu)
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+class Parts:
+    """A run's parts as the trainer holds them (vdvae_fast.training.Learner has the same attributes)."""
+
+    def __init__(self, seed: int, fp16: bool = False) -> None:
+        self.model = tiny_model(seed)
+        self.ema = tiny_model(seed + 100)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: min(1.0, (i + 1) / 10))
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**seed) if fp16 else None
+
+
+def test_make_and_restore_training_round_trip(tmp_path):
+    source = Parts(seed=1, fp16=True)
+    source.model(*[torch.zeros(2, 8, 8, 3)] * 2)["elbo"].backward()
+    source.optimizer.step()
+    source.scheduler.step()
+    position = checkpoint.Position(step=12, epoch=1, batch_in_epoch=3, skipped_updates=2)
+    rng = [checkpoint.capture_rng_state(torch.device("cpu"))] * 2
+    state = checkpoint.make_checkpoint(source, position, rng, source.model.H)
+    assert state["world_size"] == 2 and state["format"] == checkpoint.FORMAT
+    checkpoint.save_checkpoint(state, tmp_path / "latest.pt")
+
+    loaded = checkpoint.load_checkpoint(tmp_path)
+    target = Parts(seed=2, fp16=True)
+    assert checkpoint.restore_training(loaded, target) == position
+    for a, b in ((source.model, target.model), (source.ema, target.ema)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert target.scheduler.get_last_lr() == source.scheduler.get_last_lr()
+    assert target.scaler.get_scale() == source.scaler.get_scale() == 2.0
+    assert checkpoint.saved_hparams(loaded) == source.model.H
+
+
+def test_restore_training_names_the_file_when_the_optimizer_does_not_fit(tmp_path):
+    source = Parts(seed=0)
+    state = checkpoint.make_checkpoint(source, checkpoint.Position(), [], source.model.H)
+    state["optimizer"]["param_groups"][0]["params"] = [0]  # one parameter where the model has many
+    checkpoint.save_checkpoint(state, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=r"optimizer state in .*odd\.pt.* does not match"):
+        checkpoint.restore_training(checkpoint.load_checkpoint(tmp_path / "odd.pt"), Parts(seed=0))
+
+
+def test_saved_hparams_refuse_unknown_keys(tmp_path):
+    state = training_state(tiny_model())
+    state["hparams"]["widht"] = 3
+    checkpoint.save_checkpoint(state, tmp_path / "typo.pt")
+    with pytest.raises(CheckpointError, match=r"typo\.pt.*'widht'"):
+        checkpoint.saved_hparams(checkpoint.load_checkpoint(tmp_path / "typo.pt"))

@@ -14,6 +14,10 @@ strings and containers only: loading one never runs code)::
 Writes go to a temporary file in the target's directory, are flushed and fsynced, then renamed over the
 target (``os.replace`` is atomic on POSIX) and the directory is fsynced: a process killed mid-write leaves
 the previous checkpoint intact, never half a file.
+
+This module owns the format: ``make_checkpoint`` builds the dict above from a run's parts, ``load_checkpoint``
+checks it, ``restore_training`` puts it back into the parts, and ``load_module_state`` is the one strict loader
+of a state dict (ours or an official openai/vdvae file) used by training, evaluation and sampling.
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ import os
 import random
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from .hparams import Hyperparams
 from .model import load_official_state_dict
 
 FORMAT = "vdvae_fast-checkpoint"
@@ -42,19 +48,97 @@ __all__ = [
     "FORMAT",
     "LATEST",
     "CheckpointError",
+    "Position",
+    "TrainingParts",
     "capture_rng_state",
     "load_checkpoint",
     "load_module_state",
     "load_weights",
+    "make_checkpoint",
     "read_weights",
     "remove_stale_temporaries",
     "restore_rng_state",
+    "restore_training",
     "save_checkpoint",
+    "saved_hparams",
 ]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used: unreadable, not ours, or not matching the model."""
+
+
+@dataclass
+class Position:
+    """Where a run stands: updates done (skipped ones included) over all resumes, the epoch, the batches of that
+    epoch's order already consumed, and the updates skipped so far."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    skipped_updates: int = 0
+
+
+class TrainingParts(Protocol):
+    """What a checkpoint saves of a run besides its position: the VAE, its EMA copy, AdamW, the warmup schedule
+    and fp16's GradScaler (None otherwise)."""
+
+    model: nn.Module
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+
+
+def make_checkpoint(
+    parts: TrainingParts, position: Position, rng: list[dict[str, Any]], hparams: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The checkpoint of a run (the schema above); `rng` holds one capture_rng_state per rank."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": parts.model.state_dict(),
+        "ema": parts.ema.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": None if parts.scaler is None else parts.scaler.state_dict(),
+        "step": position.step,
+        "epoch": position.epoch,
+        "batch_in_epoch": position.batch_in_epoch,
+        "skipped_updates": position.skipped_updates,
+        "rng": rng,
+        "world_size": len(rng),
+        "hparams": dict(hparams),
+    }
+
+
+def restore_training(checkpoint: Mapping[str, Any], parts: TrainingParts) -> Position:
+    """Load a checkpoint's weights and optimizer state into `parts`; returns its position. A mismatch raises
+    CheckpointError naming the file."""
+    path = checkpoint["path"]
+    load_module_state(parts.model, checkpoint["model"], path, "the model weights")
+    load_module_state(parts.ema, checkpoint["ema"], path, "the EMA weights")
+    try:
+        parts.optimizer.load_state_dict(checkpoint["optimizer"])
+        parts.scheduler.load_state_dict(checkpoint["scheduler"])
+        if parts.scaler is not None and checkpoint.get("scaler"):
+            parts.scaler.load_state_dict(checkpoint["scaler"])
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"the optimizer state in {path!r} does not match this model: {err}") from err
+    return Position(
+        int(checkpoint["step"]),
+        int(checkpoint["epoch"]),
+        int(checkpoint["batch_in_epoch"]),
+        int(checkpoint.get("skipped_updates", 0)),
+    )
+
+
+def saved_hparams(checkpoint: Mapping[str, Any]) -> Hyperparams:
+    """The hyperparameters a checkpoint was trained with."""
+    try:
+        return Hyperparams(checkpoint["hparams"])
+    except (AttributeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"the hyperparameters in {checkpoint['path']!r} are not readable: {err}") from err
 
 
 # --------------------------------------------------------------------------------------------
