@@ -2,7 +2,7 @@
 
 import sys
 
-from vdvae_fast.train import main
+from vdvae_fast.training import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vdvae_fast import checkpoint, sample
+from vdvae_fast import checkpoint, ops, sample
 from vdvae_fast.hparams import preset
 from vdvae_fast.model import VAE
 
@@ -78,15 +78,37 @@ def test_cli_on_our_checkpoint_takes_its_hyperparameters(tmp_path, capsys):
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
+    """User errors exit with 2, the status of a bad flag (and of the training program's user errors)."""
     official = tmp_path / "x-model-ema.th"
     torch.save(tiny_model().state_dict(), official)
-    assert sample.main(["--restore_ema_path", str(official), "--out", str(tmp_path / "a.png")]) == 1
+    assert sample.main(["--restore_ema_path", str(official), "--out", str(tmp_path / "a.png")]) == 2
     assert "--hps" in capsys.readouterr().err
-    assert sample.main(["--restore_ema_path", str(official), "--hps", "demo", "--out", str(tmp_path / "a.png")]) == 1
+    assert sample.main(["--restore_ema_path", str(official), "--hps", "demo", "--out", str(tmp_path / "a.png")]) == 2
     err = capsys.readouterr().err
     assert "x-model-ema.th" in err and "shape" in err
-    assert sample.main(["--restore_ema_path", str(tmp_path / "none.pt"), "--hps", "tiny"]) == 1
+    assert sample.main(["--restore_ema_path", str(tmp_path / "none.pt"), "--hps", "tiny"]) == 2
     assert "none.pt" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_unknown_backend_and_lists_the_backends(tmp_path, capsys):
+    official = tmp_path / "tiny-model-ema.th"
+    torch.save(tiny_model().state_dict(), official)
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--restore_ema_path", str(official), "--hps", "tiny", "--backend", "fast"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--backend" in err and "'fast'" in err and all(name in err for name in ops.BACKENDS)
+    assert not (tmp_path / "samples.png").exists()
+
+
+def test_cli_backend_applies_to_the_model(tmp_path, monkeypatch):
+    """--backend is the model's backend from construction on, whatever the checkpoint's hparams say."""
+    path = our_checkpoint(tmp_path / "latest.pt", tiny_model())
+    built = []
+    monkeypatch.setattr(sample, "VAE", lambda H, **kwargs: built.append(VAE(H, **kwargs)) or built[-1])
+    status = sample.main(["--restore_ema_path", str(path), "--n", "2", "--out", str(tmp_path / "s.png"),
+                          "--backend", "original"])  # fmt: skip
+    assert status == 0 and built[0].backend == "original" and built[0].H.backend == "reference"
 
 
 def test_stack_rows_is_vdvaes_layout():

@@ -185,7 +185,7 @@ def small_builtin(monkeypatch):
 def test_demo_preset_learns(tmp_path, small_builtin, backend):
     H = train.parse_args(["--hps", "demo", "--save_dir", str(tmp_path), "--backend", backend, "--device", "cpu",
                           "--max_iters", "150", "--num_epochs", "2", "--iters_per_images", "100000"])  # fmt: skip
-    runtime = train.setup_runtime(H)
+    runtime = train.setup_runtime(H.device, H.num_threads)
     directory = train.prepare_run_directory(H, runtime)
     trainer = train.Trainer(H, runtime, train.RunLog(directory), directory)
     before = trainer.evaluate("valid")["elbo_bpd"]
@@ -432,3 +432,24 @@ def test_a_mismatched_checkpoint_names_the_file_and_the_key(tmp_path, capsys):
     path = tmp_path / "runs" / "small" / "latest.pt"
     status, err = _main(folder_run(tmp_path, "wide", "--width", "32", "--restore_path", str(path)), capsys)
     assert status == 2 and str(path) in err and "shape" in err and "weight" in err
+
+
+def test_the_logged_hyperparameters_are_the_checkpoints_with_the_datas_properties(tmp_path):
+    """The data's properties (FFHQ-256's 5-bit targets) are adopted before the hparam records are written, and
+    nothing changes H after: log.jsonl and the checkpoint agree key for key."""
+    _write_npy(tmp_path / "data", ("ffhq-256.npy",), 256, 4)
+    run(["--hps", "ffhq256", "--data_root", str(tmp_path / "data"), "--save_dir", str(tmp_path), "--desc", "r",
+         "--n_batch", "2", "--max_iters", "1", "--device", "cpu", "--valid_holdout", "2", "--num_bits", "8",
+         *QUIET, *tiny_network(256)])  # fmt: skip
+    logged = {r["key"]: r["value"] for r in records(tmp_path / "r", "hparam")}
+    saved = load_checkpoint(tmp_path / "r" / "latest.pt")["hparams"]
+    assert logged == saved and logged["num_bits"] == 5 and logged["image_size"] == 256
+    lines = (tmp_path / "r" / "log.jsonl").read_text().splitlines()
+    note = next(i for i, line in enumerate(lines) if "5-bit targets" in line)
+    assert note < min(i for i, line in enumerate(lines) if '"type": "hparam"' in line)
+
+
+def test_a_bad_flag_combination_exits_2_before_any_work(tmp_path, capsys):
+    status, err = _main(["--hps", "tiny", "--save_dir", str(tmp_path), "--test_eval"], capsys)
+    assert status == 2 and "--test_eval" in err and "--restore_ema_path" in err
+    assert not any(tmp_path.iterdir())  # nothing was created

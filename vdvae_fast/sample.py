@@ -25,21 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_module_state, read_weights
-from .hparams import PRESETS, Hyperparams, preset
+from .checkpoint import CheckpointError, load_module_state, read_weights, saved_hparams
+from .hparams import PRESETS, preset
 from .model import VAE
+from .ops import BACKENDS
+from .runtime import resolve_device
 
 __all__ = [
     "UNCONDITIONAL_TEMPERATURES",
     "RECONSTRUCTION_TEMPERATURE",
     "main",
     "reconstruction_rows",
-    "resolve_device",
     "save_png",
     "stack_rows",
     "tile",
 ]
 
+USAGE_ERROR = 2  # argparse's status for a bad command line; the same for every error a user can fix
 UNCONDITIONAL_TEMPERATURES = (1.0, 0.9, 0.8, 0.7)
 RECONSTRUCTION_TEMPERATURE = 0.1
 
@@ -112,20 +114,6 @@ def reconstruction_rows(
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
-    """'auto' (CUDA when available), 'cpu', 'cuda' (this process's GPU under torchrun) or 'cuda:N'."""
-    name = name or "auto"
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was asked for, but this torch has no usable CUDA GPU")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vdvae_fast.sample",
@@ -156,27 +144,30 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n_batch", type=int, default=None, help="samples drawn per forward pass (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--backend", default=None, help="ops backend: auto, cpu, cuda, triton, reference or original")
+    parser.add_argument("--backend", default=None, choices=BACKENDS, help="ops backend (default: the checkpoint's)")
     return parser
+
+
+def _load_model(args: argparse.Namespace) -> VAE:
+    """The VAE of args.path's weights: our checkpoint carries its hyperparameters, an official file needs --hps."""
+    weights, checkpoint = read_weights(args.path, prefer_ema=True)
+    if args.hps is not None:
+        H = preset(args.hps)
+    elif checkpoint is not None:
+        H = saved_hparams(checkpoint)
+    else:
+        raise ValueError(f"{args.path} is an official VDVAE state dict: name its preset with --hps")
+    model = VAE(H, backend=args.backend)
+    load_module_state(model, weights, str(args.path), "the weights")
+    return model
 
 
 def sample(args: argparse.Namespace) -> Path:
     """Load the weights, draw args.n samples at args.temperature and write the grid; returns the PNG path."""
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
-    weights, checkpoint = read_weights(args.path, prefer_ema=True)
-    if args.hps is not None:
-        H = preset(args.hps)
-    elif checkpoint is not None:
-        H = Hyperparams(checkpoint["hparams"])
-    else:
-        raise ValueError(f"{args.path} is an official VDVAE state dict: name its preset with --hps")
-    if args.backend:
-        H.backend = args.backend
     device = resolve_device(args.device)
-    model = VAE(H)
-    load_module_state(model, weights, str(args.path), "the weights")
-    model.to(device).eval()
+    model = _load_model(args).to(device).eval()
     torch.manual_seed(args.seed)
     per_pass = args.n_batch or args.n
     images = [model.forward_uncond_samples(min(per_pass, args.n - i), t=args.temperature).cpu()
@@ -185,12 +176,14 @@ def sample(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status: 0, or USAGE_ERROR (2, as for a bad flag) for an error a user
+    can fix."""
     args = _build_parser().parse_args(argv)
     try:
         path = sample(args)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"sample: error: {err}", file=sys.stderr)
-        return 1
+        return USAGE_ERROR
     print(f"wrote {args.n} samples at temperature {args.temperature} to {path}")
     return 0
 
