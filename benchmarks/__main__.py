@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="time budget in seconds of the ops and train suites: no torch.compile row (ops) and no batch sweep "
-        "or compile (train) starts after it, and a training step still running 90 s past it is cut short; "
+        "or compile (train) starts after it, and a training measurement still running 30 s past it is cut short; "
         "what was skipped says so in its row (default: no budget)",
     )
     return parser

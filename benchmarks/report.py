@@ -207,7 +207,10 @@ def markdown(results: dict) -> str:
         ]
         for w in found:
             times = ", ".join(f"{b} {_fmt(ms)}" for b, ms in w["geomean_ms"].items())
-            agree = w["auto"] if w["auto"] == w["winner"] else f"{w['auto']} (not the fastest)"
+            if w["auto"] is None or w["auto"] == w["winner"]:
+                agree = _fmt(w["auto"])
+            else:
+                agree = f"{w['auto']} (not the fastest)"
             lines.append(
                 f"| {w['name']} | {w['layout']} | {w['dtype']} | {w['cases']} | {times} | {w['winner']} | {agree} |"
             )

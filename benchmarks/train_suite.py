@@ -76,7 +76,7 @@ GPU_PRESETS = ("cifar10", "imagenet32", "imagenet64", "ffhq256")  # each at its 
 # The order of the budgeted work (sweeps, compiles): the headline preset first.
 PRIORITY = ("imagenet64", "cifar10", "imagenet32", "ffhq256", "tiny")
 MAX_BATCH = 1024  # the batch sweep stops here even if memory is left
-TINY_MAX_BATCH = 8  # a tiny run's sweep: the path, not the memory
+TINY_MAX_BATCH = 4  # a tiny run's sweep: the path, not the memory
 SIZES = ("tiny", "quick", "full")
 
 
@@ -91,7 +91,8 @@ class Plan:
 GPU_PLAN, SWEEP_PLAN = Plan(warmup=2, repeats=8), Plan(warmup=0, repeats=2)
 # A CPU cifar10 step takes seconds, and what the fused ops save there is a few percent: five timed steps.
 CPU_PLAN, QUICK_CPU_PLAN = Plan(warmup=1, repeats=5), Plan(warmup=0, repeats=2)
-GRACE_S = 90.0  # a measurement still running this long after the budget is spent is interrupted
+TINY_PLAN = Plan(warmup=0, repeats=1)  # a smoke run: every path once
+GRACE_S = 30.0  # a measurement still running this long after the budget is spent is interrupted
 Step = Callable[[Tensor, Tensor], None]
 
 
@@ -334,7 +335,7 @@ def _cases(device: torch.device, size: str) -> tuple[list[tuple[str, int]], tupl
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     if size == "tiny":
-        return [("tiny", 2)], (BASELINE, BEST), QUICK_CPU_PLAN
+        return [("tiny", 2)], (BASELINE, BEST), TINY_PLAN
     if device.type == "cuda":
         if size == "quick":
             return [("imagenet64", 4)], (BASELINE, BEST), GPU_PLAN
