@@ -160,7 +160,10 @@ build_start() {
 }
 
 build_wait() {
-    [[ -n $BUILD_PID ]] || return 0
+    if [[ -z $BUILD_PID ]]; then # nothing started: already built, or no GPU to build for
+        [[ " ${FAILED[*]} " != *" build "* ]]
+        return
+    fi
     say "build: waiting for the background build"
     wait "$BUILD_PID"
     BUILD_PID=
