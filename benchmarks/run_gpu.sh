@@ -249,7 +249,7 @@ bench train $((train_budget + TRAIN_RESERVE_S)) --suite train "$SIZE" --budget-s
 
 if ((FULL)); then
     say "full suites: ops, train, sample"
-    bench ops-full 590 --suite ops
+    bench ops-full 590 --suite ops --budget-s 400
     bench train-full 590 --suite train --budget-s 400
     bench sample-full 300 --suite sample
 fi
