@@ -63,8 +63,16 @@ def _place(t: torch.Tensor, dtype: torch.dtype, layout: str) -> torch.Tensor:
     return t.to(DEVICE, dtype).contiguous(memory_format=memory_format)
 
 
-def _leaves(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [t.detach().requires_grad_(True) for t in tensors]
+def _outputs_and_grads(call, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """call(*leaves)'s outputs and the gradients of its leaves under dense random upstream gradients (the same
+    for every backend), as a layer inside a model gets them."""
+    leaves = [t.detach().requires_grad_(True) for t in params]
+    outputs = call(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    gen = torch.Generator().manual_seed(3)
+    upstream = [torch.randn(o.shape, generator=gen).to(DEVICE, o.dtype) for o in outputs]
+    torch.autograd.backward(outputs, upstream)
+    return [o.detach() for o in outputs], [leaf.grad for leaf in leaves]
 
 
 def _check_dmol_nll(backend: str, dtype: torch.dtype, layout: str, sides: tuple[int, int, int]) -> None:
@@ -74,21 +82,18 @@ def _check_dmol_nll(backend: str, dtype: torch.dtype, layout: str, sides: tuple[
     logits[:, NUM_MIXTURES:] *= 0.5  # scales in the range a trained model produces
     logits = _place(logits, dtype, layout)
     x = _place(random_targets(batch, height, width, 8, gen), torch.float32, layout)
-    upstream = (torch.rand(batch, generator=gen) + 0.5).to(DEVICE)
 
-    def value_and_grad(logits: torch.Tensor, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        (leaf,) = _leaves([logits])
-        nll = ops.dmol_nll(leaf, x, backend=name)
-        (nll * upstream.to(nll.dtype)).sum().backward()
-        return nll.detach(), leaf.grad
+    def run(name: str, logits: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (nll,), (grad,) = _outputs_and_grads(lambda leaf: ops.dmol_nll(leaf, x, backend=name), [logits])
+        return nll, grad
 
-    nll, grad = value_and_grad(logits, x, backend)
-    ref_nll, ref_grad = value_and_grad(logits, x, "reference")
+    nll, grad = run(backend, logits, x)
+    ref_nll, ref_grad = run("reference", logits, x)
     assert nll.dtype == torch.float32 and nll.shape == (batch,)
     assert grad.dtype == dtype and grad.stride() == logits.stride()
     torch.testing.assert_close(nll, ref_nll, **tolerance(torch.float32))
     if dtype == torch.float32:  # σ(plus) − σ(min) cancels in float32: float64 is the oracle (tests/test_dmol_nll.py)
-        truth_nll, truth_grad = value_and_grad(logits.double(), x.double(), "reference")
+        truth_nll, truth_grad = run("reference", logits.double(), x.double())
         assert_as_accurate_as_reference(nll, ref_nll, truth_nll, "nll")
         assert_as_accurate_as_reference(grad, ref_grad, truth_grad, "grad")
     else:
@@ -126,16 +131,10 @@ def _assert_grads_close(grads: list, ref_grads: list, params: list, dtype: torch
 
 def _check_sample_and_kl(backend: str, dtype: torch.dtype, layout: str, sides: tuple[int, int, int]) -> None:
     params = _gaussians(4, dtype, layout, sides, seed=2)
-    results = {}
-    for name in (backend, "reference"):
-        leaves = _leaves(params)
-        z, kl = ops.sample_and_kl(*leaves, seed=1234, backend=name)
-        gen = torch.Generator().manual_seed(3)
-        upstream_z = torch.randn(z.shape, generator=gen).to(DEVICE)
-        upstream_kl = torch.rand(kl.shape, generator=gen).to(DEVICE)
-        ((z.float() * upstream_z).sum() + (kl * upstream_kl).sum()).backward()
-        results[name] = (z.detach(), kl.detach(), [leaf.grad for leaf in leaves])
-    (z, kl, grads), (ref_z, ref_kl, ref_grads) = results[backend], results["reference"]
+    (z, kl), grads = _outputs_and_grads(lambda *p: ops.sample_and_kl(*p, seed=1234, backend=backend), params)
+    (ref_z, ref_kl), ref_grads = _outputs_and_grads(
+        lambda *p: ops.sample_and_kl(*p, seed=1234, backend="reference"), params
+    )
     assert z.dtype == dtype and z.stride() == params[0].stride() and kl.dtype == torch.float32
     torch.testing.assert_close(z.float(), ref_z.float(), **tolerance(dtype))
     torch.testing.assert_close(kl, ref_kl, rtol=2e-5, atol=1e-4)
@@ -144,14 +143,8 @@ def _check_sample_and_kl(backend: str, dtype: torch.dtype, layout: str, sides: t
 
 def _check_gaussian_kl(backend: str, dtype: torch.dtype, layout: str, sides: tuple[int, int, int]) -> None:
     params = _gaussians(4, dtype, layout, sides, seed=4)
-    results = {}
-    for name in (backend, "reference"):
-        leaves = _leaves(params)
-        kl = ops.gaussian_kl(*leaves, backend=name)
-        upstream = torch.randn(kl.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-        (kl * upstream).sum().backward()
-        results[name] = (kl.detach(), [leaf.grad for leaf in leaves])
-    (kl, grads), (ref_kl, ref_grads) = results[backend], results["reference"]
+    (kl,), grads = _outputs_and_grads(lambda *p: ops.gaussian_kl(*p, backend=backend), params)
+    (ref_kl,), ref_grads = _outputs_and_grads(lambda *p: ops.gaussian_kl(*p, backend="reference"), params)
     assert kl.dtype == torch.float32 and kl.shape == params[0].shape
     torch.testing.assert_close(kl, ref_kl, **tolerance(torch.float32))
     _assert_grads_close(grads, ref_grads, params, dtype)
@@ -159,14 +152,11 @@ def _check_gaussian_kl(backend: str, dtype: torch.dtype, layout: str, sides: tup
 
 def _check_sample_gaussian(backend: str, dtype: torch.dtype, layout: str, sides: tuple[int, int, int]) -> None:
     params = _gaussians(2, dtype, layout, sides, seed=6)
-    results = {}
-    for name in (backend, "reference"):
-        leaves = _leaves(params)
-        z = ops.sample_gaussian(*leaves, temperature=0.8, seed=77, backend=name)
-        upstream = torch.randn(z.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
-        (z.float() * upstream).sum().backward()
-        results[name] = (z.detach(), [leaf.grad for leaf in leaves])
-    (z, grads), (ref_z, ref_grads) = results[backend], results["reference"]
+    sample = ops.sample_gaussian
+    (z,), grads = _outputs_and_grads(lambda *p: sample(*p, temperature=0.8, seed=77, backend=backend), params)
+    (ref_z,), ref_grads = _outputs_and_grads(
+        lambda *p: sample(*p, temperature=0.8, seed=77, backend="reference"), params
+    )
     assert z.dtype == dtype and z.stride() == params[0].stride()
     torch.testing.assert_close(z.float(), ref_z.float(), **tolerance(dtype))
     _assert_grads_close(grads, ref_grads, params, dtype)
