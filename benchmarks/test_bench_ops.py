@@ -9,27 +9,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vdvae_fast import ops
-
 from . import ops_suite
+from .timing import synchronize
 
 pytest.importorskip("pytest_benchmark")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [
-    b for b in ops.available_backends(DEVICE) if b != "reference" and not (b == "triton" and DEVICE.type == "cpu")
-]
-CASES = ops_suite.cases(DEVICE, quick=True)
+BACKENDS = ops_suite.default_backends(DEVICE, with_compile=False)
+CASES = ops_suite.cases(DEVICE, size="quick")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.op}-{c.mode}-{'x'.join(map(str, c.shape))}-{c.dtype}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: str(c).replace(" ", "-"))
 def test_op(benchmark, case: ops_suite.Case, backend: str) -> None:
     inputs = ops_suite.make_inputs(case, DEVICE, torch.Generator().manual_seed(0))
-    step = ops_suite.make_step(case, ops_suite.make_forward(case, backend, compiled=False))
+    step = ops_suite.make_step(case, ops_suite.make_forward(case, backend))
 
     def run() -> None:
         step(*inputs)
-        ops_suite.synchronize(DEVICE)
+        synchronize(DEVICE)
 
     benchmark(run)

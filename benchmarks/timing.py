@@ -1,17 +1,19 @@
 """Timing and environment helpers shared by the suites.
 
-Medians of repeated runs after warm-up; on CUDA timed with events, on CPU with perf_counter.
-Inputs rotate over several copies so that a cache holding the last call's data is not what is measured.
+Repeated runs after warm-up, summarized as median, minimum and spread; on CUDA timed with events, on CPU with
+perf_counter. Inputs rotate over several copies so that a cache holding the last call's data is not what is measured.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import platform
 import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +24,50 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(
+# A row whose interquartile range exceeds this share of its median is flagged as unstable, not reported as a fact.
+UNSTABLE_SPREAD_PCT = 10.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Statistics of repeated timed calls, in milliseconds; spread_pct is the interquartile range over the median."""
+
+    median_ms: float
+    min_ms: float
+    spread_pct: float
+    repeats: int
+
+    @property
+    def unstable(self) -> bool:
+        return self.spread_pct > UNSTABLE_SPREAD_PCT
+
+    def fields(self) -> dict[str, object]:
+        """The row fields of this timing; an unstable one says so in a note."""
+        found: dict[str, object] = {
+            "median_ms": self.median_ms,
+            "min_ms": self.min_ms,
+            "spread_pct": self.spread_pct,
+            "repeats": self.repeats,
+        }
+        if self.unstable:
+            found["unstable"] = True
+        return found
+
+
+def summarize(times_ms: Sequence[float]) -> Timing:
+    """Median, minimum and relative interquartile range of a list of call times."""
+    if not times_ms:
+        raise ValueError("no timed calls to summarize")
+    median = statistics.median(times_ms)
+    if len(times_ms) >= 4:
+        q1, _, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
+    else:  # too few calls for quartiles: the whole range
+        q1, q3 = min(times_ms), max(times_ms)
+    spread = 100.0 * (q3 - q1) / median if median > 0 else math.inf
+    return Timing(median_ms=median, min_ms=min(times_ms), spread_pct=spread, repeats=len(times_ms))
+
+
+def time_calls(
     fn: Callable[..., object],
     input_sets: Sequence[tuple],
     device: torch.device,
@@ -30,16 +75,20 @@ def median_ms(
     warmup: int = 3,
     repeats: int = 20,
     min_seconds: float = 0.0,
-) -> float:
-    """Median milliseconds of fn(*inputs), cycling through input_sets; warm-up runs excluded."""
+    max_repeats: int = 10_000,
+) -> Timing:
+    """Times fn(*inputs), cycling through input_sets, after `warmup` untimed calls.
+
+    At least `repeats` calls and at least `min_seconds` of them (a stable median needs both: many calls of a
+    fast op, a few of a slow one), at most `max_repeats`.
+    """
     for i in range(warmup):
         fn(*input_sets[i % len(input_sets)])
     synchronize(device)
     times = []
     started = time.perf_counter()
-    i = 0
-    while i < repeats or time.perf_counter() - started < min_seconds:
-        inputs = input_sets[i % len(input_sets)]
+    while len(times) < max_repeats and (len(times) < repeats or time.perf_counter() - started < min_seconds):
+        inputs = input_sets[len(times) % len(input_sets)]
         if device.type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
@@ -51,8 +100,7 @@ def median_ms(
             begin_s = time.perf_counter()
             fn(*inputs)
             times.append((time.perf_counter() - begin_s) * 1e3)
-        i += 1
-    return statistics.median(times)
+    return summarize(times)
 
 
 def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None) -> float:
@@ -60,7 +108,7 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None) -> floa
     nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), [()], device, warmup=3, repeats=10)
+    ms = time_calls(lambda: dst.copy_(src), [()], device, warmup=3, repeats=10).median_ms
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -70,7 +118,7 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16
     dtype = dtype if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = median_ms(lambda: a @ b, [()], device, warmup=3, repeats=10)
+    ms = time_calls(lambda: a @ b, [()], device, warmup=3, repeats=10).median_ms
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 

@@ -1,8 +1,9 @@
 """Train suite: one VDVAE training step per preset and configuration, from the original's way to the leanest.
 
-A step is what the trainer does per update (vdvae_fast.train): forward under autocast, backward, the gradient
-norm clipped at grad_clip, AdamW from train.make_optimizer, the EMA from train.update_ema. The update is always
-applied: the trainer's skip test needs a host sync per step and would only remove work.
+A step is what the trainer does per update (``update``: forward under autocast, backward, the gradient norm
+clipped at grad_clip, AdamW from train.make_optimizer, the EMA from train.update_ema). The update is always
+applied: the trainer's skip test needs a host sync per step and would only remove work. ``update`` is the one
+place that knows how the trainer steps; when the trainer's update is a reusable function, it calls that.
 
 Configurations (``CONFIGS``): ``baseline`` is openai/vdvae's way (the original eager ops with torch's sampler,
 fp32, no checkpointing, contiguous, eager); each ``fused...`` one adds one change; ``best`` is fused + bf16 + channels_last + checkpoint
@@ -11,11 +12,15 @@ bf16 and channels_last convolutions; what checkpointing costs in recompute it bu
 fits. torch.compile is left out of ``best`` because the batch sweep would recompile at every batch size; the
 ``fused+bf16+compile`` row shows what compile adds.
 
-Measures per row: median step time (timing.median_ms) and images/s; peak device memory of a step
+Measures per row: step time (timing.time_calls: median, min, spread) and images/s; peak device memory of a step
 (torch.cuda.max_memory_allocated, None on CPU); bytes saved for backward in one step (saved_bytes.SavedBytes);
 model FLOPs of a step from torch.utils.flop_counter, counted once per preset on the meta device without
 recompute, so that checkpointing costs MFU instead of inflating it; achieved TFLOP/s and MFU against the measured
-matmul peak. On a GPU the batch is then doubled until torch.cuda.OutOfMemoryError for baseline and best.
+matmul peak. On a GPU (and in a tiny run, up to its small cap) the batch is then doubled for baseline and best
+until torch.cuda.OutOfMemoryError: the largest batch that fits, with its peak memory.
+
+Sizes: ``full`` every preset and configuration; ``quick`` baseline and best on imagenet64 at batch 4 (cifar10 at
+batch 2 on a CPU) with their batch sweeps; ``tiny`` the ``tiny`` preset at batch 2, a smoke run of every path.
 """
 
 from __future__ import annotations
@@ -41,9 +46,9 @@ from vdvae_fast.model import VAE
 from vdvae_fast.train import make_optimizer, update_ema
 
 from .saved_bytes import AUTOCAST_DTYPES, SavedBytes
-from .timing import matmul_peak_tflops, median_ms, synchronize
+from .timing import matmul_peak_tflops, synchronize, time_calls
 
-__all__ = ["CONFIGS", "Config", "build_step", "flops_per_image", "measure", "run"]
+__all__ = ["CONFIGS", "Config", "build_step", "flops_per_image", "measure", "run", "update"]
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,11 @@ CONFIGS = (
     BEST,
 )
 GPU_PRESETS = ("cifar10", "imagenet32", "imagenet64", "ffhq256")  # each at its preset n_batch (ffhq256: 1)
-QUICK_GPU_PRESETS = ("cifar10", "imagenet64")
-# The order of the budgeted work (sweeps, compiles): the issue's headline preset first.
-PRIORITY = ("imagenet64", "cifar10", "imagenet32", "ffhq256")
+# The order of the budgeted work (sweeps, compiles): the headline preset first.
+PRIORITY = ("imagenet64", "cifar10", "imagenet32", "ffhq256", "tiny")
 MAX_BATCH = 1024  # the batch sweep stops here even if memory is left
+TINY_MAX_BATCH = 4  # a tiny run's sweep: the path, not the memory
+SIZES = ("tiny", "quick", "full")
 
 
 @dataclass(frozen=True)
@@ -82,10 +88,11 @@ class Plan:
     repeats: int
 
 
-GPU_PLAN, SWEEP_PLAN = Plan(warmup=2, repeats=8), Plan(warmup=1, repeats=3)
+GPU_PLAN, SWEEP_PLAN = Plan(warmup=2, repeats=8), Plan(warmup=0, repeats=2)
 # A CPU cifar10 step takes seconds, and what the fused ops save there is a few percent: five timed steps.
 CPU_PLAN, QUICK_CPU_PLAN = Plan(warmup=1, repeats=5), Plan(warmup=0, repeats=2)
-GRACE_S = 90.0  # a measurement still running this long after the budget is spent is interrupted
+TINY_PLAN = Plan(warmup=0, repeats=1)  # a smoke run: every path once
+GRACE_S = 30.0  # a measurement still running this long after the budget is spent is interrupted
 Step = Callable[[Tensor, Tensor], None]
 
 
@@ -129,7 +136,7 @@ def dtype_name(config: Config) -> str:
 
 
 def build_step(H: Hyperparams, config: Config, device: torch.device) -> tuple[Step, VAE]:
-    """A fresh VAE, EMA copy and optimizer on `device`, and one training step over them as a closure."""
+    """A fresh VAE, EMA copy and optimizer on `device`, and one training step (``update``) over them as a closure."""
     H = H.copy()
     H.update(
         backend=config.backend,
@@ -146,15 +153,33 @@ def build_step(H: Hyperparams, config: Config, device: torch.device) -> tuple[St
     autocast_dtype = AUTOCAST_DTYPES[config.precision]
 
     def step(x: Tensor, x_target: Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            loss = model(x, x_target)["elbo"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), H.grad_clip)
-        optimizer.step()
-        update_ema(vae, ema, H.ema_rate)
+        update(model, vae, ema, optimizer, H, autocast_dtype, x, x_target)
 
     return step, vae
+
+
+def update(
+    model: torch.nn.Module,
+    vae: VAE,
+    ema: VAE,
+    optimizer: torch.optim.Optimizer,
+    H: Hyperparams,
+    autocast_dtype: torch.dtype | None,
+    x: Tensor,
+    x_target: Tensor,
+) -> None:
+    """The trainer's update, always applied: forward under autocast, backward, clipping, AdamW, EMA.
+
+    `model` is `vae` or its torch.compile'd wrapper. Until the trainer's own update step is a plain function,
+    this mirrors vdvae_fast.train's Trainer.train_step without the skip test (a host sync per step).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        loss = model(x, x_target)["elbo"]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), H.grad_clip)
+    optimizer.step()
+    update_ema(vae, ema, H.ema_rate)
 
 
 def make_batches(H: Hyperparams, batch: int, device: torch.device, count: int = 2) -> list[tuple[Tensor, Tensor]]:
@@ -201,7 +226,8 @@ def measure(
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    ms = median_ms(step, batches, device, warmup=plan.warmup, repeats=plan.repeats)
+    timing = time_calls(step, batches, device, warmup=plan.warmup, repeats=plan.repeats)
+    ms = timing.median_ms
     return {
         "suite": "train",
         "name": name,
@@ -212,7 +238,7 @@ def measure(
         "grad_checkpoint": config.grad_checkpoint,
         "channels_last": config.channels_last,
         "compile": config.compile,
-        "median_ms": ms,
+        **timing.fields(),
         "images_per_s": batch / (ms * 1e-3),
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "saved_bytes": saved,
@@ -260,14 +286,16 @@ def _try(
     return row
 
 
-def sweep(name: str, config: Config, measured: dict, device: torch.device, budget: Budget) -> list[dict]:
+def sweep(
+    name: str, config: Config, measured: dict, device: torch.device, budget: Budget, max_batch: int = MAX_BATCH
+) -> list[dict]:
     """Double the batch from the measured row's until out of memory; the last that fit is marked in its note."""
     if "median_ms" not in measured:
         return []
     rows, fits, batch, stop = [], measured, measured["batch"] * 2, "out of memory at twice this batch"
     while True:
-        if batch > MAX_BATCH:
-            stop = f"batch cap {MAX_BATCH} reached: at least this fits"
+        if batch > max_batch:
+            stop = f"batch cap {max_batch} reached: at least this fits"
             break
         if budget.spent:
             stop = "time budget spent: at least this fits"
@@ -302,40 +330,49 @@ def _finish(rows: list[dict], peak_tflops: float | None) -> list[dict]:
     return sorted(rows, key=lambda r: (presets.index(r["name"]), r.get("sweep", False), order[r["config"]], r["batch"]))
 
 
+def _cases(device: torch.device, size: str) -> tuple[list[tuple[str, int]], tuple[Config, ...], Plan]:
+    """(preset, batch) pairs, configurations and timing plan of a run of `size`."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    if size == "tiny":
+        return [("tiny", 2)], (BASELINE, BEST), TINY_PLAN
+    if device.type == "cuda":
+        if size == "quick":
+            return [("imagenet64", 4)], (BASELINE, BEST), GPU_PLAN
+        return [(name, preset(name).n_batch) for name in GPU_PRESETS], CONFIGS, GPU_PLAN
+    if size == "quick":
+        return [("cifar10", 2)], (BASELINE, BEST), QUICK_CPU_PLAN
+    return [("cifar10", 4)], CONFIGS, CPU_PLAN
+
+
 def run(
     device: torch.device,
     *,
-    quick: bool = False,
+    size: str = "full",
     with_compile: bool = True,
     peak_tflops: float | None = None,
     budget_s: float | None = None,
 ) -> list[dict]:
-    """Every preset × configuration on `device`, then (GPU) the batch sweeps, then the compiled configuration.
+    """Every (preset, batch) × configuration of `size` on `device`, then the batch sweeps of baseline and best
+    (on a GPU, or capped at TINY_MAX_BATCH in a tiny run), then the compiled configuration.
 
     The table's rows come first, so that a tight `budget_s` (see Budget) drops the sweeps and compiles, which
-    are then reported as cut short or skipped. --quick: two presets (cifar10 at batch 2 on a CPU), no compile,
-    the sweep for imagenet64 only. peak_tflops defaults to a fresh matmul measurement.
+    are then reported as cut short or skipped. peak_tflops defaults to a fresh matmul measurement.
     """
     budget = Budget(time.monotonic() + budget_s) if budget_s is not None else Budget()
     peak_tflops = (peak_tflops or matmul_peak_tflops(device)) if device.type == "cuda" else None
-    if device.type == "cuda":
-        cases = [(name, preset(name).n_batch) for name in (QUICK_GPU_PRESETS if quick else GPU_PRESETS)]
-        plan = GPU_PLAN
-    else:
-        cases = [("cifar10", 2 if quick else 4)]
-        plan = QUICK_CPU_PLAN if quick else CPU_PLAN
-    compiled = [] if quick or not with_compile else [c for c in CONFIGS if c.compile]
+    cases, configs, plan = _cases(device, size)
+    compiled = [c for c in configs if c.compile] if with_compile else []
     rows = []
     for name, batch in cases:
-        rows += [_try(name, config, batch, device, plan, budget) for config in CONFIGS if not config.compile]
+        rows += [_try(name, config, batch, device, plan, budget) for config in configs if not config.compile]
     by_priority = sorted(cases, key=lambda case: PRIORITY.index(case[0]))
-    if device.type == "cuda":
+    if device.type == "cuda" or size == "tiny":
+        max_batch = TINY_MAX_BATCH if size == "tiny" else MAX_BATCH
         for name, _ in by_priority:
-            if quick and name != "imagenet64":
-                continue
             for config in (BASELINE, BEST):
                 measured = next(r for r in rows if r["name"] == name and r["config"] == config.name)
-                rows += sweep(name, config, measured, device, budget)
+                rows += sweep(name, config, measured, device, budget, max_batch)
     for name, batch in by_priority:
         for config in compiled:
             if budget.spent:
