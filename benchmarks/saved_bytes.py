@@ -26,9 +26,8 @@ if __package__ in (None, ""):  # run as a file: import this checkout's vdvae_fas
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vdvae_fast import model as vdvae_model  # noqa: E402
-from vdvae_fast.hparams import PRESETS, preset  # noqa: E402
-
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from vdvae_fast import ops  # noqa: E402
+from vdvae_fast.hparams import GRAD_CHECKPOINT_MODES, PRECISIONS, PRESETS, preset  # noqa: E402
 
 
 class SavedBytes:
@@ -73,13 +72,13 @@ def measure(
 ) -> tuple[int, float]:
     """Saved-for-backward bytes per image of one training step, and its wall time in seconds."""
     H = preset(name)
-    H.update(backend=backend, grad_checkpoint=grad_checkpoint, check_inputs=False)
+    H.update(grad_checkpoint=grad_checkpoint)
     torch.manual_seed(0)
-    vae = vdvae_model.VAE(H)
+    vae = vdvae_model.VAE(H, backend=backend, check_inputs=False)
     size = H.image_size
     x = torch.randn(batch, size, size, H.image_channels)
     x_target = torch.randint(0, 256, (batch, size, size, H.image_channels)).float() / 127.5 - 1.0
-    dtype = AUTOCAST_DTYPES[precision]
+    dtype = PRECISIONS[precision]
     counter = SavedBytes(vae)
     start = time.perf_counter()
     with counter(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -92,10 +91,15 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hps", default="imagenet64", choices=PRESETS)
-    parser.add_argument("--precision", default="bf16", choices=tuple(AUTOCAST_DTYPES))
-    parser.add_argument("--grad_checkpoint", default="all", choices=vdvae_model.GRAD_CHECKPOINT_MODES)
+    parser.add_argument("--precision", default="bf16", choices=tuple(PRECISIONS))
+    parser.add_argument("--grad_checkpoint", default="all", choices=GRAD_CHECKPOINT_MODES)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--backend", default="auto", help="ops backend of the lean run (the baseline's is original)")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=ops.BACKENDS,
+        help="ops backend of the lean run (the baseline's is original)",
+    )
     parser.add_argument("--no-backward", dest="backward", action="store_false", help="count after forward only")
     args = parser.parse_args()
 

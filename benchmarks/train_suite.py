@@ -1,9 +1,8 @@
 """Train suite: one VDVAE training step per preset and configuration, from the original's way to the leanest.
 
-A step is what the trainer does per update (``update``: forward under autocast, backward, the gradient norm
-clipped at grad_clip, AdamW from train.make_optimizer, the EMA from train.update_ema). The update is always
-applied: the trainer's skip test needs a host sync per step and would only remove work. ``update`` is the one
-place that knows how the trainer steps; when the trainer's update is a reusable function, it calls that.
+A step is the trainer's own update, ``vdvae_fast.training.update_step``: forward under autocast, backward, the
+gradient norm clipped at grad_clip, AdamW, the EMA. Skipping is off (skip_threshold -1), so every update is applied;
+the step still reads the gradient norm on the host, one synchronization per step, as the trainer does.
 
 Configurations (``CONFIGS``): ``baseline`` is openai/vdvae's way (the original eager ops with torch's sampler,
 fp32, no checkpointing, contiguous, eager); each ``fused...`` one adds one change; ``best`` is fused + bf16 + channels_last + checkpoint
@@ -26,7 +25,6 @@ batch 2 on a CPU) with their batch sweeps; ``tiny`` the ``tiny`` preset at batch
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import gc
 import math
@@ -41,21 +39,21 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from vdvae_fast import data, ops
-from vdvae_fast.hparams import Hyperparams, preset
+from vdvae_fast.hparams import PRECISIONS, Hyperparams, preset
 from vdvae_fast.model import VAE
-from vdvae_fast.train import make_optimizer, update_ema
+from vdvae_fast.training import UpdateRule, make_learner, update_step
 
-from .saved_bytes import AUTOCAST_DTYPES, SavedBytes
+from .saved_bytes import SavedBytes
 from .timing import matmul_peak_tflops, synchronize, time_calls
 
-__all__ = ["CONFIGS", "Config", "build_step", "flops_per_image", "measure", "run", "update"]
+__all__ = ["CONFIGS", "Config", "build_step", "flops_per_image", "measure", "run"]
 
 
 @dataclass(frozen=True)
 class Config:
     name: str
     backend: str = "auto"  # "original": the eager ops of openai/vdvae; "auto": the fastest fused backend
-    precision: str = "fp32"  # a key of saved_bytes.AUTOCAST_DTYPES (the trainer's --precision values)
+    precision: str = "fp32"  # a key of hparams.PRECISIONS (the trainer's --precision values)
     grad_checkpoint: str = "none"
     channels_last: bool = False
     compile: bool = False
@@ -132,54 +130,26 @@ def _time_limit(limit: float) -> Iterator[None]:
 
 
 def dtype_name(config: Config) -> str:
-    return str(AUTOCAST_DTYPES[config.precision] or torch.float32).removeprefix("torch.")
+    return str(PRECISIONS[config.precision] or torch.float32).removeprefix("torch.")
 
 
 def build_step(H: Hyperparams, config: Config, device: torch.device) -> tuple[Step, VAE]:
-    """A fresh VAE, EMA copy and optimizer on `device`, and one training step (``update``) over them as a closure."""
+    """A fresh VAE with its EMA copy and optimizer on `device`, and one training update over them as a closure."""
     H = H.copy()
-    H.update(
-        backend=config.backend,
-        grad_checkpoint=config.grad_checkpoint,
-        channels_last=config.channels_last,
-        check_inputs=False,  # the range check synchronizes a GPU; the trainer also drops it after one batch
-    )
+    H.update(grad_checkpoint=config.grad_checkpoint, channels_last=config.channels_last, precision=config.precision)
     torch.manual_seed(0)
     with torch.device(device):  # initialized on the device: much faster than on the CPU for the large presets
-        vae = VAE(H)
-    ema = copy.deepcopy(vae).requires_grad_(False)
-    optimizer = make_optimizer(vae.parameters(), H, device)
-    model = torch.compile(vae) if config.compile else vae
-    autocast_dtype = AUTOCAST_DTYPES[config.precision]
+        # no range check of the targets: it synchronizes a GPU, and the trainer also drops it after one batch
+        vae = VAE(H, backend=config.backend, check_inputs=False)
+    learner = make_learner(vae, H, device)
+    if config.compile:
+        learner.forward = torch.compile(vae)
+    rule = UpdateRule(H.grad_clip, -1, H.ema_rate, config.precision)
 
     def step(x: Tensor, x_target: Tensor) -> None:
-        update(model, vae, ema, optimizer, H, autocast_dtype, x, x_target)
+        update_step(learner, rule, x, x_target)
 
     return step, vae
-
-
-def update(
-    model: torch.nn.Module,
-    vae: VAE,
-    ema: VAE,
-    optimizer: torch.optim.Optimizer,
-    H: Hyperparams,
-    autocast_dtype: torch.dtype | None,
-    x: Tensor,
-    x_target: Tensor,
-) -> None:
-    """The trainer's update, always applied: forward under autocast, backward, clipping, AdamW, EMA.
-
-    `model` is `vae` or its torch.compile'd wrapper. Until the trainer's own update step is a plain function,
-    this mirrors vdvae_fast.train's Trainer.train_step without the skip test (a host sync per step).
-    """
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        loss = model(x, x_target)["elbo"]
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(vae.parameters(), H.grad_clip)
-    optimizer.step()
-    update_ema(vae, ema, H.ema_rate)
 
 
 def make_batches(H: Hyperparams, batch: int, device: torch.device, count: int = 2) -> list[tuple[Tensor, Tensor]]:
@@ -199,9 +169,8 @@ def flops_per_image(name: str) -> int:
     Convolution FLOPs are linear in the batch, so one count per preset serves every batch size.
     """
     H = preset(name)
-    H.update(backend="reference", check_inputs=False)
     with torch.device("meta"):
-        vae = VAE(H)
+        vae = VAE(H, backend="reference", check_inputs=False)
         x = torch.zeros(1, H.image_size, H.image_size, H.image_channels)
     with FlopCounterMode(display=False) as counter:
         vae(x, x)["elbo"].backward()
