@@ -390,7 +390,7 @@ def _open_npy(path: Path, size: int) -> np.ndarray:
                 raise ValueError(f"format version {version[0]}.{version[1]} is not one np.save writes for images")
             shape, _, dtype = _NPY_HEADER_READERS[version](f)
             data_start = f.tell()
-    except (OSError, ValueError, EOFError, SyntaxError) as err:
+    except Exception as err:  # numpy's header parser fails in several ways (ValueError, SyntaxError, TokenError)
         raise DataError(f"{path} is not a readable .npy file (corrupt or not .npy): {err}") from err
     if dtype.hasobject:
         raise DataError(f"{path} holds Python objects (dtype {dtype}), not uint8 pixels; object arrays are not read")
