@@ -79,6 +79,40 @@ def test_cifar_batches_of_every_pickle_protocol_are_read(tmp_path, protocol):
     assert np.array_equal(splits.test[1].numpy(), images[11])
 
 
+class Python2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle wrote for the real CIFAR-10 batches: every string (dict keys, numpy's
+    dtype codes) as a Python 2 str (BINSTRING: no _codecs.encode, no unicode) and numpy's functions under
+    numpy 1's module names."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_python2_str(self, obj: bytes | str) -> None:
+        raw = obj.encode("latin1") if isinstance(obj, str) else obj
+        self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[bytes] = dispatch[str] = save_python2_str
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", "")
+        if not module.startswith("numpy._core"):
+            return super().save_global(obj, name)
+        self.write(pickle.GLOBAL + f"{module.replace('numpy._core', 'numpy.core')}\n{obj.__name__}\n".encode())
+        self.memoize(obj)
+
+
+def test_cifar_batches_as_python_2_wrote_them_are_read(tmp_path):
+    images = write_cifar(tmp_path)
+    for path in (tmp_path / "cifar-10-batches-py").iterdir():
+        with open(path, "rb") as f:
+            batch = pickle.load(f)
+        with open(path, "wb") as f:
+            Python2Pickler(f, protocol=2).dump(batch)
+        assert b"numpy.core.multiarray\n_reconstruct" in path.read_bytes() and b"_codecs" not in path.read_bytes()
+    splits = data.load_dataset(make_h("cifar10", tmp_path, valid_holdout=2))
+    assert np.array_equal(splits.test[0].numpy(), images[10])
+
+
 def test_a_cifar_batch_that_would_create_a_file_is_refused_before_it_runs(tmp_path):
     marker = tmp_path / "created-by-the-batch"
     # The payload is live: plain pickle, as the loader used, creates the file.
