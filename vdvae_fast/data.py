@@ -271,7 +271,9 @@ class ImageFiles(Dataset):
                 else:
                     img = _as_rgb8(img)
                 return np.asarray(img, dtype=np.uint8).copy()
-        except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        except DataError:
+            raise
+        except (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot decode image {file}: {err}; replace or remove the file") from err
 
 
@@ -302,9 +304,9 @@ def _image_problem(file: str, size: int | None) -> str | None:
     try:
         with Image.open(file) as img:
             image_format, mode, (width, height) = img.format, img.mode, img.size
+            if image_format not in _IMAGE_FORMATS:
+                return f"a {image_format} image; PNG and JPEG are read"
             scan_start = img.fp.tell()  # just past the headers: the pixel data starts here
-        if image_format not in _IMAGE_FORMATS:
-            return f"a {image_format} image; PNG and JPEG are read"
         if mode not in IMAGE_MODES:
             return f"an image of mode {mode!r}, which is not converted to RGB; modes read: {', '.join(IMAGE_MODES)}"
         if size is not None and (width, height) != (size, size):
