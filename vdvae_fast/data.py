@@ -33,7 +33,31 @@ builtin        none: photographs bundled with scikit-image          32x32 patche
 =============  ==================================================  ===========================================
 
 The optional key ``H.valid_holdout`` overrides the number of training images held out for validation
-(5000 or 7000 above); VDVAE's numbers are the default, so only tests and small experiments set it.
+(5000 or 7000 above, 10% for folder); VDVAE's numbers are the default, so only tests and small experiments set
+it. It must be at least 1 and less than the number of images, and it is refused for ffhq_1024 and builtin, whose
+validation images are fixed. ``H.image_size``, when given, must be positive; for fixed-size datasets it must be
+their size.
+
+Every file is checked when the dataset is loaded, before training starts, and a file that cannot be used is
+refused with a ``DataError`` (a ``ValueError``) naming it and the problem:
+
+- ``.npy`` files: a directory, a header that does not parse, a dtype other than uint8 (object arrays are never
+  unpickled), a shape other than N x S x S x 3, or fewer bytes than the header promises (a truncated file).
+- CIFAR-10 batches are read with a restricted unpickler that builds only plain containers, strings, numbers
+  and numpy arrays and dtypes; any other object a pickle asks for (a function to call, a class to build) is
+  refused before it is created, so a crafted batch runs nothing.
+- Image files (folder, ffhq_1024): every file is opened, without decoding it, and must be a PNG or JPEG of a
+  supported mode (and 1024x1024 for ffhq_1024) whose end marker (PNG's IEND chunk, JPEG's EOI after the start
+  of its scan data) lies in its last 4 KiB: text files named .png and truncated files are found here in a few
+  reads per file. Unusable files are refused, all named at once, rather than skipped: the train/valid split is
+  drawn from the whole file list, so skipping a file would silently move images between the splits of runs
+  that see the folder in different states. A file whose pixel data is damaged past these checks fails when it
+  is decoded, with a ``DataError`` naming it.
+
+Images are converted to 8-bit RGB as a viewer shows them: 16-bit PNGs are scaled to 8 bits (value * 255 /
+65535, rounded; Pillow itself takes the high byte of 16-bit colour PNGs), grayscale and palette images are
+expanded to RGB, and images with transparency (RGBA, LA, palette with a transparent colour) are composited
+over white.
 
 Preprocessing follows VDVAE exactly: ``x_input = (x + shift) * scale`` with per-dataset constants, and
 ``x_target = (x + shift_loss) * scale_loss`` in [-1, 1]; ffhq_256 targets are first reduced to 5 bits
@@ -59,6 +83,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 __all__ = [
     "DATASETS",
     "ArrayImages",
+    "DataError",
     "DataSplits",
     "ImageFiles",
     "Preprocessing",
@@ -74,6 +99,10 @@ __all__ = [
 # Preset-style spellings accepted for convenience; the canonical names are VDVAE's.
 _ALIASES = {"ffhq256": "ffhq_256", "ffhq1024": "ffhq_1024", "cifar-10": "cifar10"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DataError(ValueError):
+    """A dataset file that cannot be used; the message names the file and what is wrong with it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,8 +212,34 @@ class ArrayImages(Dataset):
         return state
 
 
+# Pillow's modes of the PNG and JPEG files it opens. 16-bit grayscale PNGs open as I;16 (older Pillow: I);
+# 16-bit colour PNGs already open as 8-bit RGB(A), their high bytes.
+_SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_OPAQUE_MODES = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "RGBX")
+IMAGE_MODES = _SIXTEEN_BIT_GRAY + _ALPHA_MODES + _OPAQUE_MODES
+_IMAGE_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: a camera's multi-picture JPEG, read as its first picture
+_TAIL_BYTES = 4096
+
+
+def _as_rgb8(img: Any) -> Any:
+    """An opened PIL image as 8-bit RGB, as a viewer shows it: 16-bit gray scaled (not clipped) to 8 bits,
+    transparency composited over white."""
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT_GRAY:
+        gray = np.rint(np.asarray(img, dtype=np.float64) * (255.0 / 65535.0))
+        return Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 class ImageFiles(Dataset):
-    """Images decoded from PNG/JPEG files, either required to be `size`x`size` or center-cropped and resized."""
+    """Images decoded from PNG/JPEG files as 8-bit RGB, either required to be `size`x`size` or center-cropped
+    and resized."""
 
     def __init__(self, files: Sequence[str | os.PathLike], size: int, resize: bool) -> None:
         self.files = [str(f) for f in files]
@@ -203,21 +258,74 @@ class ImageFiles(Dataset):
         try:
             with Image.open(file) as img:
                 if self.resize:
-                    img = ImageOps.exif_transpose(img)
+                    img = _as_rgb8(ImageOps.exif_transpose(img))
                     width, height = img.size
                     side = min(width, height)
                     left, top = (width - side) // 2, (height - side) // 2
-                    img = img.convert("RGB").crop((left, top, left + side, top + side))
+                    img = img.crop((left, top, left + side, top + side))
                     img = img.resize((self.size, self.size), Image.Resampling.LANCZOS)
                 elif img.size != (self.size, self.size):
-                    raise ValueError(
+                    raise DataError(
                         f"{file} is {img.size[0]}x{img.size[1]} but this dataset needs {self.size}x{self.size} images"
                     )
                 else:
-                    img = img.convert("RGB")
+                    img = _as_rgb8(img)
                 return np.asarray(img, dtype=np.uint8).copy()
-        except OSError as err:
-            raise OSError(f"cannot read image {file}: {err}") from err
+        except DataError:
+            raise
+        except (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError) as err:
+            raise DataError(f"cannot decode image {file}: {err}; replace or remove the file") from err
+
+
+def _end_marker_problem(file: str, image_format: str, scan_start: int) -> str | None:
+    """Why the file's last bytes show it truncated (no end marker where the format puts it), or None."""
+    with open(file, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        tail_start = max(0, size - _TAIL_BYTES)
+        f.seek(tail_start)
+        tail = f.read()
+    if image_format == "PNG":
+        if b"\x00\x00\x00\x00IEND\xaeB`\x82" not in tail:
+            return f"truncated: no PNG end chunk (IEND) in its last {_TAIL_BYTES} bytes"
+        return None
+    # JPEG: inside the scan data every 0xFF byte is followed by 0x00 or a restart marker, so an FF D9 after
+    # the scan's start is the end-of-image marker (one before it may be an embedded thumbnail's).
+    end = tail.rfind(b"\xff\xd9")
+    if end < 0 or tail_start + end < scan_start:
+        return f"truncated: no JPEG end-of-image marker after its scan data in its last {_TAIL_BYTES} bytes"
+    return None
+
+
+def _image_problem(file: str, size: int | None) -> str | None:
+    """What makes an image file unusable, found from its header and last bytes without decoding its pixels;
+    None if nothing. `size`: the side every image must have (None: any, the images are resized)."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as img:
+            image_format, mode, (width, height) = img.format, img.mode, img.size
+            if image_format not in _IMAGE_FORMATS:
+                return f"a {image_format} image; PNG and JPEG are read"
+            scan_start = img.fp.tell()  # just past the headers: the pixel data starts here
+        if mode not in IMAGE_MODES:
+            return f"an image of mode {mode!r}, which is not converted to RGB; modes read: {', '.join(IMAGE_MODES)}"
+        if size is not None and (width, height) != (size, size):
+            return f"{width}x{height} but this dataset needs {size}x{size} images"
+        return _end_marker_problem(file, image_format, scan_start)
+    except (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError) as err:
+        return f"not a readable image ({err})"
+
+
+def _check_image_files(files: Sequence[Path], size: int | None, folder: Path) -> None:
+    """Refuse, naming every one, the files of `folder` that cannot be used (see _image_problem)."""
+    problems = [(file, problem) for file in files if (problem := _image_problem(str(file), size)) is not None]
+    if problems:
+        shown = "; ".join(f"{file}: {problem}" for file, problem in problems[:10])
+        more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataError(
+            f"{len(problems)} of {len(files)} image files under {str(folder)!r} cannot be used: {shown}{more}. "
+            "Replace or remove them (they are not skipped: the train/valid split is drawn from every file)"
+        )
 
 
 @dataclass
@@ -263,13 +371,44 @@ def _missing(dataset: str, root: Path, expected: Sequence[str]) -> None:
         )
 
 
-def _check_images(array: np.ndarray, size: int, file: Path) -> None:
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
-        raise ValueError(f"{file} must hold uint8 images of shape N x H x W x 3; found {array.dtype} {array.shape}")
-    if array.shape[1:3] != (size, size):
-        raise ValueError(
-            f"{file} holds {array.shape[1]}x{array.shape[2]} images but this dataset needs {size}x{size} images"
+def _regular_file(path: Path) -> None:
+    """Refuse a path that exists but is no file (a directory given where a .npy or batch file belongs)."""
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise DataError(f"{path} is {kind}; the dataset needs a file there")
+
+
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _open_npy(path: Path, size: int) -> np.ndarray:
+    """Memory-map a .npy file of uint8 N x size x size x 3 images, after checking from its header and length
+    that it is one (never unpickling anything)."""
+    _regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in _NPY_HEADER_READERS:
+                raise ValueError(f"format version {version[0]}.{version[1]} is not one np.save writes for images")
+            shape, _, dtype = _NPY_HEADER_READERS[version](f)
+            data_start = f.tell()
+    except Exception as err:  # numpy's header parser fails in several ways (ValueError, SyntaxError, TokenError)
+        raise DataError(f"{path} is not a readable .npy file (corrupt or not .npy): {err}") from err
+    if dtype.hasobject:
+        raise DataError(f"{path} holds Python objects (dtype {dtype}), not uint8 pixels; object arrays are not read")
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise DataError(f"{path} must hold uint8 images of shape N x H x W x 3; found {dtype} {shape}")
+    if shape[1:3] != (size, size):
+        raise DataError(f"{path} holds {shape[1]}x{shape[2]} images but this dataset needs {size}x{size} images")
+    if shape[0] == 0:
+        raise DataError(f"{path} holds no images")
+    expected, actual = data_start + int(np.prod(shape)), path.stat().st_size
+    if actual < expected:
+        raise DataError(
+            f"{path} is truncated: its header promises {shape[0]} images ({expected} bytes in all) but the file "
+            f"has {actual} bytes"
         )
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 @dataclass(frozen=True)
@@ -286,11 +425,11 @@ Splits = tuple[Dataset, Dataset, Dataset]
 
 
 def _holdout(request: DataRequest, default: int, n: int, source: str) -> int:
-    count = int(request.valid_holdout or default)
+    count = default if request.valid_holdout is None else request.valid_holdout
     if not 0 < count < n:
         raise ValueError(
-            f"{source} has {n} images, too few to hold out {count} for validation as VDVAE's split does; "
-            "use the full file, or set valid_holdout to a smaller number"
+            f"{source} has {n} images, too few to hold out {count} for validation and train on the rest; "
+            f"use the full dataset, or set --valid_holdout to a number from 1 to {n - 1}"
         )
     return count
 
@@ -302,8 +441,7 @@ def _permutation_split(n: int, seed: int, holdout: int) -> tuple[np.ndarray, np.
 
 
 def _npy_split(request: DataRequest, path: Path, seed: int, default_holdout: int) -> tuple[ArrayImages, ArrayImages]:
-    array = np.load(path, mmap_mode="r")
-    _check_images(array, request.size, path)
+    array = _open_npy(path, request.size)
     holdout = _holdout(request, default_holdout, len(array), str(path))
     train, valid = _permutation_split(len(array), seed, holdout)
     return ArrayImages(array, train, path=path), ArrayImages(array, valid, path=path)
@@ -314,9 +452,7 @@ def _load_imagenet(dataset: str, request: DataRequest) -> Splits:
     _missing(dataset, request.root, names)
     train, valid = _npy_split(request, request.root / names[0], seed=42, default_holdout=5000)
     test_path = request.root / names[1]
-    test = ArrayImages(np.load(test_path, mmap_mode="r"), path=test_path)
-    _check_images(test.array, request.size, test_path)
-    return train, valid, test
+    return train, valid, ArrayImages(_open_npy(test_path, request.size), path=test_path)
 
 
 def _load_ffhq256(request: DataRequest) -> Splits:
@@ -325,20 +461,56 @@ def _load_ffhq256(request: DataRequest) -> Splits:
     return train, valid, valid  # VDVAE evaluates FFHQ-256 on its held-out images
 
 
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """What pickle protocols 0-2 written by Python 3 call (as _codecs.encode) to rebuild a bytes object."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}; pickles of bytes use 'latin1'")
+    return text.encode("latin1")
+
+
+def _numpy_pickle_globals() -> dict[tuple[str, str], Any]:
+    """The callables numpy pickles arrays and dtypes with, under the module names numpy 1 and 2 write."""
+    reconstruct = np.zeros(1).__reduce__()[0]  # _reconstruct, whichever module this numpy keeps it in
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # _frombuffer: protocol 5 pickles of contiguous arrays
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for function, module in ((reconstruct, "multiarray"), (frombuffer, "numeric")):
+        for package in ("numpy.core", "numpy._core"):
+            allowed[(f"{package}.{module}", function.__name__)] = function
+    allowed[("_codecs", "encode")] = _latin1_bytes
+    return allowed
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR-10 batch holds: plain containers, strings, numbers, numpy arrays and dtypes.
+    Every other global a pickle names (the way it would call a function) is refused before it is looked up."""
+
+    allowed = _numpy_pickle_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(
+                f"it asks for {module}.{name}; a CIFAR-10 batch holds only dicts, lists, strings, numbers and "
+                "numpy arrays"
+            )
+        return self.allowed[(module, name)]
+
+
 def _read_cifar_batch(path: Path) -> np.ndarray:
-    """One CIFAR-10 python batch (a pickle; trusted like the rest of data_root) as uint8 (N, 32, 32, 3)."""
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+    """One CIFAR-10 python batch (a pickle, read with _BatchUnpickler) as uint8 (N, 32, 32, 3)."""
+    _regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+    except Exception as err:  # a malformed pickle fails in many ways; each one means: not a batch
+        raise DataError(f"{path} is refused as a CIFAR-10 python batch: {err}") from err
     data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
-    if data is None:
-        raise ValueError(f"{path} is not a CIFAR-10 python batch (no 'data' entry)")
-    data = np.asarray(data)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] % 3 != 0:
-        raise ValueError(f"{path} must hold uint8 rows of 3 x 32 x 32 pixels; found {data.dtype} {data.shape}")
-    side = int(round((data.shape[1] // 3) ** 0.5))
-    if 3 * side * side != data.shape[1] or side != 32:
-        raise ValueError(f"{path} holds rows of {data.shape[1]} values, not 32x32 RGB images (3072 values)")
-    return np.ascontiguousarray(data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1))
+    if not isinstance(data, np.ndarray):
+        raise DataError(f"{path} is not a CIFAR-10 python batch (no 'data' array)")
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(
+            f"{path} must hold uint8 rows of 3 x 32 x 32 pixels (3072 values); found {data.dtype} {data.shape}"
+        )
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
 
 
 def _load_cifar10(request: DataRequest) -> Splits:
@@ -369,9 +541,12 @@ def _load_ffhq1024(request: DataRequest) -> Splits:
     in_place = (root / "train").is_dir() and not (root / "ffhq1024").exists()
     names = ["train", "valid"] if in_place else ["ffhq1024/train", "ffhq1024/valid"]
     _missing("ffhq_1024", root, names)
-    train = ImageFiles(_image_files(root / names[0]), 1024, resize=False)
-    valid = ImageFiles(_image_files(root / names[1]), 1024, resize=False)
-    train._load(train.files[0])  # fail now, not an hour into training, if the images are not 1024x1024
+    splits = []
+    for name in names:
+        files = _image_files(root / name)
+        _check_image_files(files, 1024, root / name)  # now, not an hour into training
+        splits.append(ImageFiles(files, 1024, resize=False))
+    train, valid = splits
     return train, valid, valid
 
 
@@ -384,7 +559,8 @@ def _load_folder(request: DataRequest) -> Splits:
     files = _image_files(root)
     if len(files) < 2:
         raise ValueError(f"{str(root)!r} holds {len(files)} image; a train/valid split needs at least 2")
-    n_valid = max(1, round(0.1 * len(files)))
+    _check_image_files(files, None, root)
+    n_valid = _holdout(request, max(1, round(0.1 * len(files))), len(files), repr(str(root)))
     perm = np.random.RandomState(0).permutation(len(files))
     valid = ImageFiles([files[i] for i in sorted(perm[:n_valid])], size, resize=True)
     train = ImageFiles([files[i] for i in sorted(perm[n_valid:])], size, resize=True)
@@ -443,12 +619,14 @@ def _load_builtin(request: DataRequest) -> Splits:
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """A dataset of the registry: its loader, its preprocessing, and its native image side (None: any size,
-    chosen with image_size)."""
+    """A dataset of the registry: its loader, its preprocessing, its native image side (None: any size,
+    chosen with image_size), and whether its validation images are held out of its training images (so that
+    valid_holdout applies) rather than fixed."""
 
     load: Callable[[DataRequest], Splits]
     preprocessing: Preprocessing
     native_size: int | None = None
+    holds_out: bool = True
 
 
 # ImageNet-32's statistics serve the generic photo datasets (folder, builtin), which have no published constants.
@@ -466,36 +644,61 @@ _REGISTRY: dict[str, DatasetEntry] = {
         _load_ffhq1024,
         Preprocessing(shift=-0.4387, scale=1.0 / 0.2743, shift_loss=-0.5, scale_loss=2.0, unit_range=True),
         1024,
+        holds_out=False,
     ),
     "folder": DatasetEntry(_load_folder, _IMAGENET32),
-    "builtin": DatasetEntry(_load_builtin, _IMAGENET32),
+    "builtin": DatasetEntry(_load_builtin, _IMAGENET32, holds_out=False),
 }
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)
 
 
+def _positive_int(H: Any, key: str) -> int | None:
+    """H's value for `key` as an int, None if unset; a value that is not a whole number >= 1 is refused."""
+    value = H.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(
+            f"--{key} must be a whole number of at least 1 (or unset for the dataset's own); got {value!r}"
+        )
+    return int(value)
+
+
 def _image_size(H: Any, dataset: str) -> int:
-    requested = H.get("image_size")
+    requested = _positive_int(H, "image_size")
     native = _REGISTRY[dataset].native_size
     if native is not None:
-        if requested and int(requested) != native:
+        if requested is not None and requested != native:
             raise ValueError(f"dataset {dataset!r} has {native}x{native} images but image_size is {requested}")
         return native
-    if dataset == "folder" and not requested:
-        raise ValueError("dataset 'folder' needs --image_size S (images are center-cropped and resized to S x S)")
-    size = int(requested or 32)
-    if size <= 0:
-        raise ValueError(f"image_size must be positive; got {size}")
-    return size
+    if requested is None:
+        if dataset == "folder":
+            raise ValueError("dataset 'folder' needs --image_size S (images are center-cropped and resized to S x S)")
+        return 32
+    return requested
+
+
+def _valid_holdout(H: Any, dataset: str) -> int | None:
+    count = _positive_int(H, "valid_holdout")
+    if count is not None and not _REGISTRY[dataset].holds_out:
+        holding = ", ".join(name for name, entry in _REGISTRY.items() if entry.holds_out)
+        raise ValueError(
+            f"dataset {dataset!r} has fixed validation images, so --valid_holdout {count} does not apply; "
+            f"it applies to {holding}"
+        )
+    return count
 
 
 def load_dataset(H: Any) -> DataSplits:
-    """Open H.dataset under H.data_root with VDVAE's train/valid/test splits (memory-mapped where possible)."""
+    """Open H.dataset under H.data_root with VDVAE's train/valid/test splits (memory-mapped where possible),
+    after checking every file (see the module's docstring)."""
     entry = _dataset_entry(H.dataset)
     dataset = canonical_dataset(H.dataset)
     channels = H.get("image_channels")
-    if channels and int(channels) != 3:
+    if channels is not None and channels != 3:
         raise ValueError(f"all datasets are RGB (3 channels); image_channels is {channels}")
-    request = DataRequest(Path(H.get("data_root") or ".").expanduser(), _image_size(H, dataset), H.get("valid_holdout"))
+    root = Path(H.get("data_root") or ".").expanduser()
+    request = DataRequest(root, _image_size(H, dataset), _valid_holdout(H, dataset))
     train, valid, test = entry.load(request)
     return DataSplits(train, valid, test, request.size, 3, entry.preprocessing, dataset)
 
