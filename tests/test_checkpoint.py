@@ -119,7 +119,7 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
 
 def test_corrupt_checkpoint_names_the_file(tmp_path):
     path = tmp_path / "latest.pt"
-    path.write_bytes(np.random.RandomState(0).bytes(4096))
+    path.write_bytes(b"PK\x03\x04" + np.random.RandomState(0).bytes(4096))  # a zip archive's start, then noise
     with pytest.raises(CheckpointError, match=r"latest\.pt.*truncated or corrupt"):
         checkpoint.load_checkpoint(path)
 
@@ -218,7 +218,8 @@ def test_make_and_restore_training_round_trip(tmp_path):
 
 def test_restore_training_names_the_file_when_the_optimizer_does_not_fit(tmp_path):
     source = Parts(seed=0)
-    state = checkpoint.make_checkpoint(source, checkpoint.Position(), [], source.model.H)
+    rng = [checkpoint.capture_rng_state(torch.device("cpu"))]
+    state = checkpoint.make_checkpoint(source, checkpoint.Position(), rng, source.model.H)
     state["optimizer"]["param_groups"][0]["params"] = [0]  # one parameter where the model has many
     checkpoint.save_checkpoint(state, tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match=r"optimizer state in .*odd\.pt.* does not match"):
