@@ -375,10 +375,10 @@ def test_test_eval_of_an_official_checkpoint(tmp_path):
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, official)  # as DDP saved them
     torch.save(VAE(preset("tiny")).state_dict(), tmp_path / "tiny-iter-100-model.th")
     # openai/vdvae's README command, flag for flag (the log and optimizer files are not needed to evaluate)
-    argv = folder_run(tmp_path, "eval", "--restore_path", str(tmp_path / "tiny-iter-100-model.th"),
-                      "--restore_ema_path", str(official), "--restore_log_path", "tiny-iter-100-log.jsonl",
-                      "--restore_optimizer_path", "tiny-iter-100-opt.th", "--test_eval")  # fmt: skip
-    summary = run(argv)
+    flags = ["--restore_path", str(tmp_path / "tiny-iter-100-model.th"), "--restore_ema_path", str(official),
+             "--restore_log_path", "tiny-iter-100-log.jsonl", "--restore_optimizer_path", "tiny-iter-100-opt.th",
+             "--test_eval"]  # fmt: skip
+    summary = run(folder_run(tmp_path, "eval", *flags))
     (result,) = records(tmp_path / "runs" / "eval", "test_loss")
     assert result["n_images"] == 4 and result["nonfinite_batches"] == 0
     assert abs(result["elbo_bpd"] - result["filtered_elbo"] / np.log(2)) < 1e-9
@@ -390,7 +390,8 @@ def test_test_eval_of_an_official_checkpoint(tmp_path):
     wrong = VAE(H)
     torch.save(wrong.state_dict(), official)
     with pytest.raises(train.CheckpointError, match=r"tiny-iter-100-model-ema\.th.*shape"):
-        run(argv)
+        run(folder_run(tmp_path, "eval-wrong", *flags))  # a new folder: "eval" holds the first evaluation
+    assert not (tmp_path / "runs" / "eval-wrong").exists()  # the failed set-up left nothing behind
 
 
 # --------------------------------------------------------------------------------------------
