@@ -344,8 +344,8 @@ def _check_format(state: Any, path: Path) -> dict[str, Any]:
     missing = [key for key in _REQUIRED if key not in state]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks the entries {', '.join(missing)}")
-    state["verified"] = _verify_checksums(state, path)
     _check_fields(state, path)
+    state["verified"] = _verify_checksums(state, path)
     state["path"] = str(path)
     return state
 
@@ -356,8 +356,12 @@ def _verify_checksums(state: dict[str, Any], path: Path) -> bool:
     if saved is None:
         return False
     found = tensor_checksums(state)
-    if not isinstance(saved, dict) or set(saved) != set(found):
-        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its list of tensors does not match its checksums")
+    if not isinstance(saved, dict):
+        raise _field_error(path, "checksums", f"must be a dict, got a {type(saved).__name__}")
+    unmatched = sorted(set(saved) ^ set(found))
+    if unmatched:
+        where = "has no checksum" if unmatched[0] in found else "is missing from the file"
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: tensor {unmatched[0]!r} {where}")
     for place, digest in found.items():
         if saved[place] != digest:
             raise CheckpointError(
