@@ -27,6 +27,7 @@ from PIL import Image
 from vdvae_fast import checkpoint, data, ops, train
 from vdvae_fast.checkpoint import load_checkpoint
 from vdvae_fast.hparams import DEFAULTS, HELP
+from vdvae_fast.training.cli import resume_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,10 +189,10 @@ def test_demo_preset_learns(tmp_path, small_builtin, backend):
     H = train.parse_args(["--hps", "demo", "--save_dir", str(tmp_path), "--backend", backend, "--device", "cpu",
                           "--max_iters", "150", "--num_epochs", "2", "--iters_per_images", "100000"])  # fmt: skip
     runtime = train.setup_runtime(H.device, H.num_threads)
-    directory = train.prepare_run_directory(H, runtime)
-    trainer = train.Trainer(H, runtime, train.RunLog(directory), directory)
-    before = trainer.evaluate("valid")["elbo_bpd"]
-    summary = trainer.train()
+    with train.prepare_run_directory(H, runtime) as folder:
+        trainer = train.Trainer(H, runtime, train.RunLog(folder.path), folder.path)
+        before = trainer.evaluate("valid")["elbo_bpd"]
+        summary = trainer.train()
     after = summary["eval"]["elbo_bpd"]
     assert summary["step"] == 150
     assert 8.0 < before < 10.0, before
@@ -541,3 +542,10 @@ def test_a_full_disk_ends_the_run_in_one_line_naming_the_last_good_checkpoint(tm
     png = tmp_path / "runs" / "png" / "samples-1.png"
     assert status == 2 and len(err.splitlines()) == 1, err
     assert f"cannot write {png}: No space left on device; no checkpoint of this run was written yet" in err
+
+
+def test_the_resume_command_replaces_restore_path_and_keeps_the_other_flags(monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "vdvae_fast" / "train.py")])  # python -m vdvae_fast.train
+    argv = ["--hps", "demo", "--restore_path", "other/latest.pt", "--lr", "1e-3", "--restore_path=x"]
+    command = resume_command(argv, "saved_models/my run")
+    assert command == "python -m vdvae_fast.train --hps demo --lr 1e-3 --restore_path 'saved_models/my run'"

@@ -160,7 +160,9 @@ def resume_command(argv: Sequence[str], folder: str) -> str:
         skip = arg == "--restore_path"
         if not skip:
             flags.append(arg)
-    program = shlex.quote(sys.argv[0]) if sys.argv[0].endswith(".py") else "-m vdvae_fast.train"
+    script = Path(sys.argv[0])
+    as_script = script.suffix == ".py" and script.resolve().parent != Path(__file__).resolve().parents[1]
+    program = shlex.quote(sys.argv[0]) if as_script else "-m vdvae_fast.train"  # a package module runs with -m
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     launcher = (
         "python" if world_size == 1 else f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world_size)}"
