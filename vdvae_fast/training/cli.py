@@ -93,6 +93,7 @@ def run(H: Hyperparams) -> dict[str, Any]:
         resuming_from = Path(restored[1]["path"]).parent if restored and restored[1] is not None else None
         with prepare_run_directory(H, runtime, resuming_from) as folder:
             trainer = _set_up(H, runtime, folder, restored)
+            del restored  # the trainer holds what it restored; the file's copy need not live through training
             summary = trainer.test_eval() if trainer.H.test_eval else trainer.train()
         if runtime.is_main:
             _print_outputs(summary)
