@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +121,7 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
 
 def test_corrupt_checkpoint_names_the_file(tmp_path):
     path = tmp_path / "latest.pt"
-    path.write_bytes(np.random.RandomState(0).bytes(4096))
+    path.write_bytes(b"PK\x03\x04" + np.random.RandomState(0).bytes(4096))  # a zip archive's start, then noise
     with pytest.raises(CheckpointError, match=r"latest\.pt.*truncated or corrupt"):
         checkpoint.load_checkpoint(path)
 
@@ -218,7 +220,8 @@ def test_make_and_restore_training_round_trip(tmp_path):
 
 def test_restore_training_names_the_file_when_the_optimizer_does_not_fit(tmp_path):
     source = Parts(seed=0)
-    state = checkpoint.make_checkpoint(source, checkpoint.Position(), [], source.model.H)
+    rng = [checkpoint.capture_rng_state(torch.device("cpu"))]
+    state = checkpoint.make_checkpoint(source, checkpoint.Position(), rng, source.model.H)
     state["optimizer"]["param_groups"][0]["params"] = [0]  # one parameter where the model has many
     checkpoint.save_checkpoint(state, tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match=r"optimizer state in .*odd\.pt.* does not match"):
@@ -231,3 +234,119 @@ def test_saved_hparams_refuse_unknown_keys(tmp_path):
     checkpoint.save_checkpoint(state, tmp_path / "typo.pt")
     with pytest.raises(CheckpointError, match=r"typo\.pt.*'widht'"):
         checkpoint.saved_hparams(checkpoint.load_checkpoint(tmp_path / "typo.pt"))
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums, non-finite weights, hand-edited fields, files of another kind
+# --------------------------------------------------------------------------------------------
+
+
+def _saved_checkpoint(tmp_path: Path, name: str = "latest.pt") -> Path:
+    parts = Parts(seed=0)
+    rng = [checkpoint.capture_rng_state(torch.device("cpu"))]
+    state = checkpoint.make_checkpoint(parts, checkpoint.Position(step=3), rng, parts.model.H)
+    return checkpoint.save_checkpoint(state, tmp_path / name)
+
+
+def test_a_flipped_bit_in_a_tensor_is_found_and_named(tmp_path):
+    """torch.save stores each tensor's bytes as a zip entry; one bit changed there loads without complaint
+    from torch, and the checksum names the tensor."""
+    path = _saved_checkpoint(tmp_path)
+    assert checkpoint.load_checkpoint(path)["verified"] is True
+    weight = checkpoint.load_checkpoint(path)["model"]["encoder.in_conv.weight"]
+    with zipfile.ZipFile(path) as archive:  # the entry holding that tensor's bytes, and where its data start
+        entry = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size == weight.nbytes)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[entry.header_offset + 26 : entry.header_offset + 30])
+    start = entry.header_offset + 30 + name_length + extra_length
+    data[start + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"latest\.pt.*damaged.*checksum"):
+        checkpoint.load_checkpoint(path)
+
+
+def test_a_checkpoint_without_checksums_still_loads_marked_unverified(tmp_path):
+    path = checkpoint.save_checkpoint(training_state(tiny_model()), tmp_path / "old.pt")  # as written before
+    state = checkpoint.load_checkpoint(path)
+    assert state["verified"] is False and state["step"] == 7
+
+
+def test_non_finite_weights_or_moments_are_refused_naming_the_tensor(tmp_path):
+    parts = Parts(seed=0)
+    with torch.no_grad():
+        parts.ema.decoder.out_net.out_conv.weight[0, 0, 0, 0] = float("nan")
+    rng = [checkpoint.capture_rng_state(torch.device("cpu"))]
+    path = checkpoint.save_checkpoint(
+        checkpoint.make_checkpoint(parts, checkpoint.Position(), rng, {}), tmp_path / "nan.pt"
+    )
+    with pytest.raises(CheckpointError, match=r"EMA weights in .*nan\.pt.*decoder\.out_net\.out_conv\.weight.*1 NaN"):
+        checkpoint.restore_training(checkpoint.load_checkpoint(path), Parts(seed=1))
+
+    parts = Parts(seed=0)
+    parts.model(*[torch.zeros(2, 8, 8, 3)] * 2)["elbo"].backward()
+    parts.optimizer.step()
+    next(iter(parts.optimizer.state.values()))["exp_avg_sq"].fill_(float("inf"))
+    path = checkpoint.save_checkpoint(
+        checkpoint.make_checkpoint(parts, checkpoint.Position(), rng, {}), tmp_path / "inf.pt"
+    )
+    with pytest.raises(CheckpointError, match=r"optimizer state in .*inf\.pt.*exp_avg_sq"):
+        checkpoint.restore_training(checkpoint.load_checkpoint(path), Parts(seed=1))
+
+
+def _edit(state: dict, key: str, value) -> None:
+    state[key] = value
+
+
+@pytest.mark.parametrize(
+    "field, edit",
+    [
+        ("rng", lambda s: _edit(s, "rng", [])),  # was an IndexError at the rank's entry
+        ("rng", lambda s: _edit(s, "rng", "abc")),
+        ("rng", lambda s: s["rng"][0].update(torch=torch.zeros(7, dtype=torch.uint8))),  # was a RuntimeError
+        ("rng", lambda s: s["rng"][0].update(python=(3, (1, 2)))),
+        ("rng", lambda s: _edit(s, "world_size", 2)),
+        ("step", lambda s: _edit(s, "step", "30")),
+        ("step", lambda s: _edit(s, "step", -1)),
+        ("epoch", lambda s: _edit(s, "epoch", 1.5)),
+        ("hparams", lambda s: _edit(s, "hparams", ["width", 16])),  # was an AttributeError
+    ],
+)
+def test_hand_edited_fields_are_named_with_the_file(tmp_path, field, edit):
+    path = _saved_checkpoint(tmp_path, "edited.pt")
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    state["checksums"] = checkpoint.tensor_checksums(state)  # an edit made with care; the fields still break
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=rf"edited\.pt.*field {field!r}"):
+        checkpoint.load_checkpoint(path)
+
+
+def test_files_of_another_kind_are_called_so_not_corrupt(tmp_path):
+    """A picture, a text file and a pickle of code are not damaged checkpoints, and torch's advice to load
+    them with weights_only=False is not passed on."""
+    png = tmp_path / "grid.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    text = tmp_path / "notes.pt"
+    text.write_text("step 30: looks good\n")
+    code = tmp_path / "code.pt"
+    torch.save({"format": checkpoint.FORMAT, "hook": print}, code)
+    for path in (png, text, code):
+        with pytest.raises(CheckpointError) as err:
+            checkpoint.load_checkpoint(path)
+        message = str(err.value)
+        assert str(path) in message and "is not a checkpoint" in message
+        assert "weights_only" not in message and "corrupt" not in message
+    with pytest.raises(CheckpointError, match=r"code\.pt.*\(.*print\)"):  # the object that was refused
+        checkpoint.read_weights(code)
+
+
+def test_checkpoint_folder_is_the_run_folder_of_our_checkpoints_only(tmp_path):
+    (tmp_path / "run").mkdir()
+    ours = _saved_checkpoint(tmp_path / "run", "iter-3.pt")
+    assert checkpoint.checkpoint_folder(ours) == tmp_path / "run"
+    assert checkpoint.checkpoint_folder(tmp_path / "run") == tmp_path / "run"
+    official = tmp_path / "downloads" / "tiny-model.th"
+    official.parent.mkdir()
+    torch.save(tiny_model().state_dict(), official)
+    assert checkpoint.checkpoint_folder(official) is None
+    assert checkpoint.checkpoint_folder(tmp_path / "missing.pt") is None

@@ -7,9 +7,11 @@ written in each real format. Tiny models run fastest on one thread, so the tests
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,9 +24,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vdvae_fast import data, ops, train
+from vdvae_fast import checkpoint, data, ops, train
 from vdvae_fast.checkpoint import load_checkpoint
 from vdvae_fast.hparams import DEFAULTS, HELP
+from vdvae_fast.training.cli import resume_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,10 +189,10 @@ def test_demo_preset_learns(tmp_path, small_builtin, backend):
     H = train.parse_args(["--hps", "demo", "--save_dir", str(tmp_path), "--backend", backend, "--device", "cpu",
                           "--max_iters", "150", "--num_epochs", "2", "--iters_per_images", "100000"])  # fmt: skip
     runtime = train.setup_runtime(H.device, H.num_threads)
-    directory = train.prepare_run_directory(H, runtime)
-    trainer = train.Trainer(H, runtime, train.RunLog(directory), directory)
-    before = trainer.evaluate("valid")["elbo_bpd"]
-    summary = trainer.train()
+    with train.prepare_run_directory(H, runtime) as folder:
+        trainer = train.Trainer(H, runtime, train.RunLog(folder.path), folder.path)
+        before = trainer.evaluate("valid")["elbo_bpd"]
+        summary = trainer.train()
     after = summary["eval"]["elbo_bpd"]
     assert summary["step"] == 150
     assert 8.0 < before < 10.0, before
@@ -322,12 +325,14 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
         if process.poll() is None:
             process.kill()
     assert process.returncode == 128 + signal.SIGTERM, output
-    assert "stopped by SIGTERM" in output and "--restore_path" in output
+    assert "stopped by SIGTERM" in output
     stopped = load_checkpoint(tmp_path / "runs" / "term" / "latest.pt")["step"]
     assert stopped >= 3
 
-    resumed = run(folder_run(tmp_path, "term", "--max_iters", str(stopped + 2),
-                             "--restore_path", str(tmp_path / "runs" / "term")))  # fmt: skip
+    # the printed command, pasted as it is (with a nearer end): it continues the run in its own folder
+    command = shlex.split(output.split("continue with: ")[1].splitlines()[0])
+    assert command[:2] == ["python", str(ROOT / "train.py")] and command[-2:] == ["--restore_path", str(log.parent)]
+    resumed = run([*command[2:], "--max_iters", str(stopped + 2)])
     assert resumed["step"] == stopped + 2
     assert [r["step"] for r in records(tmp_path / "runs" / "term", "train_loss")][-2:] == [stopped + 1, stopped + 2]
 
@@ -375,10 +380,10 @@ def test_test_eval_of_an_official_checkpoint(tmp_path):
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, official)  # as DDP saved them
     torch.save(VAE(preset("tiny")).state_dict(), tmp_path / "tiny-iter-100-model.th")
     # openai/vdvae's README command, flag for flag (the log and optimizer files are not needed to evaluate)
-    argv = folder_run(tmp_path, "eval", "--restore_path", str(tmp_path / "tiny-iter-100-model.th"),
-                      "--restore_ema_path", str(official), "--restore_log_path", "tiny-iter-100-log.jsonl",
-                      "--restore_optimizer_path", "tiny-iter-100-opt.th", "--test_eval")  # fmt: skip
-    summary = run(argv)
+    flags = ["--restore_path", str(tmp_path / "tiny-iter-100-model.th"), "--restore_ema_path", str(official),
+             "--restore_log_path", "tiny-iter-100-log.jsonl", "--restore_optimizer_path", "tiny-iter-100-opt.th",
+             "--test_eval"]  # fmt: skip
+    summary = run(folder_run(tmp_path, "eval", *flags))
     (result,) = records(tmp_path / "runs" / "eval", "test_loss")
     assert result["n_images"] == 4 and result["nonfinite_batches"] == 0
     assert abs(result["elbo_bpd"] - result["filtered_elbo"] / np.log(2)) < 1e-9
@@ -390,7 +395,8 @@ def test_test_eval_of_an_official_checkpoint(tmp_path):
     wrong = VAE(H)
     torch.save(wrong.state_dict(), official)
     with pytest.raises(train.CheckpointError, match=r"tiny-iter-100-model-ema\.th.*shape"):
-        run(argv)
+        run(folder_run(tmp_path, "eval-wrong", *flags))  # a new folder: "eval" holds the first evaluation
+    assert not (tmp_path / "runs" / "eval-wrong").exists()  # the failed set-up left nothing behind
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,6 +438,7 @@ def test_a_mismatched_checkpoint_names_the_file_and_the_key(tmp_path, capsys):
     path = tmp_path / "runs" / "small" / "latest.pt"
     status, err = _main(folder_run(tmp_path, "wide", "--width", "32", "--restore_path", str(path)), capsys)
     assert status == 2 and str(path) in err and "shape" in err and "weight" in err
+    assert not (tmp_path / "runs" / "wide").exists()  # the failed set-up left no folder behind
 
 
 def test_the_logged_hyperparameters_are_the_checkpoints_with_the_datas_properties(tmp_path):
@@ -453,3 +460,92 @@ def test_a_bad_flag_combination_exits_2_before_any_work(tmp_path, capsys):
     status, err = _main(["--hps", "tiny", "--save_dir", str(tmp_path), "--test_eval"], capsys)
     assert status == 2 and "--test_eval" in err and "--restore_ema_path" in err
     assert not any(tmp_path.iterdir())  # nothing was created
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders: an existing run is never overwritten, a resume continues in place, writes that fail
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_fresh_run_never_overwrites_an_existing_run(tmp_path, capsys):
+    run(folder_run(tmp_path, "kept", "--max_iters", "2"))
+    folder = tmp_path / "runs" / "kept"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    status, err = _main(folder_run(tmp_path, "kept", "--max_iters", "2"), capsys)
+    assert status == 2 and len(err.splitlines()) == 1
+    assert f"{folder}' already holds a run" in err and f"--restore_path {folder}" in err and "--desc" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_resume_continues_in_the_folder_its_checkpoint_came_from(tmp_path, monkeypatch):
+    """Without --desc and --save_dir, --restore_path <run>/latest.pt writes into <run>, not save_dir/desc of
+    the preset (./saved_models/test) where another finished run may live."""
+    monkeypatch.chdir(tmp_path)
+    run(folder_run(tmp_path, "ctrlc", "--max_iters", "2"))
+    argv = folder_run(tmp_path, "unused", "--max_iters", "4")
+    argv = [a for a in argv if a not in ("--desc", "unused", "--save_dir", str(tmp_path / "runs"))]
+    summary = run([*argv, "--restore_path", str(tmp_path / "runs" / "ctrlc" / "latest.pt")])
+    assert summary["step"] == 4 and summary["folder"] == str(tmp_path / "runs" / "ctrlc")
+    assert [r["step"] for r in records(tmp_path / "runs" / "ctrlc", "train_loss")] == [1, 2, 3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pngs", "runs"]  # no ./saved_models
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ctrlc"]
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_resumed(tmp_path, capsys):
+    run(folder_run(tmp_path, "nan", "--max_iters", "1"))
+    path = tmp_path / "runs" / "nan" / "latest.pt"
+    state = torch.load(path, weights_only=True)
+    state["model"]["decoder.out_net.out_conv.bias"][0] = float("nan")
+    state["checksums"] = checkpoint.tensor_checksums(state)  # the NaN was saved, not flipped on disk
+    torch.save(state, path)
+    status, err = _main(folder_run(tmp_path, "nan", "--max_iters", "3", "--restore_path", str(path)), capsys)
+    assert status == 2 and str(path) in err and "decoder.out_net.out_conv.bias" in err and "NaN" in err
+    assert load_checkpoint(path)["step"] == 1
+
+
+def test_a_hand_edited_checkpoint_field_is_named(tmp_path, capsys):
+    run(folder_run(tmp_path, "edit", "--max_iters", "1"))
+    path = tmp_path / "runs" / "edit" / "latest.pt"
+    state = torch.load(path, weights_only=True)
+    state["rng"] = []  # was an IndexError at the rank's entry
+    torch.save(state, path)
+    status, err = _main(folder_run(tmp_path, "edit", "--max_iters", "2", "--restore_path", str(path)), capsys)
+    assert status == 2 and str(path) in err and "field 'rng'" in err and len(err.splitlines()) == 1
+
+
+def test_a_full_disk_ends_the_run_in_one_line_naming_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    saves = []
+    real_save = torch.save
+
+    def full_after_two(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_after_two)
+    argv = folder_run(tmp_path, "full", "--max_iters", "5", "--iters_per_save", "1")
+    status, err = _main(argv, capsys)
+    latest = tmp_path / "runs" / "full" / "latest.pt"
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert f"cannot write {latest}: No space left on device" in err
+    assert f"the last good checkpoint is {latest} (step 2)" in err
+    monkeypatch.undo()
+    assert load_checkpoint(latest)["step"] == 2 and not list(latest.parent.glob(".*.tmp"))
+
+    def full_png(image, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr("vdvae_fast.training.trainer.save_png", full_png)
+    argv = folder_run(tmp_path, "png", "--max_iters", "5")
+    status, err = _main([*argv, "--iters_per_images", "1"], capsys)
+    png = tmp_path / "runs" / "png" / "samples-1.png"
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert f"cannot write {png}: No space left on device; no checkpoint of this run was written yet" in err
+
+
+def test_the_resume_command_replaces_restore_path_and_keeps_the_other_flags(monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "vdvae_fast" / "train.py")])  # python -m vdvae_fast.train
+    argv = ["--hps", "demo", "--restore_path", "other/latest.pt", "--lr", "1e-3", "--restore_path=x"]
+    command = resume_command(argv, "saved_models/my run")
+    assert command == "python -m vdvae_fast.train --hps demo --lr 1e-3 --restore_path 'saved_models/my run'"

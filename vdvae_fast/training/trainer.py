@@ -4,10 +4,13 @@ The update is training.step's, the evaluation training.evaluate's, the record tr
 format vdvae_fast.checkpoint's; the trainer decides only what happens when: every iters_per_print updates a
 train_loss record, every iters_per_images a sample grid, every iters_per_save latest.pt, every iters_per_ckpt
 iter-N.pt, every epochs_per_eval epochs an evaluation of the EMA weights, and at the end all of them.
+A write that fails (a full disk) ends the run with an OutputError naming the file and the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import random
 import signal
 import time
@@ -37,13 +40,18 @@ from ..hparams import Hyperparams, changed_since
 from ..model import VAE
 from ..runtime import Runtime, all_gather_objects
 from ..sample import reconstruction_rows, save_png, stack_rows
-from .errors import SetupError
+from .errors import OutputError, SetupError
 from .evaluate import evaluate
 from .log import LN2, Progress, RunLog, status_line, summarize, throughput
 from .signals import StopRequest
 from .step import UpdateRule, make_learner, update_step
 
-__all__ = ["Trainer", "with_data_properties"]
+__all__ = ["Restored", "Trainer", "with_data_properties"]
+
+# read_weights' answer for --restore_path: (state dict, our whole checkpoint or None for an official file)
+Restored = tuple[dict[str, Any], dict[str, Any] | None]
+# What a failed write of log lines or images reports (a checkpoint's write reports any OSError).
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def with_data_properties(H: Hyperparams, splits: DataSplits) -> Hyperparams:
@@ -58,11 +66,18 @@ class Trainer:
     """One run: data, VAE and its EMA copy, optimizer, schedule and loss scaler, and the loop around them.
 
     `splits` are the loaded data whose properties H already holds (see with_data_properties); without them
-    the trainer loads H's dataset itself.
+    the trainer loads H's dataset itself. `restored` is H.restore_path already read (see Restored); without
+    it the trainer reads the file itself.
     """
 
     def __init__(
-        self, H: Hyperparams, runtime: Runtime, log: RunLog, directory: Path, splits: DataSplits | None = None
+        self,
+        H: Hyperparams,
+        runtime: Runtime,
+        log: RunLog,
+        directory: Path,
+        splits: DataSplits | None = None,
+        restored: Restored | None = None,
     ) -> None:
         if splits is None:
             splits = load_dataset(H)
@@ -72,18 +87,19 @@ class Trainer:
         self.position = Position()
         self.last_images: Path | None = None
         self.last_checkpoint: Path | None = None
+        self.last_good: tuple[Path, int] | None = None  # the newest checkpoint known whole, and its step
         self.last_eval: dict[str, Any] | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self.backend = ops.resolve_backend(H.backend, self.device)
         self.rule = UpdateRule.from_hparams(H)
-        self._build_learner()
+        self._build_learner(restored)
         self._build_loaders()
         self.progress = Progress(enabled=runtime.is_main)
         self.window: list[dict[str, float]] = []
 
     # ---------------------------------------------------------------- setup
 
-    def _build_learner(self) -> None:
+    def _build_learner(self, restored: Restored | None) -> None:
         """The same initial weights on every rank, restored state if asked, then independent noise per rank."""
         H = self.H
         random.seed(H.seed)
@@ -92,7 +108,7 @@ class Trainer:
         self.model = VAE(H).to(self.device)
         self.learner = make_learner(self.model, H, self.device)
         self.ema = self.learner.ema
-        self._restore()
+        self._restore(restored)
         if self.runtime.rank > 0 and self._rng_to_restore is None:
             torch.manual_seed(H.seed + self.runtime.rank)
         if self.runtime.distributed:
@@ -122,12 +138,12 @@ class Trainer:
         spread = np.linspace(0, len(splits.valid) - 1, count).round().astype(int)  # not just neighbours
         self.viz_batch = torch.stack([splits.valid[int(i)] for i in spread]) if count else None
 
-    def _restore(self) -> None:
+    def _restore(self, restored: Restored | None) -> None:
         """--restore_path: a vdvae_fast checkpoint resumes everything; an official *-model.th state dict only
         initializes the weights. --restore_ema_path: EMA weights (our checkpoint's, or an official file)."""
         H = self.H
         if H.restore_path:
-            weights, checkpoint = read_weights(H.restore_path, prefer_ema=False)
+            weights, checkpoint = restored or read_weights(H.restore_path, prefer_ema=False)
             if checkpoint is None:
                 load_module_state(self.model, weights, str(H.restore_path), "the model weights")
                 self.ema.load_state_dict(self.model.state_dict())
@@ -150,7 +166,10 @@ class Trainer:
         if architecture:
             details = ", ".join(f"{key} {old!r} in the file, {new!r} now" for key, (old, new) in architecture.items())
             self.log(f"warning: {path} was trained with other architecture hyperparameters: {details}")
+        if not checkpoint["verified"]:
+            self.log(f"note: {path} was written before checkpoints carried checksums: its tensors are not verified")
         self.position = restore_training(checkpoint, self.learner)
+        self.last_good = (Path(path), self.position.step)
         if checkpoint.get("world_size", 1) != self.runtime.world_size:
             self.log(
                 f"warning: {path} was written by {checkpoint.get('world_size')} process(es), this run has "
@@ -186,7 +205,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Train to num_epochs or max_iters, or until SIGINT/SIGTERM; returns a summary of the run."""
         self._start()
-        with StopRequest() as stop:
+        with StopRequest() as stop, self._reporting_failed_writes():
             while not self.finished:
                 for batch, data_time in self._epoch_batches():
                     stats = self.update(batch, data_time, stop.requested)
@@ -197,6 +216,23 @@ class Trainer:
                         break
                 self._end_epoch()
             return self._finish()
+
+    @contextlib.contextmanager
+    def _reporting_failed_writes(self) -> Iterator[None]:
+        """A log line or image grid that cannot be written (a full disk) ends the run in one line."""
+        try:
+            yield
+        except OSError as err:
+            if err.errno not in _WRITE_ERRNOS:
+                raise
+            raise self._write_failure(err.filename or self.directory, err) from err
+
+    def _write_failure(self, path: str | Path, err: OSError) -> OutputError:
+        if self.last_good is None:
+            good = "no checkpoint of this run was written yet"
+        else:
+            good = f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
+        return OutputError(f"cannot write {path}: {err.strerror or err}; {good}")
 
     def _start(self) -> None:
         H, splits, p = self.H, self.splits, self.position
@@ -264,10 +300,7 @@ class Trainer:
         """Save where the run stands and say how to continue."""
         self.progress.clear()
         path = self.save(LATEST)
-        self.log(
-            f"stopped by {signal.Signals(signum).name} at step {self.position.step}: saved {path}; continue with "
-            f"--restore_path {path}"
-        )
+        self.log(f"stopped by {signal.Signals(signum).name} at step {self.position.step}: saved {path}")
         return self.summary(interrupted=signum)
 
     def _finish(self) -> dict[str, Any]:
@@ -305,8 +338,9 @@ class Trainer:
     def test_eval(self) -> dict[str, Any]:
         """--test_eval: the EMA weights on the test split, once."""
         self._set_check_inputs(True)
-        self.run_eval("test")
-        self.write_images("samples-test")
+        with self._reporting_failed_writes():
+            self.run_eval("test")
+            self.write_images("samples-test")
         return self.summary()
 
     # ---------------------------------------------------------------- evaluation, images, checkpoints
@@ -352,8 +386,13 @@ class Trainer:
         rng = all_gather_objects(capture_rng_state(self.device), self.runtime)
         if not self.runtime.is_main:
             return None
-        path = save_checkpoint(make_checkpoint(self.learner, self.position, rng, self.H), self.directory / name)
+        target = self.directory / name
+        try:
+            path = save_checkpoint(make_checkpoint(self.learner, self.position, rng, self.H), target)
+        except OSError as err:
+            raise self._write_failure(target, err) from err
         self.last_checkpoint = self.directory / LATEST if name == LATEST else path
+        self.last_good = (path, self.position.step)
         self.log(f"saved checkpoint {path} at step {self.position.step}", quiet=True)
         return path
 
@@ -365,6 +404,7 @@ class Trainer:
             "epoch": p.epoch,
             "skipped_updates": p.skipped_updates,
             "eval": self.last_eval,
+            "folder": str(self.directory),
             "log": str(self.directory / "log.jsonl"),
             "checkpoint": None if self.last_checkpoint is None else str(self.last_checkpoint),
             "images": None if self.last_images is None else str(self.last_images),
