@@ -36,7 +36,11 @@ constexpr double kSoftplusLinear = 20.0;  // torch's softplus returns x above th
 
 template <typename T>
 VF_HOST_DEVICE T abs_of(T v) {
+#if defined(__CUDA_ARCH__)
+  return fabs(v);  // a free operand modifier on the GPU
+#else
   return v < T(0) ? -v : v;
+#endif
 }
 
 // max(v, 0) and min(v, 0); a NaN v gives 0, which callers only use next to a NaN term
@@ -219,6 +223,25 @@ struct LogSumExp {
   VF_HOST_DEVICE T value() const { return max + log_sum(); }
 };
 
+// logsumexp over the mixtures as shift + log_sum, with shift = the max, or 0 where the max is infinite
+// (as torch.logsumexp does), so that log_softmax = (v - shift) - log_sum keeps the precision of large
+// logits. value(k) is mixture k's value; a NaN one makes log_sum NaN.
+struct ShiftedLogSumExp {
+  float shift, log_sum;
+};
+
+template <int kMixtures, typename Value>
+VF_HOST_DEVICE ShiftedLogSumExp shifted_logsumexp(int m, const Value& value) {
+  float max = value(0);
+  VF_UNROLL
+  for (int k = 1; k < (kMixtures > 0 ? kMixtures : m); ++k) max = value(k) > max ? value(k) : max;
+  const float shift = abs_of(max) == std::numeric_limits<float>::infinity() ? 0.0f : max;
+  float sum = 0.0f;
+  VF_UNROLL
+  for (int k = 0; k < (kMixtures > 0 ? kMixtures : m); ++k) sum += fast_exp(value(k) - shift);
+  return {shift, fast_log(sum)};
+}
+
 // ----------------------------------------------------------------------------------------------
 // dmol_sample. Float32 only, with the accurate *_poly functions on both host and GPU: a Gumbel score
 // -log(-log u) needs the relative accuracy of log u near 1.
@@ -320,16 +343,23 @@ template <int kMixtures, typename Channels>
 VF_HOST_DEVICE float dmol_nll_forward_pixel(const Channels& channel, int64_t mixtures, float x0, float x1, float x2,
                                             const Bins<float>& bins) {
   const int m = mixture_count<kMixtures>(mixtures);
-  LogSumExp<float> mix, all;
-  VF_UNROLL
-  for (int k = 0; k < m; ++k) mix.push(channel(k));
-  const float mix_log_sum = mix.log_sum();
-  VF_UNROLL
-  for (int k = 0; k < m; ++k) {
+  const ShiftedLogSumExp mix = shifted_logsumexp<kMixtures>(m, channel);
+  const auto joint = [&](int k) {
     const auto term = mixture_term<false>(x0, x1, x2, mixture_params<float>(channel, m, k), bins);
-    all.push(term.log_prob + ((channel(k) - mix.max) - mix_log_sum));
+    return term.log_prob + ((channel(k) - mix.shift) - mix.log_sum);
+  };
+  if constexpr (kMixtures > 0) {
+    // the M joint log-probabilities fit in registers: a max pass and a sum pass
+    float joints[kMixtures > 0 ? kMixtures : 1];
+    VF_UNROLL
+    for (int k = 0; k < kMixtures; ++k) joints[k] = joint(k);
+    const ShiftedLogSumExp all = shifted_logsumexp<kMixtures>(m, [&](int k) { return joints[k]; });
+    return all.shift + all.log_sum;
+  } else {
+    LogSumExp<float> all;
+    for (int k = 0; k < m; ++k) all.push(joint(k));
+    return all.value();
   }
-  return all.value();
 }
 
 // The gradient of g·(-log p(x)) w.r.t. the pixel's channels, written over them, in one pass over the
@@ -337,21 +367,17 @@ VF_HOST_DEVICE float dmol_nll_forward_pixel(const Channels& channel, int64_t mix
 // are computed, softmax(pi)_k replaces pi_k and the joint log-probability a_k = log p(x | k) +
 // log_softmax(pi)_k goes to joint(k); once the logsumexp of the a_k is known, the responsibilities
 // r_k = exp(a_k - logsumexp) scale them: d/dpi_k = g (softmax(pi)_k - r_k), d/dparam = -g r_k d/dparam.
+// Nothing of the forward is computed twice.
 template <int kMixtures, typename Channels, typename Joint>
 VF_HOST_DEVICE void dmol_nll_backward_pixel(const Channels& channel, const Joint& joint, int64_t mixtures, float x0,
                                             float x1, float x2, const Bins<float>& bins, float g) {
   const int m = mixture_count<kMixtures>(mixtures);
-  LogSumExp<float> mix, all;
-  VF_UNROLL
-  for (int k = 0; k < m; ++k) mix.push(channel(k));
-  const float mix_log_sum = mix.log_sum();
+  const ShiftedLogSumExp mix = shifted_logsumexp<kMixtures>(m, channel);
   VF_UNROLL
   for (int k = 0; k < m; ++k) {
     const auto term = mixture_term<true>(x0, x1, x2, mixture_params<float>(channel, m, k), bins);
-    const float log_softmax = (channel(k) - mix.max) - mix_log_sum;
-    const float a = term.log_prob + log_softmax;
-    all.push(a);
-    joint(k) = a;
+    const float log_softmax = (channel(k) - mix.shift) - mix.log_sum;
+    joint(k) = term.log_prob + log_softmax;
     channel(k) = fast_exp(log_softmax);
     for (int c = 0; c < 3; ++c) {
       channel(mean_channel(m, c, k)) = term.d_mean[c];
@@ -359,10 +385,10 @@ VF_HOST_DEVICE void dmol_nll_backward_pixel(const Channels& channel, const Joint
       channel(coeff_channel(m, c, k)) = term.d_coeff[c];
     }
   }
-  const float all_log_sum = all.log_sum();
+  const ShiftedLogSumExp all = shifted_logsumexp<kMixtures>(m, joint);
   VF_UNROLL
   for (int k = 0; k < m; ++k) {
-    const float r = fast_exp((joint(k) - all.max) - all_log_sum);
+    const float r = fast_exp((joint(k) - all.shift) - all.log_sum);
     channel(k) = g * (channel(k) - r);
     const float weight = -g * r;
     for (int c = 0; c < 3; ++c) {

@@ -50,8 +50,9 @@ struct PixelTask {
   int64_t mixtures, pixels, tiles_per_image;
   dmol::Bins<float> bins;
 
-  __device__ int64_t image() const { return blockIdx.x / tiles_per_image; }
-  __device__ int64_t first() const { return (blockIdx.x % tiles_per_image) * kTilePixels; }
+  // 32-bit divisions: a 64-bit one calls a subroutine (tiles_per_image < 2^31, checked on launch)
+  __device__ int64_t image() const { return blockIdx.x / static_cast<uint32_t>(tiles_per_image); }
+  __device__ int64_t first() const { return (blockIdx.x % static_cast<uint32_t>(tiles_per_image)) * kTilePixels; }
   __device__ int count() const {
     const int64_t left = pixels - first();
     return left < kTilePixels ? static_cast<int>(left) : kTilePixels;
@@ -77,7 +78,7 @@ __global__ void __launch_bounds__(kTilePixels, kMinBlocks)
   extern __shared__ float tile[];
   const int64_t b = task.image(), first = task.first();
   const int count = task.count(), t = threadIdx.x;
-  dmol::copy_tile<true, scalar_t>(logits + b * copy.strides.batch, tile, copy, first, count);
+  dmol::copy_tile<true, scalar_t, 10 * kMixtures>(logits + b * copy.strides.batch, tile, copy, first, count);
   __syncthreads();
   float log_likelihood = 0.0f;
   if (t < count) {
@@ -108,7 +109,7 @@ __global__ void __launch_bounds__(kTilePixels, kMinBlocks)
   extern __shared__ float tile[];
   const int64_t b = task.image(), first = task.first();
   const int count = task.count(), t = threadIdx.x;
-  dmol::copy_tile<true, scalar_t>(logits + b * copy.strides.batch, tile, copy, first, count);
+  dmol::copy_tile<true, scalar_t, 10 * kMixtures>(logits + b * copy.strides.batch, tile, copy, first, count);
   __syncthreads();
   if (t < count) {
     const Targets target(x, xs, b, first + t);
@@ -118,7 +119,7 @@ __global__ void __launch_bounds__(kTilePixels, kMinBlocks)
                                              target.x2, task.bins, grad_nll[b * grad_nll_stride] / dims);
   }
   __syncthreads();
-  dmol::copy_tile<false, scalar_t>(grad_logits + b * grad_copy.strides.batch, tile, grad_copy, first, count);
+  dmol::copy_tile<false, scalar_t, 10 * kMixtures>(grad_logits + b * grad_copy.strides.batch, tile, grad_copy, first, count);
 }
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& x, int64_t num_bits) {
@@ -128,6 +129,8 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& x, int64_t num_bit
 
 PixelTask task_of(const at::Tensor& logits, int64_t num_bits) {
   const int64_t pixels = logits.size(2) * logits.size(3);
+  TORCH_CHECK(pixels < (int64_t{1} << 31) && logits.size(0) * ((pixels + kTilePixels - 1) / kTilePixels) < (int64_t{1} << 31),
+              "dmol_nll on CUDA takes fewer than 2^31 pixels per image and tiles per batch, got ", logits.sizes());
   return {logits.size(1) / 10, pixels, (pixels + kTilePixels - 1) / kTilePixels, dmol::make_bins<float>(num_bits)};
 }
 

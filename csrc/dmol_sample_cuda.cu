@@ -26,10 +26,12 @@ __global__ void __launch_bounds__(kTilePixels)
                                dmol::ImageStrides out, int64_t mixtures, int64_t pixels, int64_t tiles_per_image,
                                uint64_t seed) {
   extern __shared__ float tile[];
-  const int64_t b = blockIdx.x / tiles_per_image, first = (blockIdx.x % tiles_per_image) * kTilePixels;
+  // 32-bit divisions: a 64-bit one calls a subroutine (checked on launch)
+  const int64_t b = blockIdx.x / static_cast<uint32_t>(tiles_per_image);
+  const int64_t first = (blockIdx.x % static_cast<uint32_t>(tiles_per_image)) * kTilePixels;
   const int count = pixels - first < kTilePixels ? static_cast<int>(pixels - first) : kTilePixels;
   const int t = threadIdx.x;
-  dmol::copy_tile<true, scalar_t>(logits + b * copy.strides.batch, tile, copy, first, count);
+  dmol::copy_tile<true, scalar_t, 10 * kMixtures>(logits + b * copy.strides.batch, tile, copy, first, count);
   __syncthreads();
   if (t >= count) return;
   const int64_t p = first + t;
@@ -50,6 +52,8 @@ at::Tensor dmol_sample_forward_cuda(const at::Tensor& logits, int64_t seed) {
   at::Tensor image = at::empty({batch, 3, logits.size(2), logits.size(3)},
                                logits.options().dtype(at::kFloat).memory_format(logits.suggest_memory_format()));
   if (image.numel() == 0) return image;
+  TORCH_CHECK(batch * tiles_per_image < (int64_t{1} << 31), "dmol_sample on CUDA takes fewer than 2^31 tiles of ",
+              kTilePixels, " pixels per batch, got ", logits.sizes());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   VF_DISPATCH_CUDA_FLOAT_TYPES(logits.scalar_type(), "dmol_sample_forward_cuda", [&] {
     const auto run = [&](auto kernel) {

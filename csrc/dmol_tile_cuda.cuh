@@ -51,7 +51,11 @@ struct SharedPixel {
 struct ImageStrides {
   int64_t batch, channel, height, width, image_width;
 
-  __device__ int64_t pixel_offset(int64_t p) const { return (p / image_width) * height + (p % image_width) * width; }
+  // 32-bit division: a 64-bit one calls a subroutine (the ops check that H W < 2^31)
+  __device__ int64_t pixel_offset(int64_t p) const {
+    const uint32_t row = static_cast<uint32_t>(p) / static_cast<uint32_t>(image_width);
+    return row * height + (p - static_cast<int64_t>(row) * image_width) * width;
+  }
 };
 
 inline ImageStrides strides_of(const at::Tensor& t) {
@@ -89,76 +93,114 @@ inline TileCopy tile_copy_of(const at::Tensor& t) {
   return {strides_of(t), channels, access};
 }
 
+// kPacket elements at an aligned address, as floats: one 16-byte (float) or 8-byte (half types) access
 template <typename scalar_t>
 struct alignas(kPacket * sizeof(scalar_t)) Packet {
   scalar_t v[kPacket];
 };
 
+template <typename scalar_t>
+__device__ void load_packet(const scalar_t* at, float* shared, int step) {
+  const Packet<scalar_t> p = *reinterpret_cast<const Packet<scalar_t>*>(at);
+#pragma unroll
+  for (int j = 0; j < kPacket; ++j) shared[j * step] = static_cast<float>(p.v[j]);
+}
+
+// One vector store instruction, written out: nvcc splits a float4 assignment into four scalar stores here
+template <typename scalar_t>
+__device__ void store_packet(scalar_t* at, const float* shared, int step) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(at), "f"(shared[0]), "f"(shared[step]),
+                 "f"(shared[2 * step]), "f"(shared[3 * step]));
+  } else {
+    const auto bits = [&](int j) { return static_cast<uint32_t>(static_cast<scalar_t>(shared[j * step]).x); };
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(at), "r"(bits(0) | (bits(1) << 16)),
+                 "r"(bits(2) | (bits(3) << 16)));
+  }
+}
+
 // Moves `count` pixels from `first` on of one image (its first element at `image`) into the tile
-// (kLoad) or out of it. All threads of the block call it.
-template <bool kLoad, typename scalar_t>
+// (kLoad) or out of it. All threads of the block call it. kChannels > 0 fixes the channel count at compile
+// time: the vector copies then unroll fully, with every address an immediate offset from one base (the
+// scalar fallbacks stay loops).
+template <bool kLoad, typename scalar_t, int kChannels>
 __device__ void copy_tile(std::conditional_t<kLoad, const scalar_t*, scalar_t*> image, float* tile,
                           const TileCopy& copy, int64_t first, int count) {
   const int t = threadIdx.x;
-  const int channels = static_cast<int>(copy.channels);
-  // one element: global <-> shared
-  const auto move = [&](int64_t offset, float* shared) {
+  const int channels = kChannels > 0 ? kChannels : static_cast<int>(copy.channels);
+  const auto move = [](auto global, float* shared) {
     if constexpr (kLoad) {
-      *shared = static_cast<float>(image[offset]);
+      *shared = static_cast<float>(*global);
     } else {
-      image[offset] = static_cast<scalar_t>(*shared);
+      *global = static_cast<scalar_t>(*shared);
     }
   };
-  // kPacket elements at an aligned offset <-> shared floats `step` apart
-  const auto move_packet = [&](int64_t offset, float* shared, int step) {
+  // kPacket elements at an aligned address <-> shared floats `step` apart
+  const auto move_packet = [](auto global, float* shared, int step) {
     if constexpr (kLoad) {
-      const Packet<scalar_t> p = *reinterpret_cast<const Packet<scalar_t>*>(image + offset);
-#pragma unroll
-      for (int j = 0; j < kPacket; ++j) shared[j * step] = static_cast<float>(p.v[j]);
+      load_packet(global, shared, step);
     } else {
-      Packet<scalar_t> p;
-#pragma unroll
-      for (int j = 0; j < kPacket; ++j) p.v[j] = static_cast<scalar_t>(shared[j * step]);
-      *reinterpret_cast<Packet<scalar_t>*>(image + offset) = p;
+      store_packet(global, shared, step);
     }
   };
+  constexpr int kWarps = kTilePixels / 32;
+  constexpr int kUnroll = kChannels > 0 ? kTilePixels / kWarps : 1;
   TileAccess access = copy.access;
   if (access == TileAccess::kPlanePackets && count < kTilePixels) access = TileAccess::kPerPixel;
   switch (access) {
     case TileAccess::kPlanePackets: {
-      // kLanes threads per channel, kTilePixels / kLanes channels per step
-      constexpr int kLanes = kTilePixels / kPacket;
-      const int lane_pixel = (t % kLanes) * kPacket;
-      for (int ch = t / kLanes; ch < channels; ch += kTilePixels / kLanes) {
-        move_packet(ch * copy.strides.channel + first + lane_pixel, tile + ch * kTilePitch + lane_pixel, 1);
+      // A channel's kTilePixels pixels are kLanes packets: the block moves kRows channels per step
+      constexpr int kLanes = kTilePixels / kPacket, kRows = kTilePixels / kLanes;
+      const int pixel = (t % kLanes) * kPacket, row = t / kLanes;
+      const auto global = image + row * copy.strides.channel + first + pixel;
+      float* shared = tile + row * kTilePitch + pixel;
+      const int64_t global_step = kRows * copy.strides.channel;
+#pragma unroll
+      for (int step = 0; step < channels / kRows; ++step) {
+        move_packet(global + step * global_step, shared + step * kRows * kTilePitch, 1);
+      }
+      const int last = channels / kRows * kRows + row;
+      if (last < channels) move_packet(global + channels / kRows * global_step, tile + last * kTilePitch + pixel, 1);
+      break;
+    }
+    case TileAccess::kChannelsInnerPackets: {
+      // A pixel's channels are one contiguous run of channels / kPacket packets: warp w moves pixels w,
+      // w + kWarps, ..., lane l packets l, l + 32, ... of each
+      const int warp = t / 32, lane = t % 32, packets = channels / kPacket;
+      const int rows = (count - warp + kWarps - 1) / kWarps;
+#pragma unroll
+      for (int chunk = 0; chunk < (packets + 31) / 32; ++chunk) {
+        const int packet = lane + chunk * 32;
+        if (packet >= packets) break;
+        const auto global = image + (first + warp) * channels + packet * kPacket;
+        float* shared = tile + packet * kPacket * kTilePitch + warp;
+        if (rows == kTilePixels / kWarps) {
+#pragma unroll kUnroll
+          for (int r = 0; r < kTilePixels / kWarps; ++r) {
+            move_packet(global + r * kWarps * channels, shared + r * kWarps, kTilePitch);
+          }
+        } else {
+#pragma unroll 1
+          for (int r = 0; r < rows; ++r) move_packet(global + r * kWarps * channels, shared + r * kWarps, kTilePitch);
+        }
       }
       break;
     }
-    case TileAccess::kChannelsInnerPackets:
     case TileAccess::kChannelsInner: {
-      // The tile is the contiguous run [first C, (first + count) C); thread t takes runs of `width`
-      // elements kTilePixels runs apart, tracking (pixel, channel) without a division per step
-      const int width = access == TileAccess::kChannelsInner ? 1 : kPacket;
-      const int runs = count * channels / width;
-      const int step = kTilePixels * width;
-      int pixel = t * width / channels, ch = t * width % channels;
-      for (int run = t; run < runs; run += kTilePixels) {
-        const int64_t offset = first * channels + static_cast<int64_t>(run) * width;
-        if (width == 1) {
-          move(offset, tile + ch * kTilePitch + pixel);
-        } else {
-          move_packet(offset, tile + ch * kTilePitch + pixel, kTilePitch);
-        }
-        ch += step % channels;
-        pixel += step / channels + (ch >= channels ? 1 : 0);
-        ch -= ch >= channels ? channels : 0;
+      // The same run one element at a time: lanes take consecutive channels
+      const int warp = t / 32, lane = t % 32;
+#pragma unroll 1
+      for (int pixel = warp; pixel < count; pixel += kWarps) {
+#pragma unroll 1
+        for (int ch = lane; ch < channels; ch += 32) move(image + (first + pixel) * channels + ch, tile + ch * kTilePitch + pixel);
       }
       break;
     }
     case TileAccess::kPerPixel: {
       if (t < count) {
-        const int64_t offset = copy.strides.pixel_offset(first + t);
-        for (int ch = 0; ch < channels; ++ch) move(offset + ch * copy.strides.channel, tile + ch * kTilePitch + t);
+        const auto global = image + copy.strides.pixel_offset(first + t);
+#pragma unroll 1
+        for (int ch = 0; ch < channels; ++ch) move(global + ch * copy.strides.channel, tile + ch * kTilePitch + t);
       }
       break;
     }

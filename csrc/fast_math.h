@@ -58,15 +58,20 @@ VF_HOST_DEVICE float mul_add(float a, float b, float c) {
 #endif
 }
 
-// f / d and sqrt rounded to nearest, also under nvcc's --use_fast_math, which would approximate both.
-VF_HOST_DEVICE float div_rn(float f, float d) {
+// f / d for a positive normal d: on the GPU a reciprocal refined by one Newton step, within 1 ulp, where
+// __fdiv_rn would call a slow-path subroutine (and spill registers around the call) and --use_fast_math's
+// division would be 2 ulp.
+VF_HOST_DEVICE float div_normal(float f, float d) {
 #if defined(__CUDA_ARCH__)
-  return __fdiv_rn(f, d);
+  const float r = __fdividef(1.0f, d);
+  const float q = f * r;
+  return fmaf(fmaf(-d, q, f), r, q);
 #else
   return f / d;
 #endif
 }
 
+// sqrt rounded to nearest, also under nvcc's --use_fast_math, which would approximate it.
 VF_HOST_DEVICE float sqrt_rn(float x) {
 #if defined(__CUDA_ARCH__)
   return __fsqrt_rn(x);
@@ -130,7 +135,7 @@ VF_HOST_DEVICE LogArgument split_any_log_argument(float x) {
 // written as f - (f^2/2 - s (f^2/2 + R)) so that the exact f carries the leading bits; the series
 // R = sum 2 s^2j / (2j + 1) to j = 5 leaves < 1e-9.
 VF_HOST_DEVICE float log_reduced(float e, float f) {
-  const float s = div_rn(f, 2.0f + f);
+  const float s = div_normal(f, 2.0f + f);
   const float z = s * s;
   float series = 2.0f / 11.0f;
   series = mul_add(series, z, 2.0f / 9.0f);
@@ -217,9 +222,18 @@ VF_HOST_DEVICE float cos_angle_poly(float x) {
 // (the CPU kernels' float64, for gradcheck; no GPU kernel is built for it).
 // ----------------------------------------------------------------------------------------------
 
+#if defined(__CUDA_ARCH__)
+// 2^x by one MUFU.EX2 (ex2.approx.ftz, 2 ulp), whatever the compiler flags
+__device__ __forceinline__ float exp2_mufu(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+#endif
+
 VF_HOST_DEVICE float fast_exp(float x) {
 #if defined(__CUDA_ARCH__)
-  return __expf(x);
+  return exp2_mufu(x * kLog2e);  // what __expf computes, with its error bound
 #else
   return exp_poly(x);
 #endif
@@ -260,13 +274,13 @@ VF_HOST_DEVICE float fast_reciprocal(float d) {
 
 VF_HOST_DEVICE double fast_reciprocal(double d) { return 1.0 / d; }
 
-// tanh. On the GPU 1 - 2 / (1 + e^2x) with __expf and __fdividef: an absolute error below 1e-6 from
+// tanh. On the GPU 1 - 2 / (1 + e^2x) with MUFU.EX2 and __fdividef: an absolute error below 1e-6 from
 // their bounds (a tiny x loses its relative accuracy, which the coupled means x0 tanh(c) never need), in
 // 5 instructions where tanh_poly takes about 25. tanhf is not used: under --use_fast_math nvcc compiles
 // it to the single MUFU.TANH instruction (seen in the SASS), whose error the guide does not bound.
 VF_HOST_DEVICE float fast_tanh(float x) {
 #if defined(__CUDA_ARCH__)
-  return 1.0f - __fdividef(2.0f, 1.0f + __expf(2.0f * x));
+  return 1.0f - __fdividef(2.0f, 1.0f + exp2_mufu(x * (2.0f * kLog2e)));
 #else
   return tanh_poly(x);
 #endif
