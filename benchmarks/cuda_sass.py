@@ -6,10 +6,14 @@ Per kernel: registers, spill bytes and static shared memory (ptxas -v), SASS ins
 function unit) instructions, the widths of its global loads and stores (cuobjdump -sass; the cuobjdump in
 triton's wheel serves where the CUDA toolkit has none), and the instructions one thread executes, read off
 the control-flow graph of the SASS:
-- a kernel without loops (the dmol kernels at M = 10: every loop unrolled) executes at most the longest path
-  from its entry to an EXIT; one thread handles one pixel, so that is an upper bound per pixel;
-- a kernel with loops (grid-stride loops over packets of elements) executes its longest loop iteration once per
-  packet: per element, that iteration over the packet's element count.
+- the dmol kernels at M = 10 have every loop of their fast paths unrolled (the mixtures; the vector copies of
+  contiguous and channels_last tensors): a thread, which handles one pixel, executes at most the longest path
+  from the entry to an EXIT, each loop that is left (the scalar copies of unaligned or other strided tensors)
+  counted once. An upper bound per pixel for the vector copies; the instructions of a warp count once per
+  lane, idle lanes included, which is what they cost in issue slots;
+- a kernel with loops (grid-stride loops over packets of elements, the Gaussian ops) executes its longest loop
+  iteration once per packet: per element, that iteration over the packet's element count (its last template
+  argument; prologue and epilogue are left out); the finish kernels: per partial summed.
 Calls to the slow paths of IEEE division and square root (denormal or huge operands) are not followed.
 """
 
@@ -331,11 +335,9 @@ def _packet_elements(name: str) -> int:
 def _executed(kernel: Kernel) -> str:
     count = path_count(kernel.instructions)
     if kernel.name.startswith("dmol_") and kernel.name.endswith(f", {DMOL_MIXTURES}>"):
-        return (
-            f"≤ {count.longest} per pixel" if count.loop_iteration == 0 else f"loops: {count.loop_iteration}/iteration"
-        )
-    if kernel.name.startswith("dmol_"):
-        return "– (run-time M: loops)"
+        return f"≤ {count.longest} per pixel"
+    if kernel.name.startswith("dmol_") and kernel.name.endswith(", 0>"):
+        return "– (M at run time: loops over the mixtures)"
     if count.loop_iteration == 0:
         return f"≤ {count.longest} per thread"
     per = count.loop_iteration / _packet_elements(kernel.name)
@@ -367,7 +369,6 @@ def table(kernels: list[Kernel], command: str) -> str:
         lines[-3:-3] = [
             f"dmol_nll forward + backward at M = {DMOL_MIXTURES} in fp32: at most {forward} + {backward} = "
             f"{forward + backward} instructions per pixel.",
-            "",
         ]
     for k in kernels:
         mufu = sum(1 for _, text in k.instructions if "MUFU." in text)

@@ -66,7 +66,9 @@ VF_HOST_DEVICE int64_t log_scale_channel(int64_t mixtures, int colour, int64_t k
   return mixtures * (2 + 3 * colour) + k;
 }
 
-VF_HOST_DEVICE int64_t coeff_channel(int64_t mixtures, int colour, int64_t k) { return mixtures * (3 + 3 * colour) + k; }
+VF_HOST_DEVICE int64_t coeff_channel(int64_t mixtures, int colour, int64_t k) {
+  return mixtures * (3 + 3 * colour) + k;
+}
 
 // Quantization of the targets: bins of half width 1 / (2^bits - 1) on [-1, 1]
 template <typename T>
@@ -401,8 +403,7 @@ VF_HOST_DEVICE void dmol_nll_backward_pixel(const Channels& channel, const Joint
 
 // One pixel of reference.dmol_sample: the Gumbel-max pick of a mixture, then its logistic draws
 template <int kMixtures, typename Channels>
-VF_HOST_DEVICE PixelSample dmol_sample_pixel(const Channels& channel, int64_t mixtures, uint64_t seed,
-                                             uint32_t pixel) {
+VF_HOST_DEVICE PixelSample dmol_sample_pixel(const Channels& channel, int64_t mixtures, uint64_t seed, uint32_t pixel) {
   const int m = mixture_count<kMixtures>(mixtures);
   int choice = 0;
   float best = -std::numeric_limits<float>::infinity();

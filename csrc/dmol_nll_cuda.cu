@@ -95,7 +95,8 @@ __global__ void __launch_bounds__(kFinishThreads)
     dmol_nll_finish_kernel(const float* __restrict__ partial, int64_t tiles_per_image, float dims,
                            float* __restrict__ nll) {
   float sum = 0.0f;
-  for (int64_t i = threadIdx.x; i < tiles_per_image; i += kFinishThreads) sum += partial[blockIdx.x * tiles_per_image + i];
+  for (int64_t i = threadIdx.x; i < tiles_per_image; i += kFinishThreads)
+    sum += partial[blockIdx.x * tiles_per_image + i];
   sum = block_sum<kFinishThreads>(sum);
   if (threadIdx.x == 0) nll[blockIdx.x] = -sum / dims;
 }
@@ -119,7 +120,8 @@ __global__ void __launch_bounds__(kTilePixels, kMinBlocks)
                                              target.x2, task.bins, grad_nll[b * grad_nll_stride] / dims);
   }
   __syncthreads();
-  dmol::copy_tile<false, scalar_t, 10 * kMixtures>(grad_logits + b * grad_copy.strides.batch, tile, grad_copy, first, count);
+  dmol::copy_tile<false, scalar_t, 10 * kMixtures>(grad_logits + b * grad_copy.strides.batch, tile, grad_copy, first,
+                                                   count);
 }
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& x, int64_t num_bits) {
@@ -129,8 +131,9 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& x, int64_t num_bit
 
 PixelTask task_of(const at::Tensor& logits, int64_t num_bits) {
   const int64_t pixels = logits.size(2) * logits.size(3);
-  TORCH_CHECK(pixels < (int64_t{1} << 31) && logits.size(0) * ((pixels + kTilePixels - 1) / kTilePixels) < (int64_t{1} << 31),
-              "dmol_nll on CUDA takes fewer than 2^31 pixels per image and tiles per batch, got ", logits.sizes());
+  TORCH_CHECK(
+      pixels < (int64_t{1} << 31) && logits.size(0) * ((pixels + kTilePixels - 1) / kTilePixels) < (int64_t{1} << 31),
+      "dmol_nll on CUDA takes fewer than 2^31 pixels per image and tiles per batch, got ", logits.sizes());
   return {logits.size(1) / 10, pixels, (pixels + kTilePixels - 1) / kTilePixels, dmol::make_bins<float>(num_bits)};
 }
 
@@ -159,9 +162,8 @@ at::Tensor dmol_nll_forward_cuda(const at::Tensor& logits, const at::Tensor& x, 
       }
     }
   });
-  dmol_nll_finish_kernel<<<batch, kFinishThreads, 0, stream>>>(partial.data_ptr<float>(), task.tiles_per_image,
-                                                               static_cast<float>(3 * task.pixels),
-                                                               nll.data_ptr<float>());
+  dmol_nll_finish_kernel<<<batch, kFinishThreads, 0, stream>>>(
+      partial.data_ptr<float>(), task.tiles_per_image, static_cast<float>(3 * task.pixels), nll.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return nll;
 }

@@ -70,8 +70,8 @@ __attribute__((flatten)) void sample_tile(const float* __restrict__ rows, int64_
   for (int64_t k = 0; k < mixtures; ++k) {
     const float* logit = rows + k * row_stride;
     for (int64_t t = 0; t < count; ++t) {
-      const float score = dmol::gumbel_score(logit[t], seed, first_pixel + static_cast<uint32_t>(t),
-                                             static_cast<uint32_t>(k));
+      const float score =
+          dmol::gumbel_score(logit[t], seed, first_pixel + static_cast<uint32_t>(t), static_cast<uint32_t>(k));
       const bool replace = dmol::replaces_best(lanes.best[t], score);
       lanes.best[t] = replace ? score : lanes.best[t];
       lanes.choice[t] = replace ? static_cast<int32_t>(k) : lanes.choice[t];

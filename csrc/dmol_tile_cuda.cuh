@@ -78,8 +78,8 @@ struct TileCopy {
 
 inline TileCopy tile_copy_of(const at::Tensor& t) {
   const int64_t channels = t.size(1), height = t.size(2), width = t.size(3);
-  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % (kPacket * t.element_size()) == 0 &&
-                       t.stride(0) % kPacket == 0;
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(t.data_ptr()) % (kPacket * t.element_size()) == 0 && t.stride(0) % kPacket == 0;
   // The H and W dimensions collapse into one pixel dimension of this stride
   const auto pixels_with_stride = [&](int64_t s) {
     return (width == 1 || t.stride(3) == s) && (height == 1 || t.stride(2) == width * s);
@@ -192,7 +192,8 @@ __device__ void copy_tile(std::conditional_t<kLoad, const scalar_t*, scalar_t*> 
 #pragma unroll 1
       for (int pixel = warp; pixel < count; pixel += kWarps) {
 #pragma unroll 1
-        for (int ch = lane; ch < channels; ch += 32) move(image + (first + pixel) * channels + ch, tile + ch * kTilePitch + pixel);
+        for (int ch = lane; ch < channels; ch += 32)
+          move(image + (first + pixel) * channels + ch, tile + ch * kTilePitch + pixel);
       }
       break;
     }

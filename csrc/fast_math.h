@@ -121,7 +121,8 @@ struct LogArgument {
 VF_HOST_DEVICE LogArgument split_log_argument(float x) {
   constexpr uint32_t kSqrtHalfBits = 0x3f3504f3u;
   const uint32_t offset = float_bits(x) - kSqrtHalfBits;
-  return {static_cast<float>(static_cast<int32_t>(offset) >> 23), bits_float((offset & 0x007fffffu) + kSqrtHalfBits) - 1.0f};
+  return {static_cast<float>(static_cast<int32_t>(offset) >> 23),
+          bits_float((offset & 0x007fffffu) + kSqrtHalfBits) - 1.0f};
 }
 
 // The same for any positive x: subnormals are lifted by 2^23 first
@@ -170,8 +171,7 @@ VF_HOST_DEVICE float log_poly(float x) {
 VF_HOST_DEVICE float log_or_log1p_poly(bool plain, float v) {
   const LogArgument a = split_any_log_argument(v);
   const bool wide = v > 0.41421356f;
-  const float log_value =
-      log_reduced(plain ? a.e : (wide ? 1.0f : 0.0f), plain ? a.f : (wide ? 0.5f * (v - 1.0f) : v));
+  const float log_value = log_reduced(plain ? a.e : (wide ? 1.0f : 0.0f), plain ? a.f : (wide ? 0.5f * (v - 1.0f) : v));
   return plain ? log_special_cases(v, log_value) : log_value;
 }
 
@@ -208,8 +208,8 @@ VF_HOST_DEVICE float cos_angle_poly(float x) {
   const float sin_r =
       r + r * r2 * (-1.0f / 6.0f + r2 * (1.0f / 120.0f + r2 * (-1.0f / 5040.0f + r2 * (1.0f / 362880.0f))));
   const float cos_r =
-      1.0f - r2 * (0.5f - r2 * (1.0f / 24.0f +
-                                r2 * (-1.0f / 720.0f + r2 * (1.0f / 40320.0f + r2 * (-1.0f / 3628800.0f)))));
+      1.0f -
+      r2 * (0.5f - r2 * (1.0f / 24.0f + r2 * (-1.0f / 720.0f + r2 * (1.0f / 40320.0f + r2 * (-1.0f / 3628800.0f)))));
   // cos(r + q pi/2) cycles through cos r, -sin r, -cos r, sin r: chosen by a mask and signed by the sign bit,
   // as without AVX-512 gcc if-converts no select here (float or integer) and the loop would not vectorize.
   const uint32_t odd = 0u - (q_int & 1u);

@@ -45,8 +45,8 @@ VF_VECTOR_LOOP void backward_tile(const T* __restrict__ grad_kl, const T* __rest
 }
 
 template <typename scalar_t>
-void forward_parallel(const scalar_t* mu_q, const scalar_t* logsigma_q, const scalar_t* mu_p, const scalar_t* logsigma_p,
-                    at::opmath_type<scalar_t>* kl, int64_t numel) {
+void forward_parallel(const scalar_t* mu_q, const scalar_t* logsigma_q, const scalar_t* mu_p,
+                      const scalar_t* logsigma_p, at::opmath_type<scalar_t>* kl, int64_t numel) {
   using opmath_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     gaussian::Staging<scalar_t, opmath_t, 4, kTile> tile;
@@ -60,8 +60,8 @@ void forward_parallel(const scalar_t* mu_q, const scalar_t* logsigma_q, const sc
 
 template <typename scalar_t>
 void backward_parallel(const at::opmath_type<scalar_t>* grad_kl, const scalar_t* mu_q, const scalar_t* logsigma_q,
-                     const scalar_t* mu_p, const scalar_t* logsigma_p, scalar_t* g_mu_q, scalar_t* g_logsigma_q,
-                     scalar_t* g_mu_p, scalar_t* g_logsigma_p, int64_t numel) {
+                       const scalar_t* mu_p, const scalar_t* logsigma_p, scalar_t* g_mu_q, scalar_t* g_logsigma_q,
+                       scalar_t* g_mu_p, scalar_t* g_logsigma_p, int64_t numel) {
   using opmath_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     gaussian::Staging<scalar_t, opmath_t, 8, kTile> tile;
@@ -80,31 +80,31 @@ void backward_parallel(const at::opmath_type<scalar_t>* grad_kl, const scalar_t*
 }
 
 at::Tensor gaussian_kl_forward_cpu(const at::Tensor& mu_q, const at::Tensor& logsigma_q, const at::Tensor& mu_p,
-                               const at::Tensor& logsigma_p) {
+                                   const at::Tensor& logsigma_p) {
   check_dense(mu_q, "gaussian_kl");
   at::Tensor kl =
       at::empty_like(mu_q, mu_q.options().dtype(mu_q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "gaussian_kl_forward_cpu", [&] {
     forward_parallel<scalar_t>(mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
-                             logsigma_p.data_ptr<scalar_t>(), kl.data_ptr<at::opmath_type<scalar_t>>(), mu_q.numel());
+                               logsigma_p.data_ptr<scalar_t>(), kl.data_ptr<at::opmath_type<scalar_t>>(), mu_q.numel());
   });
   return kl;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_cpu(const at::Tensor& grad_kl,
-                                                                                const at::Tensor& mu_q,
-                                                                                const at::Tensor& logsigma_q,
-                                                                                const at::Tensor& mu_p,
-                                                                                const at::Tensor& logsigma_p) {
+                                                                                    const at::Tensor& mu_q,
+                                                                                    const at::Tensor& logsigma_q,
+                                                                                    const at::Tensor& mu_p,
+                                                                                    const at::Tensor& logsigma_p) {
   check_dense(mu_q, "gaussian_kl");
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
   at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "gaussian_kl_backward_cpu", [&] {
     backward_parallel<scalar_t>(grad_kl.data_ptr<at::opmath_type<scalar_t>>(), mu_q.data_ptr<scalar_t>(),
-                              logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
-                              logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
-                              g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(),
-                              g_logsigma_p.data_ptr<scalar_t>(), mu_q.numel());
+                                logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
+                                logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
+                                g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(),
+                                g_logsigma_p.data_ptr<scalar_t>(), mu_q.numel());
   });
   return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
 }

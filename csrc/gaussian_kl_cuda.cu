@@ -25,9 +25,9 @@ using gaussian::kThreads;
 
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
-                   const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
-                   at::opmath_type<scalar_t>* __restrict__ kl, int64_t packets) {
+    gaussian_kl_forward_kernel(const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
+                               const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
+                               at::opmath_type<scalar_t>* __restrict__ kl, int64_t packets) {
   using opmath_t = at::opmath_type<scalar_t>;
   using In = gaussian::Packet<scalar_t, kVec>;
   using Out = gaussian::Packet<opmath_t, kVec>;
@@ -40,8 +40,8 @@ __global__ void __launch_bounds__(kThreads)
     Out out;
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      out.v[v] = gaussian::kl(static_cast<opmath_t>(mq.v[v]), static_cast<opmath_t>(lsq.v[v]), static_cast<opmath_t>(mp.v[v]),
-                       static_cast<opmath_t>(lsp.v[v]));
+      out.v[v] = gaussian::kl(static_cast<opmath_t>(mq.v[v]), static_cast<opmath_t>(lsq.v[v]),
+                              static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
     }
     reinterpret_cast<Out*>(kl)[p] = out;
   }
@@ -49,11 +49,11 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl, const scalar_t* __restrict__ mu_q,
-                    const scalar_t* __restrict__ logsigma_q, const scalar_t* __restrict__ mu_p,
-                    const scalar_t* __restrict__ logsigma_p, scalar_t* __restrict__ g_mu_q,
-                    scalar_t* __restrict__ g_logsigma_q, scalar_t* __restrict__ g_mu_p,
-                    scalar_t* __restrict__ g_logsigma_p, int64_t packets) {
+    gaussian_kl_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl,
+                                const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
+                                const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
+                                scalar_t* __restrict__ g_mu_q, scalar_t* __restrict__ g_logsigma_q,
+                                scalar_t* __restrict__ g_mu_p, scalar_t* __restrict__ g_logsigma_p, int64_t packets) {
   using opmath_t = at::opmath_type<scalar_t>;
   using In = gaussian::Packet<scalar_t, kVec>;
   using Grad = gaussian::Packet<opmath_t, kVec>;
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int v = 0; v < kVec; ++v) {
       const gaussian::KlGrads<opmath_t> d =
           gaussian::kl_grads(gk.v[v], static_cast<opmath_t>(mq.v[v]), static_cast<opmath_t>(lsq.v[v]),
-                      static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
+                             static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
       out_mq.v[v] = static_cast<scalar_t>(d.mu_q);
       out_lsq.v[v] = static_cast<scalar_t>(d.logsigma_q);
       out_mp.v[v] = static_cast<scalar_t>(d.mu_p);
@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 at::Tensor gaussian_kl_forward_cuda(const at::Tensor& mu_q, const at::Tensor& logsigma_q, const at::Tensor& mu_p,
-                               const at::Tensor& logsigma_p) {
+                                    const at::Tensor& logsigma_p) {
   check_dense(mu_q, "gaussian_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   at::Tensor kl =
@@ -94,7 +94,7 @@ at::Tensor gaussian_kl_forward_cuda(const at::Tensor& mu_q, const at::Tensor& lo
   VF_DISPATCH_CUDA_FLOAT_TYPES(mu_q.scalar_type(), "gaussian_kl_forward_cuda", [&] {
     const auto launch = [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      forward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+      gaussian_kl_forward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
           mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
           logsigma_p.data_ptr<scalar_t>(), kl.data_ptr<at::opmath_type<scalar_t>>(), numel / kVec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -105,10 +105,10 @@ at::Tensor gaussian_kl_forward_cuda(const at::Tensor& mu_q, const at::Tensor& lo
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_cuda(const at::Tensor& grad_kl,
-                                                                                const at::Tensor& mu_q,
-                                                                                const at::Tensor& logsigma_q,
-                                                                                const at::Tensor& mu_p,
-                                                                                const at::Tensor& logsigma_p) {
+                                                                                     const at::Tensor& mu_q,
+                                                                                     const at::Tensor& logsigma_q,
+                                                                                     const at::Tensor& mu_p,
+                                                                                     const at::Tensor& logsigma_p) {
   check_dense(mu_q, "gaussian_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_
   VF_DISPATCH_CUDA_FLOAT_TYPES(mu_q.scalar_type(), "gaussian_kl_backward_cuda", [&] {
     const auto launch = [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      backward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+      gaussian_kl_backward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
           grad_kl.data_ptr<at::opmath_type<scalar_t>>(), mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(),
           mu_p.data_ptr<scalar_t>(), logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
           g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(), g_logsigma_p.data_ptr<scalar_t>(),

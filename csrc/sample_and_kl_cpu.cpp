@@ -86,9 +86,9 @@ VF_VECTOR_LOOP void backward_tile(const T* __restrict__ grad_z, T grad_kl, const
 }
 
 template <typename scalar_t>
-void forward_parallel(const scalar_t* mu_q, const scalar_t* logsigma_q, const scalar_t* mu_p, const scalar_t* logsigma_p,
-                    scalar_t* z, at::opmath_type<scalar_t>* kl, int64_t batch, Chunks chunks, gaussian::DenseLayout layout,
-                    uint64_t seed) {
+void forward_parallel(const scalar_t* mu_q, const scalar_t* logsigma_q, const scalar_t* mu_p,
+                      const scalar_t* logsigma_p, scalar_t* z, at::opmath_type<scalar_t>* kl, int64_t batch,
+                      Chunks chunks, gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
   std::vector<double> partial(chunks.count(batch), 0.0);
   at::parallel_for(0, chunks.count(batch), chunks.grain(), [&](int64_t first, int64_t last) {
@@ -120,9 +120,9 @@ void forward_parallel(const scalar_t* mu_q, const scalar_t* logsigma_q, const sc
 
 template <typename scalar_t>
 void backward_parallel(const scalar_t* grad_z, const at::opmath_type<scalar_t>* grad_kl, const scalar_t* mu_q,
-                     const scalar_t* logsigma_q, const scalar_t* mu_p, const scalar_t* logsigma_p, scalar_t* g_mu_q,
-                     scalar_t* g_logsigma_q, scalar_t* g_mu_p, scalar_t* g_logsigma_p, int64_t batch, Chunks chunks,
-                     gaussian::DenseLayout layout, uint64_t seed) {
+                       const scalar_t* logsigma_q, const scalar_t* mu_p, const scalar_t* logsigma_p, scalar_t* g_mu_q,
+                       scalar_t* g_logsigma_q, scalar_t* g_mu_p, scalar_t* g_logsigma_p, int64_t batch, Chunks chunks,
+                       gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, chunks.count(batch), chunks.grain(), [&](int64_t first, int64_t last) {
     alignas(64) float eps[kTile];
@@ -148,8 +148,8 @@ void backward_parallel(const scalar_t* grad_z, const at::opmath_type<scalar_t>* 
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cpu(const at::Tensor& mu_q, const at::Tensor& logsigma_q,
-                                                         const at::Tensor& mu_p, const at::Tensor& logsigma_p,
-                                                         int64_t seed) {
+                                                             const at::Tensor& mu_p, const at::Tensor& logsigma_p,
+                                                             int64_t seed) {
   check_dense(mu_q, "sample_and_kl");
   const int64_t batch = mu_q.size(0);
   at::Tensor z = at::empty_like(mu_q);
@@ -157,9 +157,9 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cpu(const at::Tensor& m
       at::empty({batch}, mu_q.options().dtype(mu_q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_forward_cpu", [&] {
     forward_parallel<scalar_t>(mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
-                             logsigma_p.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-                             kl.data_ptr<at::opmath_type<scalar_t>>(), batch, chunks_of(mu_q), gaussian::layout_of(mu_q),
-                             static_cast<uint64_t>(seed));
+                               logsigma_p.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                               kl.data_ptr<at::opmath_type<scalar_t>>(), batch, chunks_of(mu_q),
+                               gaussian::layout_of(mu_q), static_cast<uint64_t>(seed));
   });
   return {z, kl};
 }
@@ -172,11 +172,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backwar
   at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_backward_cpu", [&] {
     backward_parallel<scalar_t>(grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<at::opmath_type<scalar_t>>(),
-                              mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
-                              logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
-                              g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(),
-                              g_logsigma_p.data_ptr<scalar_t>(), mu_q.size(0), chunks_of(mu_q), gaussian::layout_of(mu_q),
-                              static_cast<uint64_t>(seed));
+                                mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
+                                logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
+                                g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(),
+                                g_logsigma_p.data_ptr<scalar_t>(), mu_q.size(0), chunks_of(mu_q),
+                                gaussian::layout_of(mu_q), static_cast<uint64_t>(seed));
   });
   return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
 }

@@ -49,10 +49,10 @@ __device__ T block_sum(T value) {
 
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
-                   const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p, scalar_t* __restrict__ z,
-                   at::opmath_type<scalar_t>* __restrict__ partials, int64_t slices, gaussian::DenseLayout layout,
-                   uint64_t seed) {
+    sample_and_kl_forward_kernel(const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
+                                 const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
+                                 scalar_t* __restrict__ z, at::opmath_type<scalar_t>* __restrict__ partials,
+                                 int64_t slices, gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Packet = gaussian::Packet<scalar_t, kVec>;
   const auto image = static_cast<uint32_t>(blockIdx.x / slices);
@@ -70,7 +70,8 @@ __global__ void __launch_bounds__(kThreads)
     Packet out;
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      const float eps = gaussian::gaussian_eps(seed, layout.logical_index_in_image(image, static_cast<uint32_t>(within + v)));
+      const float eps =
+          gaussian::gaussian_eps(seed, layout.logical_index_in_image(image, static_cast<uint32_t>(within + v)));
       const auto mu = static_cast<opmath_t>(mq.v[v]), logsigma = static_cast<opmath_t>(lsq.v[v]);
       out.v[v] = static_cast<scalar_t>(gaussian::sample(mu, logsigma, opmath_t(1), eps));
       sum += gaussian::kl(mu, logsigma, static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
@@ -83,7 +84,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // One thread per image adds its slices' partials in order.
 template <typename T>
-__global__ void sum_partials_kernel(const T* __restrict__ partials, T* __restrict__ kl, int64_t batch, int64_t slices) {
+__global__ void sample_and_kl_finish_kernel(const T* __restrict__ partials, T* __restrict__ kl, int64_t batch,
+                                            int64_t slices) {
   const int64_t image = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (image >= batch) return;
   double sum = 0.0;
@@ -93,11 +95,13 @@ __global__ void sum_partials_kernel(const T* __restrict__ partials, T* __restric
 
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const scalar_t* __restrict__ grad_z, const at::opmath_type<scalar_t>* __restrict__ grad_kl,
-                    const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
-                    const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
-                    scalar_t* __restrict__ g_mu_q, scalar_t* __restrict__ g_logsigma_q, scalar_t* __restrict__ g_mu_p,
-                    scalar_t* __restrict__ g_logsigma_p, int64_t slices, gaussian::DenseLayout layout, uint64_t seed) {
+    sample_and_kl_backward_kernel(const scalar_t* __restrict__ grad_z,
+                                  const at::opmath_type<scalar_t>* __restrict__ grad_kl,
+                                  const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
+                                  const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
+                                  scalar_t* __restrict__ g_mu_q, scalar_t* __restrict__ g_logsigma_q,
+                                  scalar_t* __restrict__ g_mu_p, scalar_t* __restrict__ g_logsigma_p, int64_t slices,
+                                  gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Packet = gaussian::Packet<scalar_t, kVec>;
   const auto image = static_cast<uint32_t>(blockIdx.x / slices);
@@ -116,12 +120,15 @@ __global__ void __launch_bounds__(kThreads)
     Packet out_mq, out_lsq, out_mp, out_lsp;
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      const float eps = gaussian::gaussian_eps(seed, layout.logical_index_in_image(image, static_cast<uint32_t>(within + v)));
+      const float eps =
+          gaussian::gaussian_eps(seed, layout.logical_index_in_image(image, static_cast<uint32_t>(within + v)));
       const auto grad = static_cast<opmath_t>(gz.v[v]), logsigma = static_cast<opmath_t>(lsq.v[v]);
-      const gaussian::KlGrads<opmath_t> d = gaussian::kl_grads(gkl, static_cast<opmath_t>(mq.v[v]), logsigma,
-                                                 static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
+      const gaussian::KlGrads<opmath_t> d =
+          gaussian::kl_grads(gkl, static_cast<opmath_t>(mq.v[v]), logsigma, static_cast<opmath_t>(mp.v[v]),
+                             static_cast<opmath_t>(lsp.v[v]));
       out_mq.v[v] = static_cast<scalar_t>(grad + d.mu_q);
-      out_lsq.v[v] = static_cast<scalar_t>(gaussian::sample_grad_logsigma(grad, logsigma, opmath_t(1), eps) + d.logsigma_q);
+      out_lsq.v[v] =
+          static_cast<scalar_t>(gaussian::sample_grad_logsigma(grad, logsigma, opmath_t(1), eps) + d.logsigma_q);
       out_mp.v[v] = static_cast<scalar_t>(d.mu_p);
       out_lsp.v[v] = static_cast<scalar_t>(d.logsigma_p);
     }
@@ -133,8 +140,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cuda(const at::Tensor& mu_q, const at::Tensor& logsigma_q,
-                                                         const at::Tensor& mu_p, const at::Tensor& logsigma_p,
-                                                         int64_t seed) {
+                                                              const at::Tensor& mu_p, const at::Tensor& logsigma_p,
+                                                              int64_t seed) {
   check_dense(mu_q, "sample_and_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   const int64_t batch = mu_q.size(0);
@@ -151,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cuda(const at::Tensor& 
     using opmath_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      forward_kernel<scalar_t, kVec><<<static_cast<unsigned>(batch * slices), kThreads, 0, stream>>>(
+      sample_and_kl_forward_kernel<scalar_t, kVec><<<static_cast<unsigned>(batch * slices), kThreads, 0, stream>>>(
           mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
           logsigma_p.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), partials.data_ptr<opmath_t>(), slices, layout,
           static_cast<uint64_t>(seed));
@@ -159,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cuda(const at::Tensor& 
     };
     gaussian::launch_by_packets<scalar_t>(layout.image_size, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &z}, launch);
     const int blocks = static_cast<int>((batch + kThreads - 1) / kThreads);
-    sum_partials_kernel<opmath_t>
+    sample_and_kl_finish_kernel<opmath_t>
         <<<blocks, kThreads, 0, stream>>>(partials.data_ptr<opmath_t>(), kl.data_ptr<opmath_t>(), batch, slices);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -183,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backwar
     using opmath_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      backward_kernel<scalar_t, kVec><<<static_cast<unsigned>(batch * slices), kThreads, 0, stream>>>(
+      sample_and_kl_backward_kernel<scalar_t, kVec><<<static_cast<unsigned>(batch * slices), kThreads, 0, stream>>>(
           grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<opmath_t>(), mu_q.data_ptr<scalar_t>(),
           logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(), logsigma_p.data_ptr<scalar_t>(),
           g_mu_q.data_ptr<scalar_t>(), g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(),

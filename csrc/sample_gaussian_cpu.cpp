@@ -29,12 +29,13 @@ VF_VECTOR_LOOP void forward_tile(const T* __restrict__ mu, const T* __restrict__
 template <typename T>
 VF_VECTOR_LOOP void backward_tile(const T* __restrict__ grad_z, const T* __restrict__ logsigma,
                                   const float* __restrict__ eps, T* __restrict__ g_logsigma, T temperature, int count) {
-  for (int k = 0; k < count; ++k) g_logsigma[k] = gaussian::sample_grad_logsigma(grad_z[k], logsigma[k], temperature, eps[k]);
+  for (int k = 0; k < count; ++k)
+    g_logsigma[k] = gaussian::sample_grad_logsigma(grad_z[k], logsigma[k], temperature, eps[k]);
 }
 
 template <typename scalar_t>
 void forward_parallel(const scalar_t* mu, const scalar_t* logsigma, scalar_t* z, int64_t numel, double temperature,
-                    gaussian::DenseLayout layout, uint64_t seed) {
+                      gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto t = static_cast<opmath_t>(temperature);
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
@@ -54,7 +55,7 @@ void forward_parallel(const scalar_t* mu, const scalar_t* logsigma, scalar_t* z,
 // ∂z/∂mu = 1: grad_mu is grad_z itself, copied (the dtypes agree).
 template <typename scalar_t>
 void backward_parallel(const scalar_t* grad_z, const scalar_t* logsigma, scalar_t* g_mu, scalar_t* g_logsigma,
-                     int64_t numel, double temperature, gaussian::DenseLayout layout, uint64_t seed) {
+                       int64_t numel, double temperature, gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto t = static_cast<opmath_t>(temperature);
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
@@ -72,25 +73,26 @@ void backward_parallel(const scalar_t* grad_z, const scalar_t* logsigma, scalar_
   });
 }
 
-at::Tensor sample_gaussian_forward_cpu(const at::Tensor& mu, const at::Tensor& logsigma, double temperature, int64_t seed) {
+at::Tensor sample_gaussian_forward_cpu(const at::Tensor& mu, const at::Tensor& logsigma, double temperature,
+                                       int64_t seed) {
   check_dense(mu, "sample_gaussian");
   at::Tensor z = at::empty_like(mu);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "sample_gaussian_forward_cpu", [&] {
-    forward_parallel<scalar_t>(mu.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), mu.numel(),
-                             temperature, gaussian::layout_of(mu), static_cast<uint64_t>(seed));
+    forward_parallel<scalar_t>(mu.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                               mu.numel(), temperature, gaussian::layout_of(mu), static_cast<uint64_t>(seed));
   });
   return z;
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cpu(const at::Tensor& grad_z, const at::Tensor& mu,
-                                                            const at::Tensor& logsigma, double temperature,
-                                                            int64_t seed) {
+                                                                const at::Tensor& logsigma, double temperature,
+                                                                int64_t seed) {
   check_dense(mu, "sample_gaussian");
   at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(logsigma);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "sample_gaussian_backward_cpu", [&] {
     backward_parallel<scalar_t>(grad_z.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), g_mu.data_ptr<scalar_t>(),
-                              g_logsigma.data_ptr<scalar_t>(), mu.numel(), temperature, gaussian::layout_of(mu),
-                              static_cast<uint64_t>(seed));
+                                g_logsigma.data_ptr<scalar_t>(), mu.numel(), temperature, gaussian::layout_of(mu),
+                                static_cast<uint64_t>(seed));
   });
   return {g_mu, g_logsigma};
 }

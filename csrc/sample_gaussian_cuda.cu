@@ -25,8 +25,9 @@ using gaussian::kThreads;
 
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logsigma, scalar_t* __restrict__ z,
-                   int64_t packets, at::opmath_type<scalar_t> temperature, gaussian::DenseLayout layout, uint64_t seed) {
+    sample_gaussian_forward_kernel(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logsigma,
+                                   scalar_t* __restrict__ z, int64_t packets, at::opmath_type<scalar_t> temperature,
+                                   gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Packet = gaussian::Packet<scalar_t, kVec>;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
@@ -47,9 +48,10 @@ __global__ void __launch_bounds__(kThreads)
 // ∂z/∂mu = 1: grad_mu is grad_z itself.
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ logsigma,
-                    scalar_t* __restrict__ g_mu, scalar_t* __restrict__ g_logsigma, int64_t packets,
-                    at::opmath_type<scalar_t> temperature, gaussian::DenseLayout layout, uint64_t seed) {
+    sample_gaussian_backward_kernel(const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ logsigma,
+                                    scalar_t* __restrict__ g_mu, scalar_t* __restrict__ g_logsigma, int64_t packets,
+                                    at::opmath_type<scalar_t> temperature, gaussian::DenseLayout layout,
+                                    uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Packet = gaussian::Packet<scalar_t, kVec>;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
@@ -60,15 +62,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
       const float eps = gaussian::gaussian_eps(seed, layout.logical_index(static_cast<uint32_t>(p * kVec + v)));
-      out.v[v] = static_cast<scalar_t>(
-          gaussian::sample_grad_logsigma(static_cast<opmath_t>(gz.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps));
+      out.v[v] = static_cast<scalar_t>(gaussian::sample_grad_logsigma(
+          static_cast<opmath_t>(gz.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps));
     }
     reinterpret_cast<Packet*>(g_mu)[p] = gz;
     reinterpret_cast<Packet*>(g_logsigma)[p] = out;
   }
 }
 
-at::Tensor sample_gaussian_forward_cuda(const at::Tensor& mu, const at::Tensor& logsigma, double temperature, int64_t seed) {
+at::Tensor sample_gaussian_forward_cuda(const at::Tensor& mu, const at::Tensor& logsigma, double temperature,
+                                        int64_t seed) {
   check_dense(mu, "sample_gaussian");
   const c10::cuda::OptionalCUDAGuard device_guard(mu.device());
   at::Tensor z = at::empty_like(mu);
@@ -80,7 +83,7 @@ at::Tensor sample_gaussian_forward_cuda(const at::Tensor& mu, const at::Tensor& 
     using opmath_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      forward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+      sample_gaussian_forward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
           mu.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), numel / kVec,
           static_cast<opmath_t>(temperature), layout, static_cast<uint64_t>(seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -91,8 +94,8 @@ at::Tensor sample_gaussian_forward_cuda(const at::Tensor& mu, const at::Tensor& 
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cuda(const at::Tensor& grad_z, const at::Tensor& mu,
-                                                            const at::Tensor& logsigma, double temperature,
-                                                            int64_t seed) {
+                                                                 const at::Tensor& logsigma, double temperature,
+                                                                 int64_t seed) {
   check_dense(mu, "sample_gaussian");
   const c10::cuda::OptionalCUDAGuard device_guard(mu.device());
   at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(logsigma);
@@ -104,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cuda(const at::Tenso
     using opmath_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      backward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+      sample_gaussian_backward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
           grad_z.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), g_mu.data_ptr<scalar_t>(),
           g_logsigma.data_ptr<scalar_t>(), numel / kVec, static_cast<opmath_t>(temperature), layout,
           static_cast<uint64_t>(seed));
