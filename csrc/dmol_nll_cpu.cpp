@@ -55,10 +55,10 @@ void logsumexp_rows(const acc_t* rows, int64_t count, acc_t* shift, acc_t* log_s
   for (int64_t k = 0; k < count; ++k) {
     const acc_t* row = rows + k * kTile;
 #pragma omp simd
-    for (int64_t t = 0; t < kTile; ++t) sum[t] += dmol::vf_exp(row[t] - shift[t]);
+    for (int64_t t = 0; t < kTile; ++t) sum[t] += fast_exp(row[t] - shift[t]);
   }
 #pragma omp simd
-  for (int64_t t = 0; t < kTile; ++t) log_sum[t] = dmol::vf_log(sum[t]);
+  for (int64_t t = 0; t < kTile; ++t) log_sum[t] = fast_log(sum[t]);
 }
 
 // Scratch of one thread, reused across its tiles
@@ -136,8 +136,8 @@ struct Tile {
       acc_t weight[kTile];
 #pragma omp simd
       for (int64_t t = 0; t < kTile; ++t) {
-        const acc_t r = dmol::vf_exp((lp[t] - all_shift[t]) - all_log_sum[t]);
-        const acc_t softmax = dmol::vf_exp((pi[t] - mix_shift[t]) - mix_log_sum[t]);
+        const acc_t r = fast_exp((lp[t] - all_shift[t]) - all_log_sum[t]);
+        const acc_t softmax = fast_exp((pi[t] - mix_shift[t]) - mix_log_sum[t]);
         d_pi[t] = g * (softmax - r);
         weight[t] = -g * r;
       }

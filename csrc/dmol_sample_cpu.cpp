@@ -1,4 +1,4 @@
-// CPU kernel of dmol_sample: the steps of dmol_math.h's sample_pixel (Gumbel-max mixture pick,
+// CPU kernel of dmol_sample: the steps of dmol_math.h's dmol_sample_pixel (Gumbel-max mixture pick,
 // logistic draw, RGB coupling, clamp to [-1, 1]) over tiles of kTile pixels of one image, each step a
 // loop over the tile's lanes that the compiler vectorizes (Philox included). Float NCHW logits are
 // read in place, one contiguous row per channel; other layouts and dtypes are gathered into rows.
@@ -58,7 +58,7 @@ struct Lanes {
   }
 };
 
-// sample_pixel's steps for the `count` lanes of a tile, on its channel rows (channel ch of lane t at
+// dmol_sample_pixel's steps for the `count` lanes of a tile, on its channel rows (channel ch of lane t at
 // rows[ch * row_stride + t]). flatten inlines Philox and the math into the loops, where a call would
 // stop the vectorizer.
 __attribute__((flatten)) void sample_tile(const float* __restrict__ rows, int64_t row_stride, int64_t mixtures,
@@ -70,8 +70,8 @@ __attribute__((flatten)) void sample_tile(const float* __restrict__ rows, int64_
   for (int64_t k = 0; k < mixtures; ++k) {
     const float* logit = rows + k * row_stride;
     for (int64_t t = 0; t < count; ++t) {
-      const float score = dmol::gumbel_score(logit[t], seed, first_pixel + static_cast<uint32_t>(t),
-                                             static_cast<uint32_t>(k));
+      const float score =
+          dmol::gumbel_score(logit[t], seed, first_pixel + static_cast<uint32_t>(t), static_cast<uint32_t>(k));
       const bool replace = dmol::replaces_best(lanes.best[t], score);
       lanes.best[t] = replace ? score : lanes.best[t];
       lanes.choice[t] = replace ? static_cast<int32_t>(k) : lanes.choice[t];
@@ -105,7 +105,7 @@ __attribute__((flatten)) void sample_tile(const float* __restrict__ rows, int64_
 namespace vdvae_fast {
 namespace {
 
-at::Tensor dmol_sample_cpu(const at::Tensor& logits, int64_t seed) {
+at::Tensor dmol_sample_forward_cpu(const at::Tensor& logits, int64_t seed) {
   TORCH_CHECK(logits.dim() == 4 && logits.size(1) % 10 == 0 && logits.size(1) > 0,
               "dmol_sample: logits must be (B, 10M, H, W), got ", logits.sizes());
   const int64_t batch = logits.size(0), channels = logits.size(1), mixtures = channels / 10;
@@ -115,7 +115,7 @@ at::Tensor dmol_sample_cpu(const at::Tensor& logits, int64_t seed) {
   float* out = image.data_ptr<float>();
   // Tiles per task: ~16k Gumbel draws, enough to amortize a thread, small enough to balance
   const int64_t grain = std::max<int64_t>(1, 16384 / (kTile * mixtures));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dmol_sample_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dmol_sample_forward_cpu", [&] {
     const scalar_t* in = logits.data_ptr<scalar_t>();
     at::parallel_for(0, batch * tiles_per_image, grain, [&](int64_t begin, int64_t end) {
       Lanes lanes;
@@ -147,6 +147,6 @@ at::Tensor dmol_sample_cpu(const at::Tensor& logits, int64_t seed) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vdvae_fast_C, CPU, m) { m.impl("dmol_sample", &dmol_sample_cpu); }
+TORCH_LIBRARY_IMPL(vdvae_fast_C, CPU, m) { m.impl("dmol_sample", &dmol_sample_forward_cpu); }
 
 }  // namespace vdvae_fast

@@ -8,6 +8,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "cuda_dispatch.cuh"
 #include "gaussian_math.h"
 #include "kernel_checks.h"
 

@@ -13,9 +13,8 @@
 #include "gaussian_math.h"
 #include "kernel_checks.h"
 
+namespace vdvae_fast {
 namespace {
-
-namespace g = vdvae_fast::gaussian;
 
 constexpr int kTile = 256;  // elements per stack-buffered tile (half-precision inputs are widened per tile)
 constexpr int64_t kGrain = 32768;
@@ -27,7 +26,7 @@ template <typename T>
 VF_VECTOR_LOOP void forward_tile(const T* __restrict__ mu_q, const T* __restrict__ logsigma_q,
                                  const T* __restrict__ mu_p, const T* __restrict__ logsigma_p, T* __restrict__ kl,
                                  int count) {
-  for (int k = 0; k < count; ++k) kl[k] = g::kl(mu_q[k], logsigma_q[k], mu_p[k], logsigma_p[k]);
+  for (int k = 0; k < count; ++k) kl[k] = gaussian::kl(mu_q[k], logsigma_q[k], mu_p[k], logsigma_p[k]);
 }
 
 template <typename T>
@@ -37,7 +36,7 @@ VF_VECTOR_LOOP void backward_tile(const T* __restrict__ grad_kl, const T* __rest
                                   T* __restrict__ g_logsigma_q, T* __restrict__ g_mu_p, T* __restrict__ g_logsigma_p,
                                   int count) {
   for (int k = 0; k < count; ++k) {
-    const g::KlGrads<T> d = g::kl_grads(grad_kl[k], mu_q[k], logsigma_q[k], mu_p[k], logsigma_p[k]);
+    const gaussian::KlGrads<T> d = gaussian::kl_grads(grad_kl[k], mu_q[k], logsigma_q[k], mu_p[k], logsigma_p[k]);
     g_mu_q[k] = d.mu_q;
     g_logsigma_q[k] = d.logsigma_q;
     g_mu_p[k] = d.mu_p;
@@ -46,11 +45,11 @@ VF_VECTOR_LOOP void backward_tile(const T* __restrict__ grad_kl, const T* __rest
 }
 
 template <typename scalar_t>
-void forward_kernel(const scalar_t* mu_q, const scalar_t* logsigma_q, const scalar_t* mu_p, const scalar_t* logsigma_p,
-                    at::opmath_type<scalar_t>* kl, int64_t numel) {
+void forward_parallel(const scalar_t* mu_q, const scalar_t* logsigma_q, const scalar_t* mu_p,
+                      const scalar_t* logsigma_p, at::opmath_type<scalar_t>* kl, int64_t numel) {
   using opmath_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    g::Staging<scalar_t, opmath_t, 4, kTile> tile;
+    gaussian::Staging<scalar_t, opmath_t, 4, kTile> tile;
     for (int64_t start = begin; start < end; start += kTile) {
       const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
       forward_tile(tile.load(mu_q + start, 0, count), tile.load(logsigma_q + start, 1, count),
@@ -60,12 +59,12 @@ void forward_kernel(const scalar_t* mu_q, const scalar_t* logsigma_q, const scal
 }
 
 template <typename scalar_t>
-void backward_kernel(const at::opmath_type<scalar_t>* grad_kl, const scalar_t* mu_q, const scalar_t* logsigma_q,
-                     const scalar_t* mu_p, const scalar_t* logsigma_p, scalar_t* g_mu_q, scalar_t* g_logsigma_q,
-                     scalar_t* g_mu_p, scalar_t* g_logsigma_p, int64_t numel) {
+void backward_parallel(const at::opmath_type<scalar_t>* grad_kl, const scalar_t* mu_q, const scalar_t* logsigma_q,
+                       const scalar_t* mu_p, const scalar_t* logsigma_p, scalar_t* g_mu_q, scalar_t* g_logsigma_q,
+                       scalar_t* g_mu_p, scalar_t* g_logsigma_p, int64_t numel) {
   using opmath_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    g::Staging<scalar_t, opmath_t, 8, kTile> tile;
+    gaussian::Staging<scalar_t, opmath_t, 8, kTile> tile;
     for (int64_t start = begin; start < end; start += kTile) {
       const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
       backward_tile(grad_kl + start, tile.load(mu_q + start, 0, count), tile.load(logsigma_q + start, 1, count),
@@ -80,32 +79,32 @@ void backward_kernel(const at::opmath_type<scalar_t>* grad_kl, const scalar_t* m
   });
 }
 
-at::Tensor gaussian_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigma_q, const at::Tensor& mu_p,
-                               const at::Tensor& logsigma_p) {
-  vdvae_fast::check_dense(mu_q, "gaussian_kl");
+at::Tensor gaussian_kl_forward_cpu(const at::Tensor& mu_q, const at::Tensor& logsigma_q, const at::Tensor& mu_p,
+                                   const at::Tensor& logsigma_p) {
+  check_dense(mu_q, "gaussian_kl");
   at::Tensor kl =
       at::empty_like(mu_q, mu_q.options().dtype(mu_q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "gaussian_kl_forward_cpu", [&] {
-    forward_kernel<scalar_t>(mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
-                             logsigma_p.data_ptr<scalar_t>(), kl.data_ptr<at::opmath_type<scalar_t>>(), mu_q.numel());
+    forward_parallel<scalar_t>(mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
+                               logsigma_p.data_ptr<scalar_t>(), kl.data_ptr<at::opmath_type<scalar_t>>(), mu_q.numel());
   });
   return kl;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(const at::Tensor& grad_kl,
-                                                                                const at::Tensor& mu_q,
-                                                                                const at::Tensor& logsigma_q,
-                                                                                const at::Tensor& mu_p,
-                                                                                const at::Tensor& logsigma_p) {
-  vdvae_fast::check_dense(mu_q, "gaussian_kl");
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_cpu(const at::Tensor& grad_kl,
+                                                                                    const at::Tensor& mu_q,
+                                                                                    const at::Tensor& logsigma_q,
+                                                                                    const at::Tensor& mu_p,
+                                                                                    const at::Tensor& logsigma_p) {
+  check_dense(mu_q, "gaussian_kl");
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
   at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "gaussian_kl_backward_cpu", [&] {
-    backward_kernel<scalar_t>(grad_kl.data_ptr<at::opmath_type<scalar_t>>(), mu_q.data_ptr<scalar_t>(),
-                              logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
-                              logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
-                              g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(),
-                              g_logsigma_p.data_ptr<scalar_t>(), mu_q.numel());
+    backward_parallel<scalar_t>(grad_kl.data_ptr<at::opmath_type<scalar_t>>(), mu_q.data_ptr<scalar_t>(),
+                                logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
+                                logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
+                                g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(),
+                                g_logsigma_p.data_ptr<scalar_t>(), mu_q.numel());
   });
   return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
 }
@@ -113,6 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vdvae_fast_C, CPU, m) {
-  m.impl("gaussian_kl_forward", &gaussian_kl_forward);
-  m.impl("gaussian_kl_backward", &gaussian_kl_backward);
+  m.impl("gaussian_kl_forward", &gaussian_kl_forward_cpu);
+  m.impl("gaussian_kl_backward", &gaussian_kl_backward_cpu);
 }
+
+}  // namespace vdvae_fast

@@ -17,21 +17,20 @@
 
 #include "gaussian_cuda.cuh"
 
+namespace vdvae_fast {
 namespace {
 
-namespace g = vdvae_fast::gaussian;
-
-using g::grid_for;
-using g::kThreads;
+using gaussian::grid_for;
+using gaussian::kThreads;
 
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
-                   const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
-                   at::opmath_type<scalar_t>* __restrict__ kl, int64_t packets) {
+    gaussian_kl_forward_kernel(const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
+                               const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
+                               at::opmath_type<scalar_t>* __restrict__ kl, int64_t packets) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using In = g::Packet<scalar_t, kVec>;
-  using Out = g::Packet<opmath_t, kVec>;
+  using In = gaussian::Packet<scalar_t, kVec>;
+  using Out = gaussian::Packet<opmath_t, kVec>;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
        p += static_cast<int64_t>(gridDim.x) * kThreads) {
     const In mq = reinterpret_cast<const In*>(mu_q)[p];
@@ -41,8 +40,8 @@ __global__ void __launch_bounds__(kThreads)
     Out out;
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      out.v[v] = g::kl(static_cast<opmath_t>(mq.v[v]), static_cast<opmath_t>(lsq.v[v]), static_cast<opmath_t>(mp.v[v]),
-                       static_cast<opmath_t>(lsp.v[v]));
+      out.v[v] = gaussian::kl(static_cast<opmath_t>(mq.v[v]), static_cast<opmath_t>(lsq.v[v]),
+                              static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
     }
     reinterpret_cast<Out*>(kl)[p] = out;
   }
@@ -50,14 +49,14 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl, const scalar_t* __restrict__ mu_q,
-                    const scalar_t* __restrict__ logsigma_q, const scalar_t* __restrict__ mu_p,
-                    const scalar_t* __restrict__ logsigma_p, scalar_t* __restrict__ g_mu_q,
-                    scalar_t* __restrict__ g_logsigma_q, scalar_t* __restrict__ g_mu_p,
-                    scalar_t* __restrict__ g_logsigma_p, int64_t packets) {
+    gaussian_kl_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl,
+                                const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
+                                const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
+                                scalar_t* __restrict__ g_mu_q, scalar_t* __restrict__ g_logsigma_q,
+                                scalar_t* __restrict__ g_mu_p, scalar_t* __restrict__ g_logsigma_p, int64_t packets) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using In = g::Packet<scalar_t, kVec>;
-  using Grad = g::Packet<opmath_t, kVec>;
+  using In = gaussian::Packet<scalar_t, kVec>;
+  using Grad = gaussian::Packet<opmath_t, kVec>;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
        p += static_cast<int64_t>(gridDim.x) * kThreads) {
     const Grad gk = reinterpret_cast<const Grad*>(grad_kl)[p];
@@ -68,9 +67,9 @@ __global__ void __launch_bounds__(kThreads)
     In out_mq, out_lsq, out_mp, out_lsp;
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      const g::KlGrads<opmath_t> d =
-          g::kl_grads(gk.v[v], static_cast<opmath_t>(mq.v[v]), static_cast<opmath_t>(lsq.v[v]),
-                      static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
+      const gaussian::KlGrads<opmath_t> d =
+          gaussian::kl_grads(gk.v[v], static_cast<opmath_t>(mq.v[v]), static_cast<opmath_t>(lsq.v[v]),
+                             static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
       out_mq.v[v] = static_cast<scalar_t>(d.mu_q);
       out_lsq.v[v] = static_cast<scalar_t>(d.logsigma_q);
       out_mp.v[v] = static_cast<scalar_t>(d.mu_p);
@@ -83,51 +82,51 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor gaussian_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigma_q, const at::Tensor& mu_p,
-                               const at::Tensor& logsigma_p) {
-  vdvae_fast::check_dense(mu_q, "gaussian_kl");
+at::Tensor gaussian_kl_forward_cuda(const at::Tensor& mu_q, const at::Tensor& logsigma_q, const at::Tensor& mu_p,
+                                    const at::Tensor& logsigma_p) {
+  check_dense(mu_q, "gaussian_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   at::Tensor kl =
       at::empty_like(mu_q, mu_q.options().dtype(mu_q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   const int64_t numel = mu_q.numel();
   if (numel == 0) return kl;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "gaussian_kl_forward_cuda", [&] {
+  VF_DISPATCH_CUDA_FLOAT_TYPES(mu_q.scalar_type(), "gaussian_kl_forward_cuda", [&] {
     const auto launch = [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      forward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+      gaussian_kl_forward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
           mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
           logsigma_p.data_ptr<scalar_t>(), kl.data_ptr<at::opmath_type<scalar_t>>(), numel / kVec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    g::launch_by_packets<scalar_t>(numel, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &kl}, launch);
+    gaussian::launch_by_packets<scalar_t>(numel, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &kl}, launch);
   });
   return kl;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(const at::Tensor& grad_kl,
-                                                                                const at::Tensor& mu_q,
-                                                                                const at::Tensor& logsigma_q,
-                                                                                const at::Tensor& mu_p,
-                                                                                const at::Tensor& logsigma_p) {
-  vdvae_fast::check_dense(mu_q, "gaussian_kl");
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_cuda(const at::Tensor& grad_kl,
+                                                                                     const at::Tensor& mu_q,
+                                                                                     const at::Tensor& logsigma_q,
+                                                                                     const at::Tensor& mu_p,
+                                                                                     const at::Tensor& logsigma_p) {
+  check_dense(mu_q, "gaussian_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
   at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);
   const int64_t numel = mu_q.numel();
   if (numel == 0) return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "gaussian_kl_backward_cuda", [&] {
+  VF_DISPATCH_CUDA_FLOAT_TYPES(mu_q.scalar_type(), "gaussian_kl_backward_cuda", [&] {
     const auto launch = [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      backward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+      gaussian_kl_backward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
           grad_kl.data_ptr<at::opmath_type<scalar_t>>(), mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(),
           mu_p.data_ptr<scalar_t>(), logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
           g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(), g_logsigma_p.data_ptr<scalar_t>(),
           numel / kVec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    g::launch_by_packets<scalar_t>(
+    gaussian::launch_by_packets<scalar_t>(
         numel, {&grad_kl, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q, &g_logsigma_q, &g_mu_p, &g_logsigma_p},
         launch);
   });
@@ -137,6 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vdvae_fast_C, CUDA, m) {
-  m.impl("gaussian_kl_forward", &gaussian_kl_forward);
-  m.impl("gaussian_kl_backward", &gaussian_kl_backward);
+  m.impl("gaussian_kl_forward", &gaussian_kl_forward_cuda);
+  m.impl("gaussian_kl_backward", &gaussian_kl_backward_cuda);
 }
+
+}  // namespace vdvae_fast

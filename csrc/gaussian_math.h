@@ -6,135 +6,29 @@
 // Philox stream (philox.h) at the element's logical row-major index, so z does not depend on the
 // memory layout and backward passes regenerate eps instead of storing it.
 //
-// exp, and log and cos for Box-Muller, are written here as branch-free float polynomials:
-// the libm calls are opaque to gcc's vectorizer without -ffast-math, and on the GPU they would become the
-// less accurate intrinsics of --use_fast_math. Both backends thus compute the same eps as philox_normal
-// to a few ulp.
+// exp, and log and cos for Box-Muller, are fast_math.h's accurate polynomials on the host and the GPU:
+// libm calls are opaque to gcc's vectorizer without -ffast-math, and on the GPU they would become the
+// less accurate intrinsics of --use_fast_math. Both backends thus compute the same eps to a few ulp.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
+#include "fast_math.h"
 #include "philox.h"
 
 namespace vdvae_fast {
 namespace gaussian {
 
-VF_HOST_DEVICE uint32_t float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  return bits;
-#endif
-}
-
-VF_HOST_DEVICE float bits_float(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float x;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
-#endif
-}
-
-// Adding 1.5·2^23 rounds a float of magnitude below 2^22 to an integer held in the low mantissa bits,
-// which gives the integer without a float-to-int conversion (undefined for NaN).
-constexpr float kRoundShift = 12582912.0f;
-// ln 2 split so that k·kLn2Hi is exact for |k| < 2^9.
-constexpr float kLn2Hi = 0x1.62e400p-1f;
-constexpr float kLn2Lo = 0x1.7f7d1cp-20f;
-
-// e^x: x = k ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial, times 2^k applied in two
-// halves so that subnormal results and overflow to inf come out right. NaN propagates.
-VF_HOST_DEVICE float exp_f(float x) {
-  x = x > 89.0f ? 89.0f : x;      // e^89 is already inf in float
-  x = x < -104.0f ? -104.0f : x;  // e^-104 already rounds to 0
-  const float shifted = x * 1.44269504088896341f + kRoundShift;
-  const float k = shifted - kRoundShift;
-  const int32_t k_int = static_cast<int32_t>(float_bits(shifted) - float_bits(kRoundShift));
-  const float r = (x - k * kLn2Hi) - k * kLn2Lo;
-  const float p =
-      1.0f +
-      r * (1.0f +
-           r * (0.5f + r * (1.0f / 6.0f +
-                            r * (1.0f / 24.0f + r * (1.0f / 120.0f + r * (1.0f / 720.0f + r * (1.0f / 5040.0f)))))));
-  const int32_t k_half = k_int / 2;
-  const float scale_a = bits_float(static_cast<uint32_t>(k_half + 127) << 23);
-  const float scale_b = bits_float(static_cast<uint32_t>(k_int - k_half + 127) << 23);
-  return p * scale_a * scale_b;
-}
-
-// Box-Muller below works in float: in double it would fill half the SIMD lanes and cost 2.5x as much. Over
-// all their inputs, log_unit is within 1 ulp of ln u and cos_angle within 1.5 ulp of cos x, which keeps eps
-// within 4 ulp of the float64 Box-Muller of the same uniforms (tests/test_gaussian_ops.py), about as close as
-// the reference's own float log and cos. The polynomials are truncated below 3e-9 relative error (0.05 ulp).
-
-// f / d and sqrt rounded to nearest also under nvcc's --use_fast_math, which would approximate both.
-VF_HOST_DEVICE float div_rn(float f, float d) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(f, d);
-#else
-  return f / d;
-#endif
-}
-
-VF_HOST_DEVICE float sqrt_rn(float x) {
-#if defined(__CUDA_ARCH__)
-  return __fsqrt_rn(x);
-#else
-  return std::sqrt(x);
-#endif
-}
-
-// ln u for a positive normal float u (the uniform, in [1e-7, 1)): u = 2^e·m with m in [sqrt(1/2), sqrt(2)),
-// ln m = ln(1 + f) = 2 atanh(s) with s = f / (2 + f), written f - s·(f - R(s²)) so that the exact f
-// carries the result and the series only corrects it.
-VF_HOST_DEVICE float log_unit(float u) {
-  const uint32_t offset = float_bits(u) - 0x3f3504f3u;  // bits of sqrt(1/2)
-  const int32_t e = static_cast<int32_t>(offset) >> 23;
-  const float f = bits_float((offset & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
-  const float s = div_rn(f, 2.0f + f);
-  const float z = s * s;
-  const float series = z * (2.0f / 3.0f + z * (2.0f / 5.0f + z * (2.0f / 7.0f + z * (2.0f / 9.0f))));
-  const float k = static_cast<float>(e);
-  return k * kLn2Hi + ((f - s * (f - series)) + k * kLn2Lo);
-}
-
-// cos x for a float angle 0 <= x <= 2 pi: x = q pi/2 + r with |r| <= pi/4 in three steps (q·kPio2Hi,
-// q·kPio2Mid and x - q·kPio2Hi are exact), then the sine or cosine Taylor polynomial of r with the sign of
-// quadrant q.
-VF_HOST_DEVICE float cos_angle(float x) {
-  constexpr float kPio2Hi = 0x1.92p+0f;
-  constexpr float kPio2Mid = 0x1.fb544p-12f;
-  constexpr float kPio2Lo = 0x1.0b4612p-34f;
-  const float shifted = x * 0.636619772367581343f + kRoundShift;
-  const uint32_t q_int = float_bits(shifted) - float_bits(kRoundShift);
-  const float q = shifted - kRoundShift;
-  const float r = ((x - q * kPio2Hi) - q * kPio2Mid) - q * kPio2Lo;
-  const float r2 = r * r;
-  const float sin_r =
-      r + r * r2 * (-1.0f / 6.0f + r2 * (1.0f / 120.0f + r2 * (-1.0f / 5040.0f + r2 * (1.0f / 362880.0f))));
-  const float cos_r =
-      1.0f - r2 * (0.5f - r2 * (1.0f / 24.0f +
-                                r2 * (-1.0f / 720.0f + r2 * (1.0f / 40320.0f + r2 * (-1.0f / 3628800.0f)))));
-  // cos(r + q pi/2) cycles through cos r, -sin r, -cos r, sin r: chosen by a mask and signed by the sign bit,
-  // as without AVX-512 gcc if-converts no select here (float or integer) and the loop would not vectorize.
-  const uint32_t odd = 0u - (q_int & 1u);
-  const uint32_t value = (float_bits(sin_r) & odd) | (float_bits(cos_r) & ~odd);
-  return bits_float(value ^ (((q_int + 1u) & 2u) << 30));
-}
-
 // The opmath exponential: the polynomial for float, libm for double (gradcheck precision).
-VF_HOST_DEVICE float exp_op(float x) { return exp_f(x); }
-VF_HOST_DEVICE double exp_op(double x) { return ::exp(x); }
+VF_HOST_DEVICE float exp_op(float x) { return exp_poly(x); }
+VF_HOST_DEVICE double exp_op(double x) { return std::exp(x); }
 
-// philox_normal (tl.randn) with the vectorizable log and cos above: the same integer stream and the same
-// float uniforms and angle, so eps agrees with vdvae_fast.philox.normal to a few ulp.
+// tl.randn(seed, index): Box-Muller on the first two Philox outputs of counter (index, 0, 0, 0), in float
+// (in double it would fill half the SIMD lanes and cost 2.5x as much). log_positive_poly is within 1 ulp of
+// ln u and cos_angle_poly within 1.5 ulp of cos x, which keeps eps within 4 ulp of the float64 Box-Muller of
+// the same uniforms (tests/test_gaussian_ops.py), about as close as the reference's own float log and cos.
 VF_HOST_DEVICE float gaussian_eps(uint64_t seed, uint32_t index) {
   const Philox4 r = philox(seed, index, 0u, 0u, 0u);
   // max(u1, 1e-7) on the bit patterns, which order like the values for non-negative floats: gcc
@@ -143,7 +37,7 @@ VF_HOST_DEVICE float gaussian_eps(uint64_t seed, uint32_t index) {
   const uint32_t floor_bits = float_bits(1.0e-7f);
   const float u1 = bits_float(u1_bits > floor_bits ? u1_bits : floor_bits);
   const float u2 = uint_to_uniform(r.v1);
-  return sqrt_rn(-2.0f * log_unit(u1)) * cos_angle(6.283185307179586f * u2);
+  return sqrt_rn(-2.0f * log_positive_poly(u1)) * cos_angle_poly(6.283185307179586f * u2);
 }
 
 // Where a dense tensor keeps its elements: contiguous (memory offset = logical index) or 4-D
@@ -231,7 +125,7 @@ inline bool is_aligned(const void* pointer, uintptr_t bytes) {
 
 #if !defined(__CUDACC__)
 // CPU tiles. The loops below and the kernels' tile loops inline every call in their bodies (flatten):
-// gcc's inliner may leave exp_f or philox out of line in a large translation unit, and a call inside a
+// gcc's inliner may leave exp_poly or philox out of line in a large translation unit, and a call inside a
 // loop stops it from vectorizing.
 #define VF_VECTOR_LOOP __attribute__((flatten))
 

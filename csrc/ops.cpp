@@ -22,6 +22,10 @@ TORCH_LIBRARY(vdvae_fast_C, m) {
   m.def(
       "sample_gaussian_backward(Tensor grad_z, Tensor mu, Tensor logsigma, float temperature, "
       "int seed) -> (Tensor, Tensor)");
+  // The CUDA kernels' per-pixel bodies run on the host, for tests (cuda_bodies_on_host.cpp)
+  m.def("dmol_nll_forward_cuda_body_on_host(Tensor logits, Tensor x, int num_bits) -> Tensor");
+  m.def("dmol_nll_backward_cuda_body_on_host(Tensor grad_nll, Tensor logits, Tensor x, int num_bits) -> Tensor");
+  m.def("dmol_sample_forward_cuda_body_on_host(Tensor logits, int seed) -> Tensor");
 }
 
 static bool built_with_cuda() {

@@ -6,14 +6,9 @@
 // passes regenerate epsilon from the seed and the element's logical index.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define VF_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define VF_HOST_DEVICE inline
-#endif
+#include "fast_math.h"
 
 namespace vdvae_fast {
 
@@ -53,16 +48,6 @@ VF_HOST_DEVICE float uint_to_uniform(uint32_t x) {
   int32_t s = static_cast<int32_t>(x);
   s = s < 0 ? ~s : s;
   return static_cast<float>(s) * 4.6566127342e-10f;
-}
-
-// tl.randn(seed, index): Box-Muller on the first two Philox outputs of counter (index, 0, 0, 0).
-VF_HOST_DEVICE float philox_normal(uint64_t seed, uint32_t index) {
-  const Philox4 r = philox(seed, index, 0u, 0u, 0u);
-  float u1 = uint_to_uniform(r.v0);
-  const float u2 = uint_to_uniform(r.v1);
-  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
-  const float radius = sqrtf(-2.0f * logf(u1));
-  return radius * cosf(6.283185307179586f * u2);
 }
 
 // Uniform in [1e-5, 1 - 1e-5] for stream `stream` of pixel `pixel` (dmol_sample's Gumbel and

@@ -16,9 +16,8 @@
 #include "gaussian_math.h"
 #include "kernel_checks.h"
 
+namespace vdvae_fast {
 namespace {
-
-namespace g = vdvae_fast::gaussian;
 
 constexpr int64_t kChunk = 16384;          // elements of one work item and one KL partial
 constexpr int kTile = 256;                 // elements per stack-buffered tile
@@ -66,8 +65,8 @@ VF_VECTOR_LOOP void forward_tile(const T* __restrict__ mu_q, const T* __restrict
                                  const T* __restrict__ mu_p, const T* __restrict__ logsigma_p,
                                  const float* __restrict__ eps, T* __restrict__ z, T* __restrict__ kl, int count) {
   for (int k = 0; k < count; ++k) {
-    z[k] = g::sample(mu_q[k], logsigma_q[k], T(1), eps[k]);
-    kl[k] = g::kl(mu_q[k], logsigma_q[k], mu_p[k], logsigma_p[k]);
+    z[k] = gaussian::sample(mu_q[k], logsigma_q[k], T(1), eps[k]);
+    kl[k] = gaussian::kl(mu_q[k], logsigma_q[k], mu_p[k], logsigma_p[k]);
   }
 }
 
@@ -78,31 +77,31 @@ VF_VECTOR_LOOP void backward_tile(const T* __restrict__ grad_z, T grad_kl, const
                                   T* __restrict__ g_mu_q, T* __restrict__ g_logsigma_q, T* __restrict__ g_mu_p,
                                   T* __restrict__ g_logsigma_p, int count) {
   for (int k = 0; k < count; ++k) {
-    const g::KlGrads<T> d = g::kl_grads(grad_kl, mu_q[k], logsigma_q[k], mu_p[k], logsigma_p[k]);
+    const gaussian::KlGrads<T> d = gaussian::kl_grads(grad_kl, mu_q[k], logsigma_q[k], mu_p[k], logsigma_p[k]);
     g_mu_q[k] = grad_z[k] + d.mu_q;
-    g_logsigma_q[k] = g::sample_grad_logsigma(grad_z[k], logsigma_q[k], T(1), eps[k]) + d.logsigma_q;
+    g_logsigma_q[k] = gaussian::sample_grad_logsigma(grad_z[k], logsigma_q[k], T(1), eps[k]) + d.logsigma_q;
     g_mu_p[k] = d.mu_p;
     g_logsigma_p[k] = d.logsigma_p;
   }
 }
 
 template <typename scalar_t>
-void forward_kernel(const scalar_t* mu_q, const scalar_t* logsigma_q, const scalar_t* mu_p, const scalar_t* logsigma_p,
-                    scalar_t* z, at::opmath_type<scalar_t>* kl, int64_t batch, Chunks chunks, g::DenseLayout layout,
-                    uint64_t seed) {
+void forward_parallel(const scalar_t* mu_q, const scalar_t* logsigma_q, const scalar_t* mu_p,
+                      const scalar_t* logsigma_p, scalar_t* z, at::opmath_type<scalar_t>* kl, int64_t batch,
+                      Chunks chunks, gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
   std::vector<double> partial(chunks.count(batch), 0.0);
   at::parallel_for(0, chunks.count(batch), chunks.grain(), [&](int64_t first, int64_t last) {
     alignas(64) float eps[kTile];
     alignas(64) uint32_t index[kTile];
     alignas(64) opmath_t kl_tile[kTile];
-    g::Staging<scalar_t, opmath_t, 5, kTile> tile;
+    gaussian::Staging<scalar_t, opmath_t, 5, kTile> tile;
     for (int64_t item = first; item < last; ++item) {
       const int64_t end = chunks.end(item);
       double sum = 0.0;
       for (int64_t start = chunks.begin(item); start < end; start += kTile) {
         const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
-        g::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
+        gaussian::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
         forward_tile(tile.load(mu_q + start, 0, count), tile.load(logsigma_q + start, 1, count),
                      tile.load(mu_p + start, 2, count), tile.load(logsigma_p + start, 3, count), eps,
                      tile.output(z + start, 4), kl_tile, count);
@@ -120,20 +119,20 @@ void forward_kernel(const scalar_t* mu_q, const scalar_t* logsigma_q, const scal
 }
 
 template <typename scalar_t>
-void backward_kernel(const scalar_t* grad_z, const at::opmath_type<scalar_t>* grad_kl, const scalar_t* mu_q,
-                     const scalar_t* logsigma_q, const scalar_t* mu_p, const scalar_t* logsigma_p, scalar_t* g_mu_q,
-                     scalar_t* g_logsigma_q, scalar_t* g_mu_p, scalar_t* g_logsigma_p, int64_t batch, Chunks chunks,
-                     g::DenseLayout layout, uint64_t seed) {
+void backward_parallel(const scalar_t* grad_z, const at::opmath_type<scalar_t>* grad_kl, const scalar_t* mu_q,
+                       const scalar_t* logsigma_q, const scalar_t* mu_p, const scalar_t* logsigma_p, scalar_t* g_mu_q,
+                       scalar_t* g_logsigma_q, scalar_t* g_mu_p, scalar_t* g_logsigma_p, int64_t batch, Chunks chunks,
+                       gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, chunks.count(batch), chunks.grain(), [&](int64_t first, int64_t last) {
     alignas(64) float eps[kTile];
     alignas(64) uint32_t index[kTile];
-    g::Staging<scalar_t, opmath_t, 9, kTile> tile;
+    gaussian::Staging<scalar_t, opmath_t, 9, kTile> tile;
     for (int64_t item = first; item < last; ++item) {
       const int64_t end = chunks.end(item);
       for (int64_t start = chunks.begin(item); start < end; start += kTile) {
         const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
-        g::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
+        gaussian::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
         backward_tile(tile.load(grad_z + start, 0, count), grad_kl[chunks.image(item)],
                       tile.load(mu_q + start, 1, count), tile.load(logsigma_q + start, 2, count),
                       tile.load(mu_p + start, 3, count), tile.load(logsigma_p + start, 4, count), eps,
@@ -148,36 +147,36 @@ void backward_kernel(const scalar_t* grad_z, const at::opmath_type<scalar_t>* gr
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigma_q,
-                                                         const at::Tensor& mu_p, const at::Tensor& logsigma_p,
-                                                         int64_t seed) {
-  vdvae_fast::check_dense(mu_q, "sample_and_kl");
+std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cpu(const at::Tensor& mu_q, const at::Tensor& logsigma_q,
+                                                             const at::Tensor& mu_p, const at::Tensor& logsigma_p,
+                                                             int64_t seed) {
+  check_dense(mu_q, "sample_and_kl");
   const int64_t batch = mu_q.size(0);
   at::Tensor z = at::empty_like(mu_q);
   at::Tensor kl =
       at::empty({batch}, mu_q.options().dtype(mu_q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_forward_cpu", [&] {
-    forward_kernel<scalar_t>(mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
-                             logsigma_p.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-                             kl.data_ptr<at::opmath_type<scalar_t>>(), batch, chunks_of(mu_q), g::layout_of(mu_q),
-                             static_cast<uint64_t>(seed));
+    forward_parallel<scalar_t>(mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
+                               logsigma_p.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                               kl.data_ptr<at::opmath_type<scalar_t>>(), batch, chunks_of(mu_q),
+                               gaussian::layout_of(mu_q), static_cast<uint64_t>(seed));
   });
   return {z, kl};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backward_cpu(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu_q, const at::Tensor& logsigma_q,
     const at::Tensor& mu_p, const at::Tensor& logsigma_p, int64_t seed) {
-  vdvae_fast::check_dense(mu_q, "sample_and_kl");
+  check_dense(mu_q, "sample_and_kl");
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
   at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_backward_cpu", [&] {
-    backward_kernel<scalar_t>(grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<at::opmath_type<scalar_t>>(),
-                              mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
-                              logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
-                              g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(),
-                              g_logsigma_p.data_ptr<scalar_t>(), mu_q.size(0), chunks_of(mu_q), g::layout_of(mu_q),
-                              static_cast<uint64_t>(seed));
+    backward_parallel<scalar_t>(grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<at::opmath_type<scalar_t>>(),
+                                mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
+                                logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
+                                g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(),
+                                g_logsigma_p.data_ptr<scalar_t>(), mu_q.size(0), chunks_of(mu_q),
+                                gaussian::layout_of(mu_q), static_cast<uint64_t>(seed));
   });
   return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
 }
@@ -185,6 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backwar
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vdvae_fast_C, CPU, m) {
-  m.impl("sample_and_kl_forward", &sample_and_kl_forward);
-  m.impl("sample_and_kl_backward", &sample_and_kl_backward);
+  m.impl("sample_and_kl_forward", &sample_and_kl_forward_cpu);
+  m.impl("sample_and_kl_backward", &sample_and_kl_backward_cpu);
 }
+
+}  // namespace vdvae_fast

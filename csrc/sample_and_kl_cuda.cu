@@ -19,11 +19,10 @@
 
 #include "gaussian_cuda.cuh"
 
+namespace vdvae_fast {
 namespace {
 
-namespace g = vdvae_fast::gaussian;
-
-using g::kThreads;
+using gaussian::kThreads;
 constexpr int64_t kElementsPerSlice = 2048;
 constexpr int64_t kMaxSlices = 1024;
 
@@ -50,12 +49,12 @@ __device__ T block_sum(T value) {
 
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
-                   const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p, scalar_t* __restrict__ z,
-                   at::opmath_type<scalar_t>* __restrict__ partials, int64_t slices, g::DenseLayout layout,
-                   uint64_t seed) {
+    sample_and_kl_forward_kernel(const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
+                                 const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
+                                 scalar_t* __restrict__ z, at::opmath_type<scalar_t>* __restrict__ partials,
+                                 int64_t slices, gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using Packet = g::Packet<scalar_t, kVec>;
+  using Packet = gaussian::Packet<scalar_t, kVec>;
   const auto image = static_cast<uint32_t>(blockIdx.x / slices);
   const int64_t slice = blockIdx.x % slices;
   const int64_t per_image = layout.image_size;
@@ -71,10 +70,11 @@ __global__ void __launch_bounds__(kThreads)
     Packet out;
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      const float eps = g::gaussian_eps(seed, layout.logical_index_in_image(image, static_cast<uint32_t>(within + v)));
+      const float eps =
+          gaussian::gaussian_eps(seed, layout.logical_index_in_image(image, static_cast<uint32_t>(within + v)));
       const auto mu = static_cast<opmath_t>(mq.v[v]), logsigma = static_cast<opmath_t>(lsq.v[v]);
-      out.v[v] = static_cast<scalar_t>(g::sample(mu, logsigma, opmath_t(1), eps));
-      sum += g::kl(mu, logsigma, static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
+      out.v[v] = static_cast<scalar_t>(gaussian::sample(mu, logsigma, opmath_t(1), eps));
+      sum += gaussian::kl(mu, logsigma, static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
     }
     reinterpret_cast<Packet*>(z)[packet] = out;
   }
@@ -84,7 +84,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // One thread per image adds its slices' partials in order.
 template <typename T>
-__global__ void sum_partials_kernel(const T* __restrict__ partials, T* __restrict__ kl, int64_t batch, int64_t slices) {
+__global__ void sample_and_kl_finish_kernel(const T* __restrict__ partials, T* __restrict__ kl, int64_t batch,
+                                            int64_t slices) {
   const int64_t image = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (image >= batch) return;
   double sum = 0.0;
@@ -94,13 +95,15 @@ __global__ void sum_partials_kernel(const T* __restrict__ partials, T* __restric
 
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const scalar_t* __restrict__ grad_z, const at::opmath_type<scalar_t>* __restrict__ grad_kl,
-                    const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
-                    const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
-                    scalar_t* __restrict__ g_mu_q, scalar_t* __restrict__ g_logsigma_q, scalar_t* __restrict__ g_mu_p,
-                    scalar_t* __restrict__ g_logsigma_p, int64_t slices, g::DenseLayout layout, uint64_t seed) {
+    sample_and_kl_backward_kernel(const scalar_t* __restrict__ grad_z,
+                                  const at::opmath_type<scalar_t>* __restrict__ grad_kl,
+                                  const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
+                                  const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
+                                  scalar_t* __restrict__ g_mu_q, scalar_t* __restrict__ g_logsigma_q,
+                                  scalar_t* __restrict__ g_mu_p, scalar_t* __restrict__ g_logsigma_p, int64_t slices,
+                                  gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using Packet = g::Packet<scalar_t, kVec>;
+  using Packet = gaussian::Packet<scalar_t, kVec>;
   const auto image = static_cast<uint32_t>(blockIdx.x / slices);
   const int64_t slice = blockIdx.x % slices;
   const int64_t per_image = layout.image_size;
@@ -117,12 +120,15 @@ __global__ void __launch_bounds__(kThreads)
     Packet out_mq, out_lsq, out_mp, out_lsp;
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      const float eps = g::gaussian_eps(seed, layout.logical_index_in_image(image, static_cast<uint32_t>(within + v)));
+      const float eps =
+          gaussian::gaussian_eps(seed, layout.logical_index_in_image(image, static_cast<uint32_t>(within + v)));
       const auto grad = static_cast<opmath_t>(gz.v[v]), logsigma = static_cast<opmath_t>(lsq.v[v]);
-      const g::KlGrads<opmath_t> d = g::kl_grads(gkl, static_cast<opmath_t>(mq.v[v]), logsigma,
-                                                 static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
+      const gaussian::KlGrads<opmath_t> d =
+          gaussian::kl_grads(gkl, static_cast<opmath_t>(mq.v[v]), logsigma, static_cast<opmath_t>(mp.v[v]),
+                             static_cast<opmath_t>(lsp.v[v]));
       out_mq.v[v] = static_cast<scalar_t>(grad + d.mu_q);
-      out_lsq.v[v] = static_cast<scalar_t>(g::sample_grad_logsigma(grad, logsigma, opmath_t(1), eps) + d.logsigma_q);
+      out_lsq.v[v] =
+          static_cast<scalar_t>(gaussian::sample_grad_logsigma(grad, logsigma, opmath_t(1), eps) + d.logsigma_q);
       out_mp.v[v] = static_cast<scalar_t>(d.mu_p);
       out_lsp.v[v] = static_cast<scalar_t>(d.logsigma_p);
     }
@@ -133,13 +139,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward(const at::Tensor& mu_q, const at::Tensor& logsigma_q,
-                                                         const at::Tensor& mu_p, const at::Tensor& logsigma_p,
-                                                         int64_t seed) {
-  vdvae_fast::check_dense(mu_q, "sample_and_kl");
+std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cuda(const at::Tensor& mu_q, const at::Tensor& logsigma_q,
+                                                              const at::Tensor& mu_p, const at::Tensor& logsigma_p,
+                                                              int64_t seed) {
+  check_dense(mu_q, "sample_and_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   const int64_t batch = mu_q.size(0);
-  const g::DenseLayout layout = g::layout_of(mu_q);
+  const gaussian::DenseLayout layout = gaussian::layout_of(mu_q);
   at::Tensor z = at::empty_like(mu_q);
   const auto kl_dtype = mu_q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor kl = at::empty({batch}, mu_q.options().dtype(kl_dtype));
@@ -148,50 +154,50 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward(const at::Tensor& mu_q,
   TORCH_CHECK(batch * slices < (int64_t{1} << 31), "sample_and_kl: batch too large for one grid");
   at::Tensor partials = at::empty({batch * slices}, mu_q.options().dtype(kl_dtype));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_forward_cuda", [&] {
+  VF_DISPATCH_CUDA_FLOAT_TYPES(mu_q.scalar_type(), "sample_and_kl_forward_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      forward_kernel<scalar_t, kVec><<<static_cast<unsigned>(batch * slices), kThreads, 0, stream>>>(
+      sample_and_kl_forward_kernel<scalar_t, kVec><<<static_cast<unsigned>(batch * slices), kThreads, 0, stream>>>(
           mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
           logsigma_p.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), partials.data_ptr<opmath_t>(), slices, layout,
           static_cast<uint64_t>(seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    g::launch_by_packets<scalar_t>(layout.image_size, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &z}, launch);
+    gaussian::launch_by_packets<scalar_t>(layout.image_size, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &z}, launch);
     const int blocks = static_cast<int>((batch + kThreads - 1) / kThreads);
-    sum_partials_kernel<opmath_t>
+    sample_and_kl_finish_kernel<opmath_t>
         <<<blocks, kThreads, 0, stream>>>(partials.data_ptr<opmath_t>(), kl.data_ptr<opmath_t>(), batch, slices);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {z, kl};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backward_cuda(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu_q, const at::Tensor& logsigma_q,
     const at::Tensor& mu_p, const at::Tensor& logsigma_p, int64_t seed) {
-  vdvae_fast::check_dense(mu_q, "sample_and_kl");
+  check_dense(mu_q, "sample_and_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   const int64_t batch = mu_q.size(0);
-  const g::DenseLayout layout = g::layout_of(mu_q);
+  const gaussian::DenseLayout layout = gaussian::layout_of(mu_q);
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
   at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);
   if (mu_q.numel() == 0) return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
   const int64_t slices = slices_per_image(layout.image_size);
   TORCH_CHECK(batch * slices < (int64_t{1} << 31), "sample_and_kl: batch too large for one grid");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_backward_cuda", [&] {
+  VF_DISPATCH_CUDA_FLOAT_TYPES(mu_q.scalar_type(), "sample_and_kl_backward_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      backward_kernel<scalar_t, kVec><<<static_cast<unsigned>(batch * slices), kThreads, 0, stream>>>(
+      sample_and_kl_backward_kernel<scalar_t, kVec><<<static_cast<unsigned>(batch * slices), kThreads, 0, stream>>>(
           grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<opmath_t>(), mu_q.data_ptr<scalar_t>(),
           logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(), logsigma_p.data_ptr<scalar_t>(),
           g_mu_q.data_ptr<scalar_t>(), g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(),
           g_logsigma_p.data_ptr<scalar_t>(), slices, layout, static_cast<uint64_t>(seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    g::launch_by_packets<scalar_t>(
+    gaussian::launch_by_packets<scalar_t>(
         layout.image_size,
         {&grad_z, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q, &g_logsigma_q, &g_mu_p, &g_logsigma_p}, launch);
   });
@@ -201,6 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backwar
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vdvae_fast_C, CUDA, m) {
-  m.impl("sample_and_kl_forward", &sample_and_kl_forward);
-  m.impl("sample_and_kl_backward", &sample_and_kl_backward);
+  m.impl("sample_and_kl_forward", &sample_and_kl_forward_cuda);
+  m.impl("sample_and_kl_backward", &sample_and_kl_backward_cuda);
 }
+
+}  // namespace vdvae_fast

@@ -11,9 +11,8 @@
 #include "gaussian_math.h"
 #include "kernel_checks.h"
 
+namespace vdvae_fast {
 namespace {
-
-namespace g = vdvae_fast::gaussian;
 
 constexpr int kTile = 256;        // elements per stack-buffered tile of eps
 constexpr int64_t kGrain = 8192;  // Philox makes each element costly: split work finer than ATen's default
@@ -24,27 +23,28 @@ constexpr int64_t kGrain = 8192;  // Philox makes each element costly: split wor
 template <typename T>
 VF_VECTOR_LOOP void forward_tile(const T* __restrict__ mu, const T* __restrict__ logsigma,
                                  const float* __restrict__ eps, T* __restrict__ z, T temperature, int count) {
-  for (int k = 0; k < count; ++k) z[k] = g::sample(mu[k], logsigma[k], temperature, eps[k]);
+  for (int k = 0; k < count; ++k) z[k] = gaussian::sample(mu[k], logsigma[k], temperature, eps[k]);
 }
 
 template <typename T>
 VF_VECTOR_LOOP void backward_tile(const T* __restrict__ grad_z, const T* __restrict__ logsigma,
                                   const float* __restrict__ eps, T* __restrict__ g_logsigma, T temperature, int count) {
-  for (int k = 0; k < count; ++k) g_logsigma[k] = g::sample_grad_logsigma(grad_z[k], logsigma[k], temperature, eps[k]);
+  for (int k = 0; k < count; ++k)
+    g_logsigma[k] = gaussian::sample_grad_logsigma(grad_z[k], logsigma[k], temperature, eps[k]);
 }
 
 template <typename scalar_t>
-void forward_kernel(const scalar_t* mu, const scalar_t* logsigma, scalar_t* z, int64_t numel, double temperature,
-                    g::DenseLayout layout, uint64_t seed) {
+void forward_parallel(const scalar_t* mu, const scalar_t* logsigma, scalar_t* z, int64_t numel, double temperature,
+                      gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto t = static_cast<opmath_t>(temperature);
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     alignas(64) float eps[kTile];
     alignas(64) uint32_t index[kTile];
-    g::Staging<scalar_t, opmath_t, 3, kTile> tile;
+    gaussian::Staging<scalar_t, opmath_t, 3, kTile> tile;
     for (int64_t start = begin; start < end; start += kTile) {
       const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
-      g::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
+      gaussian::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
       forward_tile(tile.load(mu + start, 0, count), tile.load(logsigma + start, 1, count), eps,
                    tile.output(z + start, 2), t, count);
       tile.store(z + start, 2, count);
@@ -54,18 +54,18 @@ void forward_kernel(const scalar_t* mu, const scalar_t* logsigma, scalar_t* z, i
 
 // ∂z/∂mu = 1: grad_mu is grad_z itself, copied (the dtypes agree).
 template <typename scalar_t>
-void backward_kernel(const scalar_t* grad_z, const scalar_t* logsigma, scalar_t* g_mu, scalar_t* g_logsigma,
-                     int64_t numel, double temperature, g::DenseLayout layout, uint64_t seed) {
+void backward_parallel(const scalar_t* grad_z, const scalar_t* logsigma, scalar_t* g_mu, scalar_t* g_logsigma,
+                       int64_t numel, double temperature, gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto t = static_cast<opmath_t>(temperature);
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
     alignas(64) float eps[kTile];
     alignas(64) uint32_t index[kTile];
-    g::Staging<scalar_t, opmath_t, 3, kTile> tile;
+    gaussian::Staging<scalar_t, opmath_t, 3, kTile> tile;
     std::copy(grad_z + begin, grad_z + end, g_mu + begin);
     for (int64_t start = begin; start < end; start += kTile) {
       const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
-      g::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
+      gaussian::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
       backward_tile(tile.load(grad_z + start, 0, count), tile.load(logsigma + start, 1, count), eps,
                     tile.output(g_logsigma + start, 2), t, count);
       tile.store(g_logsigma + start, 2, count);
@@ -73,25 +73,26 @@ void backward_kernel(const scalar_t* grad_z, const scalar_t* logsigma, scalar_t*
   });
 }
 
-at::Tensor sample_gaussian_forward(const at::Tensor& mu, const at::Tensor& logsigma, double temperature, int64_t seed) {
-  vdvae_fast::check_dense(mu, "sample_gaussian");
+at::Tensor sample_gaussian_forward_cpu(const at::Tensor& mu, const at::Tensor& logsigma, double temperature,
+                                       int64_t seed) {
+  check_dense(mu, "sample_gaussian");
   at::Tensor z = at::empty_like(mu);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "sample_gaussian_forward_cpu", [&] {
-    forward_kernel<scalar_t>(mu.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), mu.numel(),
-                             temperature, g::layout_of(mu), static_cast<uint64_t>(seed));
+    forward_parallel<scalar_t>(mu.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                               mu.numel(), temperature, gaussian::layout_of(mu), static_cast<uint64_t>(seed));
   });
   return z;
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(const at::Tensor& grad_z, const at::Tensor& mu,
-                                                            const at::Tensor& logsigma, double temperature,
-                                                            int64_t seed) {
-  vdvae_fast::check_dense(mu, "sample_gaussian");
+std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cpu(const at::Tensor& grad_z, const at::Tensor& mu,
+                                                                const at::Tensor& logsigma, double temperature,
+                                                                int64_t seed) {
+  check_dense(mu, "sample_gaussian");
   at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(logsigma);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "sample_gaussian_backward_cpu", [&] {
-    backward_kernel<scalar_t>(grad_z.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), g_mu.data_ptr<scalar_t>(),
-                              g_logsigma.data_ptr<scalar_t>(), mu.numel(), temperature, g::layout_of(mu),
-                              static_cast<uint64_t>(seed));
+    backward_parallel<scalar_t>(grad_z.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), g_mu.data_ptr<scalar_t>(),
+                                g_logsigma.data_ptr<scalar_t>(), mu.numel(), temperature, gaussian::layout_of(mu),
+                                static_cast<uint64_t>(seed));
   });
   return {g_mu, g_logsigma};
 }
@@ -99,6 +100,8 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(const at::Tensor& gr
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vdvae_fast_C, CPU, m) {
-  m.impl("sample_gaussian_forward", &sample_gaussian_forward);
-  m.impl("sample_gaussian_backward", &sample_gaussian_backward);
+  m.impl("sample_gaussian_forward", &sample_gaussian_forward_cpu);
+  m.impl("sample_gaussian_backward", &sample_gaussian_backward_cpu);
 }
+
+}  // namespace vdvae_fast

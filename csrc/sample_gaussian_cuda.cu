@@ -17,19 +17,19 @@
 
 #include "gaussian_cuda.cuh"
 
+namespace vdvae_fast {
 namespace {
 
-namespace g = vdvae_fast::gaussian;
-
-using g::grid_for;
-using g::kThreads;
+using gaussian::grid_for;
+using gaussian::kThreads;
 
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logsigma, scalar_t* __restrict__ z,
-                   int64_t packets, at::opmath_type<scalar_t> temperature, g::DenseLayout layout, uint64_t seed) {
+    sample_gaussian_forward_kernel(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logsigma,
+                                   scalar_t* __restrict__ z, int64_t packets, at::opmath_type<scalar_t> temperature,
+                                   gaussian::DenseLayout layout, uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using Packet = g::Packet<scalar_t, kVec>;
+  using Packet = gaussian::Packet<scalar_t, kVec>;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
        p += static_cast<int64_t>(gridDim.x) * kThreads) {
     const Packet m = reinterpret_cast<const Packet*>(mu)[p];
@@ -37,9 +37,9 @@ __global__ void __launch_bounds__(kThreads)
     Packet out;
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      const float eps = g::gaussian_eps(seed, layout.logical_index(static_cast<uint32_t>(p * kVec + v)));
+      const float eps = gaussian::gaussian_eps(seed, layout.logical_index(static_cast<uint32_t>(p * kVec + v)));
       out.v[v] = static_cast<scalar_t>(
-          g::sample(static_cast<opmath_t>(m.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps));
+          gaussian::sample(static_cast<opmath_t>(m.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps));
     }
     reinterpret_cast<Packet*>(z)[p] = out;
   }
@@ -48,11 +48,12 @@ __global__ void __launch_bounds__(kThreads)
 // ∂z/∂mu = 1: grad_mu is grad_z itself.
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ logsigma,
-                    scalar_t* __restrict__ g_mu, scalar_t* __restrict__ g_logsigma, int64_t packets,
-                    at::opmath_type<scalar_t> temperature, g::DenseLayout layout, uint64_t seed) {
+    sample_gaussian_backward_kernel(const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ logsigma,
+                                    scalar_t* __restrict__ g_mu, scalar_t* __restrict__ g_logsigma, int64_t packets,
+                                    at::opmath_type<scalar_t> temperature, gaussian::DenseLayout layout,
+                                    uint64_t seed) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using Packet = g::Packet<scalar_t, kVec>;
+  using Packet = gaussian::Packet<scalar_t, kVec>;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
        p += static_cast<int64_t>(gridDim.x) * kThreads) {
     const Packet gz = reinterpret_cast<const Packet*>(grad_z)[p];
@@ -60,58 +61,59 @@ __global__ void __launch_bounds__(kThreads)
     Packet out;
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      const float eps = g::gaussian_eps(seed, layout.logical_index(static_cast<uint32_t>(p * kVec + v)));
-      out.v[v] = static_cast<scalar_t>(
-          g::sample_grad_logsigma(static_cast<opmath_t>(gz.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps));
+      const float eps = gaussian::gaussian_eps(seed, layout.logical_index(static_cast<uint32_t>(p * kVec + v)));
+      out.v[v] = static_cast<scalar_t>(gaussian::sample_grad_logsigma(
+          static_cast<opmath_t>(gz.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps));
     }
     reinterpret_cast<Packet*>(g_mu)[p] = gz;
     reinterpret_cast<Packet*>(g_logsigma)[p] = out;
   }
 }
 
-at::Tensor sample_gaussian_forward(const at::Tensor& mu, const at::Tensor& logsigma, double temperature, int64_t seed) {
-  vdvae_fast::check_dense(mu, "sample_gaussian");
+at::Tensor sample_gaussian_forward_cuda(const at::Tensor& mu, const at::Tensor& logsigma, double temperature,
+                                        int64_t seed) {
+  check_dense(mu, "sample_gaussian");
   const c10::cuda::OptionalCUDAGuard device_guard(mu.device());
   at::Tensor z = at::empty_like(mu);
   const int64_t numel = mu.numel();
   if (numel == 0) return z;
-  const g::DenseLayout layout = g::layout_of(mu);
+  const gaussian::DenseLayout layout = gaussian::layout_of(mu);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "sample_gaussian_forward_cuda", [&] {
+  VF_DISPATCH_CUDA_FLOAT_TYPES(mu.scalar_type(), "sample_gaussian_forward_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      forward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+      sample_gaussian_forward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
           mu.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), numel / kVec,
           static_cast<opmath_t>(temperature), layout, static_cast<uint64_t>(seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    g::launch_by_packets<scalar_t>(numel, {&mu, &logsigma, &z}, launch);
+    gaussian::launch_by_packets<scalar_t>(numel, {&mu, &logsigma, &z}, launch);
   });
   return z;
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(const at::Tensor& grad_z, const at::Tensor& mu,
-                                                            const at::Tensor& logsigma, double temperature,
-                                                            int64_t seed) {
-  vdvae_fast::check_dense(mu, "sample_gaussian");
+std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cuda(const at::Tensor& grad_z, const at::Tensor& mu,
+                                                                 const at::Tensor& logsigma, double temperature,
+                                                                 int64_t seed) {
+  check_dense(mu, "sample_gaussian");
   const c10::cuda::OptionalCUDAGuard device_guard(mu.device());
   at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(logsigma);
   const int64_t numel = mu.numel();
   if (numel == 0) return {g_mu, g_logsigma};
-  const g::DenseLayout layout = g::layout_of(mu);
+  const gaussian::DenseLayout layout = gaussian::layout_of(mu);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "sample_gaussian_backward_cuda", [&] {
+  VF_DISPATCH_CUDA_FLOAT_TYPES(mu.scalar_type(), "sample_gaussian_backward_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      backward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+      sample_gaussian_backward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
           grad_z.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), g_mu.data_ptr<scalar_t>(),
           g_logsigma.data_ptr<scalar_t>(), numel / kVec, static_cast<opmath_t>(temperature), layout,
           static_cast<uint64_t>(seed));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    g::launch_by_packets<scalar_t>(numel, {&grad_z, &logsigma, &g_mu, &g_logsigma}, launch);
+    gaussian::launch_by_packets<scalar_t>(numel, {&grad_z, &logsigma, &g_mu, &g_logsigma}, launch);
   });
   return {g_mu, g_logsigma};
 }
@@ -119,6 +121,8 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(const at::Tensor& gr
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vdvae_fast_C, CUDA, m) {
-  m.impl("sample_gaussian_forward", &sample_gaussian_forward);
-  m.impl("sample_gaussian_backward", &sample_gaussian_backward);
+  m.impl("sample_gaussian_forward", &sample_gaussian_forward_cuda);
+  m.impl("sample_gaussian_backward", &sample_gaussian_backward_cuda);
 }
+
+}  // namespace vdvae_fast

@@ -1,0 +1,89 @@
+"""The CUDA kernels' per-pixel bodies, run on the host, against the eager reference.
+
+csrc/cuda_bodies_on_host.cpp loops the very `__host__ __device__` functions the CUDA kernels call per pixel
+(dmol_math.h's dmol_nll_forward_pixel, dmol_nll_backward_pixel, dmol_sample_pixel) over CPU tensors, so the
+kernels' math is checked without a GPU; only their indexing and the MUFU math functions wait for one.
+M = 10 runs the unrolled instantiation the kernels use for it, the other M the run-time loop.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vdvae_fast import ops, reference
+
+if ops._EXTENSION is None:
+    pytest.skip("the compiled extension is not built", allow_module_level=True)
+
+BODIES = torch.ops.vdvae_fast_C
+
+
+def _case(batch: int, mixtures: int, height: int, width: int, bits: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, 10 * mixtures, height, width, generator=gen, dtype=torch.float64)
+    logits[:, mixtures:] *= 0.5  # scales a trained model produces
+    levels = 2**bits - 1
+    x = torch.randint(0, levels + 1, (batch, 3, height, width), generator=gen).double() / levels * 2 - 1
+    x.view(-1)[0], x.view(-1)[-1] = -1.0, 1.0  # both edge bins
+    return logits, x
+
+
+def _reference_value_and_grad(logits: torch.Tensor, x: torch.Tensor, bits: int, upstream: torch.Tensor):
+    leaf = logits.detach().requires_grad_(True)
+    nll = reference.dmol_nll(leaf, x, num_bits=bits)
+    (nll * upstream).sum().backward()
+    return nll.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("mixtures", [1, 3, 10])
+@pytest.mark.parametrize("bits", [8, 5])
+def test_dmol_nll_bodies_match_the_float64_reference(mixtures: int, bits: int) -> None:
+    logits64, x64 = _case(2, mixtures, 5, 7, bits, seed=mixtures + bits)
+    upstream = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    truth_nll, truth_grad = _reference_value_and_grad(logits64, x64, bits, upstream)
+    ref_nll, ref_grad = _reference_value_and_grad(logits64.float(), x64.float(), bits, upstream.float())
+    logits, x = logits64.float(), x64.float()
+
+    nll = BODIES.dmol_nll_forward_cuda_body_on_host(logits, x, bits)
+    grad = BODIES.dmol_nll_backward_cuda_body_on_host(upstream.float(), logits, x, bits)
+
+    torch.testing.assert_close(nll, ref_nll, rtol=2e-5, atol=2e-6)
+    # no further from float64 than the float32 reference is, up to rounding noise of the largest gradient
+    for value, ref, truth in ((nll, ref_nll, truth_nll), (grad, ref_grad, truth_grad)):
+        error = (value.double() - truth).abs().max().item()
+        ref_error = (ref.double() - truth).abs().max().item()
+        assert error <= 8 * ref_error + 1e-6 * truth.abs().max().item(), (error, ref_error)
+
+
+def test_dmol_nll_bodies_keep_nan_and_edge_semantics() -> None:
+    logits64, x64 = _case(2, 10, 3, 3, 8, seed=5)
+    logits, x = logits64.float(), x64.float()
+    logits[1, 37, 1, 2] = float("nan")
+    logits[0, 25, 0, 0] = -40.0  # log-scale of mixture 5, colour 0: below the clamp at -7
+    nll = BODIES.dmol_nll_forward_cuda_body_on_host(logits, x, 8)
+    grad = BODIES.dmol_nll_backward_cuda_body_on_host(torch.ones(2), logits, x, 8)
+    assert torch.isfinite(nll[0]) and torch.isnan(nll[1])
+    assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1, :, 1, 2]).all()
+    assert torch.isfinite(grad[1, :, 0, 0]).all()  # other pixels of the image keep their gradient
+    assert grad[0, 25, 0, 0] == 0.0  # clamped: no gradient below -7
+    torch.testing.assert_close(nll[0], reference.dmol_nll(logits, x, num_bits=8)[0], rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("mixtures", [1, 4, 10])
+def test_dmol_sample_body_draws_the_reference_image(mixtures: int) -> None:
+    logits64, _ = _case(2, mixtures, 9, 11, 8, seed=mixtures)
+    logits = logits64.float()
+    image = BODIES.dmol_sample_forward_cuda_body_on_host(logits, 1234)
+    expected = ops.dmol_sample(logits, seed=1234, backend="reference")
+    assert image.shape == expected.shape and image.min() >= -1.0 and image.max() <= 1.0
+    # Same integer draws: the mixture choice and the logistic noise agree; a Gumbel near-tie may flip in rounding.
+    close = (image - expected).abs() <= 1e-4
+    assert close.float().mean() >= 0.995
+    assert not torch.equal(image, BODIES.dmol_sample_forward_cuda_body_on_host(logits, 1235))
+
+
+def test_bodies_refuse_other_dtypes_with_a_clear_error() -> None:
+    logits64, x64 = _case(1, 1, 2, 2, 8, seed=0)
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        BODIES.dmol_nll_forward_cuda_body_on_host(logits64, x64, 8)
