@@ -135,9 +135,9 @@ def reconstruction_rows(
 # --------------------------------------------------------------------------------------------
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(prog: str = "python -m vdvae_fast.sample") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m vdvae_fast.sample",
+        prog=prog,
         description="Draw unconditional samples from a trained VDVAE and write them as one PNG grid (each image "
         f"upscaled to at least {CELL_PIXELS} pixels, {GAP_PIXELS} white pixels apart).",
     )
@@ -244,10 +244,10 @@ def sample(args: argparse.Namespace) -> Path:
     return save_png(tile(torch.cat(images), args.columns), out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status: 0, or USAGE_ERROR (2, as for a bad flag) for an error a user
-    can fix."""
-    args = _build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m vdvae_fast.sample") -> int:
+    """The command line (`prog` names it in --help and usage errors); returns the exit status: 0, or USAGE_ERROR
+    (2, as for a bad flag) for an error a user can fix."""
+    args = _build_parser(prog).parse_args(argv)
     try:
         path = sample(args)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
