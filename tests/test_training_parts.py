@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vdvae_fast.data import ArrayImages, make_loader, preprocessing_for
+from vdvae_fast.data import ArrayImages, builtin_patches, make_loader, preprocessing_for
 from vdvae_fast.hparams import preset
 from vdvae_fast.model import VAE
 from vdvae_fast.runtime import Runtime
@@ -87,3 +87,11 @@ def test_a_stop_signal_during_evaluation_ends_it_before_the_next_batch(signum):
     full = evaluate(model, make_loader(split, 4, shuffle=False, even_shards=False), preprocessing, CPU_RUNTIME,
                     "fp32", seed=0)  # fmt: skip
     assert not full["stopped"] and full["n_batches"] == 10 and full["n_images"] == 40
+
+
+def test_the_tiny_preset_evaluates_a_spread_subset_of_its_validation_patches():
+    H = preset("tiny")
+    valid = builtin_patches(H.image_size)[1]
+    subset = evaluation_subset(ArrayImages(valid), H.eval_max_images)
+    assert len(valid) > 20_000 and len(subset) == H.eval_max_images == 512 and H.num_threads == 1
+    assert subset.indices[0] == 0 and subset.indices[-1] == len(valid) - 1  # every photograph contributes
