@@ -246,8 +246,8 @@ def test_unknown_keys_are_refused_on_write():
         ({"backend": "fast"}, "--backend must be one of reference, original, triton, cuda, cpu, auto"),
         ({"grad_checkpoint": "some"}, "--grad_checkpoint must be one of none, decoder, all"),
         ({"dataset": "mnist"}, "--dataset must be one of cifar10"),
-        ({"iters_per_save": 0}, "--iters_per_save must be at least 1, got 0"),
-        ({"n_batch": 0}, "--n_batch must be at least 1, got 0"),
+        ({"iters_per_save": 0}, "--iters_per_save must be an integer at least 1, got 0"),
+        ({"n_batch": 0}, "--n_batch must be an integer at least 1, got 0"),
         ({"test_eval": True}, "--test_eval evaluates trained weights: give --restore_ema_path or --restore_path"),
     ],
 )

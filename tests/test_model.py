@@ -455,6 +455,19 @@ def test_wrong_image_size_or_channels_names_both():
         vae.forward_get_latents(x[0])
 
 
+def test_uint8_images_are_refused_with_the_preprocessing_to_use():
+    vae = _model()
+    x, x_target = _batch()
+    raw = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"x is torch\.uint8, but the VAE takes preprocessed floating-point .*"
+                       r"preprocessing_for\(dataset\)\(batch\)"):  # fmt: skip
+        vae(raw, x_target)
+    with pytest.raises(ValueError, match=r"x_target is torch\.uint8"):
+        vae(x, raw)
+    with pytest.raises(ValueError, match=r"x is torch\.uint8"):
+        vae.forward_get_latents(raw)
+
+
 def test_bad_hyperparameters():
     with pytest.raises(ValueError, match="grad_checkpoint must be one of none, decoder, all, got 'some'"):
         VAE(_tiny(grad_checkpoint="some"))

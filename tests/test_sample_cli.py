@@ -61,7 +61,7 @@ def test_cli_on_an_official_file_writes_a_png_of_the_right_size(tmp_path):
     assert str(out) in result.stdout
     with Image.open(out) as image:
         assert image.format == "PNG" and image.mode == "RGB"
-        assert image.size == (4 * 8, 4 * 8)  # 16 samples of 8x8 in a 4x4 grid
+        assert image.size == (4 * 64 + 3 * 4, 4 * 64 + 3 * 4)  # 16 samples of 8x8 upscaled 8x, 4x4, 4-pixel gaps
 
 
 def test_cli_on_our_checkpoint_takes_its_hyperparameters(tmp_path, capsys):
@@ -70,7 +70,7 @@ def test_cli_on_our_checkpoint_takes_its_hyperparameters(tmp_path, capsys):
     status = sample.main(["--restore_ema_path", str(tmp_path), "--n", "6", "--out", str(out), "--seed", "1"])
     assert status == 0 and "6 samples" in capsys.readouterr().out
     with Image.open(out) as image:
-        assert image.size == (3 * 8, 2 * 8)  # 6 samples: 3 columns, 2 rows
+        assert image.size == (3 * 64 + 2 * 4, 2 * 64 + 4)  # 6 samples: 3 columns, 2 rows
         first = np.asarray(image)
     sample.main(["--restore_ema_path", str(path), "--n", "6", "--out", str(out), "--seed", "1", "--n_batch", "4"])
     with Image.open(out) as image:
@@ -111,21 +111,85 @@ def test_cli_backend_applies_to_the_model(tmp_path, monkeypatch):
     assert status == 0 and built[0].backend == "original" and built[0].H.backend == "reference"
 
 
-def test_stack_rows_is_vdvaes_layout():
+def cell(grid: np.ndarray, row: int, column: int, size: int = 64, gap: int = 4) -> np.ndarray:
+    """The image at (row, column) of a grid of size-pixel cells `gap` pixels apart."""
+    y, x = row * (size + gap), column * (size + gap)
+    return grid[y : y + size, x : x + size]
+
+
+def test_stack_rows_is_vdvaes_layout_upscaled_with_gaps():
     rows = [np.full((3, 2, 2, 3), value, np.uint8) for value in (10, 20)]
     rows[0][1] = 99  # second image of the first row
+    rows[1][2, 0, 1] = 7  # one pixel of the last image of the second row: upscaled to a 32x32 block
     grid = sample.stack_rows(rows)
-    assert grid.shape == (2 * 2, 3 * 2, 3)
-    assert (grid[:2, 2:4] == 99).all() and (grid[:2, :2] == 10).all() and (grid[2:] == 20).all()
+    assert grid.shape == (2 * 64 + 4, 3 * 64 + 2 * 4, 3)  # 2-pixel images upscaled 32x to 64, 4-pixel gaps
+    assert (cell(grid, 0, 1) == 99).all() and (cell(grid, 0, 0) == 10).all() and (cell(grid, 0, 2) == 10).all()
+    last = cell(grid, 1, 2)
+    assert (last[:32, 32:] == 7).all() and (last[32:] == 20).all() and (last[:32, :32] == 20).all()
+    assert (grid[64:68] == 255).all() and (grid[:, 64:68] == 255).all() and (grid[:, 132:136] == 255).all()
     with pytest.raises(ValueError, match="same image count"):
         sample.stack_rows([rows[0], rows[1][:2]])
+
+
+def test_large_images_are_not_upscaled_but_still_spaced():
+    grid = sample.stack_rows([np.full((2, 100, 80, 3), 5, np.uint8)])
+    assert grid.shape == (100, 2 * 80 + 4, 3) and (grid[:, 80:84] == 255).all() and (grid[:, 84:] == 5).all()
 
 
 def test_tile_fills_rows_and_pads_with_black():
     images = np.stack([np.full((2, 2, 3), 10 * (i + 1), np.uint8) for i in range(5)])
     grid = sample.tile(images, columns=2)
-    assert grid.shape == (3 * 2, 2 * 2, 3)
-    assert (grid[:2, 2:] == 20).all() and (grid[4:, :2] == 50).all() and (grid[4:, 2:] == 0).all()
+    assert grid.shape == (3 * 64 + 2 * 4, 2 * 64 + 4, 3)
+    assert (cell(grid, 0, 1) == 20).all() and (cell(grid, 2, 0) == 50).all() and (cell(grid, 2, 1) == 0).all()
+    with pytest.raises(ValueError, match="columns must be at least 1, got -2"):
+        sample.tile(images, columns=-2)
+
+
+def test_cli_writes_into_the_checkpoints_run_folder_unless_told_otherwise(tmp_path, monkeypatch, capsys):
+    run_folder = tmp_path / "saved_models" / "demo"
+    run_folder.mkdir(parents=True)
+    path = our_checkpoint(run_folder / "iter-10.pt", tiny_model())
+    our_checkpoint(run_folder / "latest.pt", tiny_model())
+    monkeypatch.chdir(tmp_path)
+    assert sample.main(["--restore_ema_path", str(path), "--n", "2", "--temperature", "0.5"]) == 0
+    assert (run_folder / "samples-iter-10-t0.5-seed0.png").exists()
+    assert sample.main(["--restore_ema_path", str(run_folder), "--n", "2", "--seed", "3"]) == 0
+    assert (run_folder / "samples-latest-t1-seed3.png").exists()
+    assert not list(tmp_path.glob("*.png"))  # nothing in the working directory
+    assert "samples-latest-t1-seed3.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "inf"], "--temperature must be a finite number at least 0, got inf"),
+        (["--temperature", "nan"], "--temperature must be a finite number at least 0, got nan"),
+        (["--temperature", "-0.5"], "--temperature must be a finite number at least 0, got -0.5"),
+        (["--n_batch", "-1"], "--n_batch must be at least 1, got -1"),
+        (["--columns", "-2"], "--columns must be at least 1, got -2"),
+        (["--n", "0"], "--n must be at least 1, got 0"),
+        (["--seed", "-1"], "--seed must be at least 0, got -1"),
+        (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N (N a GPU index), got 'bogus'"),
+    ],
+)
+def test_cli_refuses_bad_values_before_writing_anything(tmp_path, capsys, flags, message):
+    path = our_checkpoint(tmp_path / "latest.pt", tiny_model())
+    out = tmp_path / "out.png"
+    assert sample.main(["--restore_ema_path", str(path), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"sample: error: {message}\n" and not out.exists()
+
+
+def test_cli_refuses_an_output_that_is_a_directory_or_cannot_be_written(tmp_path, capsys):
+    path = our_checkpoint(tmp_path / "latest.pt", tiny_model())
+    assert sample.main(["--restore_ema_path", str(path), "--out", str(tmp_path)]) == 2
+    assert "is a directory: give the path of the .png file to write" in capsys.readouterr().err
+    unwritable = Path("/sys/samples.png")  # sysfs refuses new files, even to root
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux's /sys")
+    assert sample.main(["--restore_ema_path", str(path), "--out", str(unwritable)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sample: error: --out '/sys/samples.png': cannot write in '/sys'") and err.count("\n") == 1
 
 
 def test_training_grid_rows():

@@ -104,3 +104,25 @@ def test_a_single_process_all_reduce_returns_each_value_by_name():
     runtime = Runtime(rank=0, world_size=1, local_rank=0, device=CPU)
     values = {"b": torch.tensor(2.5), "a": 1.0, "flag": torch.tensor(True)}
     assert all_reduce_sum(values, runtime) == {"b": 2.5, "a": 1.0, "flag": 1.0}
+
+
+@pytest.mark.parametrize("skip_threshold", [-1, 400.0, 1e30])
+def test_a_nan_gradient_from_a_finite_loss_is_never_applied(skip_threshold):
+    parts, rule = learner(skip_threshold=skip_threshold)
+    first = next(parts.model.parameters())
+    first.register_hook(lambda grad: grad * float("nan"))  # the loss stays finite, one gradient does not
+    before_model, before_ema = weights(parts.model), weights(parts.ema)
+    torch.manual_seed(1)
+    stats = update_step(parts, rule, *batch())
+
+    assert stats["distortion_nans"] == stats["rate_nans"] == 0 and torch.isfinite(torch.tensor(stats["elbo"]))
+    assert stats["skipped_updates"] == 1 and stats["grad_norm"] != stats["grad_norm"]  # NaN, reported as such
+    assert all(torch.equal(before_model[n], v) for n, v in weights(parts.model).items())
+    assert all(torch.equal(before_ema[n], v) for n, v in weights(parts.ema).items())
+    assert not parts.optimizer.state
+
+
+def test_an_infinite_gradient_norm_is_never_allowed():
+    for threshold in (-1.0, 1e30):
+        rule = UpdateRule(grad_clip=1.0, skip_threshold=threshold, ema_rate=0.9)
+        assert not rule.allows(float("inf")) and not rule.allows(float("nan")) and rule.allows(1e3)

@@ -10,6 +10,8 @@ stay easy to compare line by line. Cross-flag rules live in one place: ``validat
 from __future__ import annotations
 
 import argparse
+import math
+import numbers
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import torch
 
 from .data import DATASETS, canonical_dataset
 from .ops import BACKENDS
+from .runtime import check_device_name
 
 # Autocast dtype of each --precision (None: plain fp32). fp16 also gets a gradient scaler in the trainer.
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,14 +38,61 @@ def _parse_bool(text: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Range:
+    """The numbers a field may take: an interval whose ends may be open or infinite, plus `also` (e.g. -1 for
+    'never'). NaN lies in no range; an integer field takes integers only."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    also: tuple[float, ...] = ()
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+        if self.integer and not isinstance(value, numbers.Integral):
+            return False
+        if value in self.also:
+            return True
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return bool(above and below)
+
+    def __str__(self) -> str:
+        def number(x: float) -> str:
+            return str(int(x)) if math.isfinite(x) and float(x).is_integer() else f"{x:g}"
+
+        kind = "an integer" if self.integer else "a finite number" if self.high == math.inf else "a number"
+        if self.high == math.inf:
+            text = f"{kind} {'above' if self.low_open else 'at least'} {number(self.low)}"
+        else:
+            left, right = "(["[not self.low_open], ")]"[not self.high_open]
+            text = f"{kind} in {left}{number(self.low)}, {number(self.high)}{right}"
+        return text + "".join(f", or {number(value)}" for value in self.also)
+
+
+def _at_least(low: float) -> Range:
+    return Range(low, integer=True)
+
+
+_POSITIVE = Range(0.0, low_open=True, high_open=True)  # finite and above 0
+_NON_NEGATIVE = Range(0.0, high_open=True)  # finite and at least 0
+_FRACTION = Range(0.0, 1.0, high_open=True)  # [0, 1)
+
+
+@dataclass(frozen=True)
 class Field:
     """One hyperparameter: its default, how the command line parses it (None: the default's type; bool defaults
-    take _parse_bool), the values it may take (None: any) and what it means (--help and the docs print it)."""
+    take _parse_bool), the values it may take (choices; or valid, a Range of numbers; None: any) and what it
+    means (--help and the docs print it). A field whose default is None may also be left unset."""
 
     default: Any
     help: str
     type: Callable[[str], Any] | None = None
     choices: tuple[Any, ...] | None = None
+    valid: Range | None = None
 
     def parser(self) -> Callable[[str], Any]:
         if self.type is not None:
@@ -60,38 +110,48 @@ FIELDS: dict[str, Field] = {
                         "average pooling by K (e.g. 32x11,32d2,16x6,...)", str),
     "dec_blocks": Field(None, "decoder layer string: RxN = N stochastic layers at resolution R, RmS = a layer that "
                         "adds the upsampled state of resolution S (e.g. 1x1,4m1,4x2,...)", str),
-    "zdim": Field(16, "channels of each stochastic layer's latent z"),
-    "width": Field(512, "channels of the residual stream"),
+    "zdim": Field(16, "channels of each stochastic layer's latent z", valid=_at_least(1)),
+    "width": Field(512, "channels of the residual stream", valid=_at_least(1)),
     "custom_width_str": Field("", "per-resolution widths, e.g. 32:64,16:128 (empty: width everywhere)"),
-    "bottleneck_multiple": Field(0.25, "width inside each residual block, as a fraction of the stream's width"),
-    "no_bias_above": Field(64, "learned initial decoder states at resolutions up to this one; zeros above"),
-    "num_mixtures": Field(10, "components of the discretized mixture of logistics (DMoL) output layer"),
+    "bottleneck_multiple": Field(0.25, "width inside each residual block, as a fraction of the stream's width",
+                                 valid=_POSITIVE),
+    "no_bias_above": Field(64, "learned initial decoder states at resolutions up to this one; zeros above",
+                           valid=_at_least(0)),
+    "num_mixtures": Field(10, "components of the discretized mixture of logistics (DMoL) output layer",
+                          valid=_at_least(1)),
     # data
     "dataset": Field(None, "cifar10, imagenet32, imagenet64, ffhq_256, ffhq_1024 (VDVAE's files), folder (any "
                      "PNG/JPEG images under data_root) or builtin (photographs shipped with scikit-image: no "
                      "download)", canonical_dataset, DATASETS),
     "data_root": Field("./", "folder holding the dataset's files (README: Train lists them)"),
     "image_size": Field(None, "image side in pixels: fixed by the fixed-size datasets, chosen for folder and "
-                        "builtin", int),
-    "image_channels": Field(3, "3: the DMoL output layer models RGB images"),
-    "num_bits": Field(8, "bit depth of the loss targets (8; ffhq_256 uses 5, taken from the data)"),
+                        "builtin", int, valid=_at_least(1)),
+    "image_channels": Field(3, "3: the DMoL output layer models RGB images", choices=(3,)),
+    "num_bits": Field(8, "bit depth of the loss targets (8; ffhq_256 uses 5, taken from the data)",
+                      valid=Range(1, 8, integer=True)),
     "valid_holdout": Field(None, "training images held out for validation (default VDVAE's 5000, or 7000 for "
-                           "ffhq_256); for small files", int),
+                           "ffhq_256); for small files", int, valid=_at_least(1)),
+    "eval_max_images": Field(0, "evaluate on at most this many validation images, spread evenly over the split "
+                             "(0: all of them); the test split of --test_eval is always read whole",
+                             valid=_at_least(0)),
     # optimization: AdamW, linear warmup, gradient skipping above the skip threshold, EMA of the weights
-    "lr": Field(0.00015, "peak learning rate of AdamW"),
-    "wd": Field(0.0, "AdamW's decoupled weight decay"),
-    "adam_beta1": Field(0.9, "AdamW's beta1 (VDVAE: 0.9)"),
-    "adam_beta2": Field(0.9, "AdamW's beta2 (VDVAE: 0.9)"),
-    "warmup_iters": Field(0, "updates over which the learning rate grows linearly from 0 to lr", float),
-    "grad_clip": Field(200.0, "clip the gradient norm to this value"),
+    "lr": Field(0.00015, "peak learning rate of AdamW", valid=_POSITIVE),
+    "wd": Field(0.0, "AdamW's decoupled weight decay", valid=_NON_NEGATIVE),
+    "adam_beta1": Field(0.9, "AdamW's beta1 (VDVAE: 0.9)", valid=_FRACTION),
+    "adam_beta2": Field(0.9, "AdamW's beta2 (VDVAE: 0.9)", valid=_FRACTION),
+    "warmup_iters": Field(0, "updates over which the learning rate grows linearly from 0 to lr", float,
+                          valid=_NON_NEGATIVE),
+    "grad_clip": Field(200.0, "clip the gradient norm to this value", valid=_POSITIVE),
     "skip_threshold": Field(400.0, "skip an update whose gradient norm (before clipping) is at or above this; -1 "
-                            "never skips"),
+                            "never skips a finite gradient (a NaN or infinite one is always skipped)",
+                            valid=Range(0.0, low_open=True, high_open=True, also=(-1,))),
     "ema_rate": Field(0.999, "decay of the exponential moving average (EMA) of the weights that evaluation and "
-                      "samples use"),
+                      "samples use", valid=_FRACTION),
     "n_batch": Field(32, "images per update in each process (the global batch is n_batch times the number of "
-                     "processes)"),
-    "num_epochs": Field(10000, "passes over the training split"),
-    "seed": Field(0, "random seed of the initial weights, the data order and the noise"),
+                     "processes)", valid=_at_least(1)),
+    "num_epochs": Field(10000, "passes over the training split", valid=_at_least(1)),
+    "seed": Field(0, "random seed of the initial weights, the data order and the noise",
+                  valid=Range(0, 2**32 - 1, integer=True)),
     # bookkeeping of the training program
     "desc": Field("test", "name of the run: its outputs go to save_dir/desc/"),
     "save_dir": Field("./saved_models", "folder of the runs"),
@@ -108,19 +168,22 @@ FIELDS: dict[str, Field] = {
     "test_eval": Field(False, "evaluate the restored EMA weights on the test split once, write a sample grid, "
                        "and exit"),
     "temperature": Field(1.0, f"prior temperature ({_UNUSED} by training; see python -m vdvae_fast.sample "
-                         "--temperature)"),
-    "iters_per_ckpt": Field(25000, "write a checkpoint iter-N.pt every this many updates"),
-    "iters_per_print": Field(1000, "log a train_loss record and print a progress line every this many updates"),
-    "iters_per_save": Field(10000, "rewrite latest.pt every this many updates"),
-    "iters_per_images": Field(10000, "write the sample grid samples-N.png every this many updates"),
+                         "--temperature)", valid=_NON_NEGATIVE),
+    "iters_per_ckpt": Field(25000, "write a checkpoint iter-N.pt every this many updates", valid=_at_least(1)),
+    "iters_per_print": Field(1000, "log a train_loss record and print a progress line every this many updates",
+                             valid=_at_least(1)),
+    "iters_per_save": Field(10000, "rewrite latest.pt every this many updates", valid=_at_least(1)),
+    "iters_per_images": Field(10000, "write the sample grid samples-N.png every this many updates",
+                              valid=_at_least(1)),
     "epochs_per_eval": Field(10, "evaluate the EMA weights on the validation split every this many epochs (and "
-                             "at the end)"),
-    "epochs_per_probe": Field(None, _UNUSED, int),
-    "epochs_per_eval_save": Field(20, _UNUSED),
-    "num_images_visualize": Field(8, "images per row of the sample grid"),
+                             "at the end)", valid=_at_least(1)),
+    "epochs_per_probe": Field(None, _UNUSED, int, valid=_at_least(1)),
+    "epochs_per_eval_save": Field(20, _UNUSED, valid=_at_least(1)),
+    "num_images_visualize": Field(8, "images per row of the sample grid (0: no grid)", valid=_at_least(0)),
     "num_variables_visualize": Field(6, "rows of partial reconstructions (the first k latents kept, t = 0.1) in "
-                                     "the grid"),
-    "num_temperatures_visualize": Field(3, "rows of unconditional samples in the grid (at t = 1.0, 0.9, 0.8, 0.7)"),
+                                     "the grid", valid=_at_least(0)),
+    "num_temperatures_visualize": Field(3, "rows of unconditional samples in the grid (at t = 1.0, 0.9, 0.8, 0.7)",
+                                        valid=Range(0, 4, integer=True)),
     # vdvae_fast: ops backend, numerics and memory
     "backend": Field("auto", "kernels of the fused ops: auto (the fastest built for the device), cpu, cuda, "
                      "triton, reference (eager PyTorch, seeded like the kernels) or original (eager PyTorch with "
@@ -138,11 +201,12 @@ FIELDS: dict[str, Field] = {
                     "cuda:LOCAL_RANK"),
     "compile": Field(False, "torch.compile the training forward pass"),
     "max_iters": Field(None, "stop after this many updates in all, those before a resume included (0: no limit "
-                       "but num_epochs)", int),
+                       "but num_epochs)", int, valid=_at_least(0)),
     "num_workers": Field(None, "DataLoader worker processes per training process (default: 4 on CUDA, 0 on CPU)",
-                         int),
+                         int, valid=_at_least(0)),
     "num_threads": Field(None, "CPU threads of each process's tensor operations (default: torch's, one per core); "
-                         "1 is often fastest for small models and on machines shared with other jobs", int),
+                         "1 is often fastest for small models and on machines shared with other jobs", int,
+                         valid=_at_least(1)),
 }  # fmt: skip
 
 DEFAULTS: dict[str, Any] = {key: field.default for key, field in FIELDS.items()}
@@ -325,9 +389,9 @@ _PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
             "dec_blocks": "1x2,4m1,4x2,8m4,8x1,16m8,16x1",
         },
     ),
-    # Not released: 8x8 RGB images for unit tests. Resolution 8 sits above no_bias_above, so the decoder
-    # path that starts from zeros instead of a learned bias is exercised too. Its data are 8x8 patches of the
-    # built-in photographs, so `python train.py --hps tiny --max_iters 20` runs anywhere in seconds.
+    # Not released: 8x8 RGB images for unit tests and smoke runs. Resolution 8 sits above no_bias_above, so the
+    # decoder path that starts from zeros instead of a learned bias is exercised too. Its data are 8x8 patches of
+    # the built-in photographs (no download), evaluated on 512 of them. See PRESET_NOTES for its duration.
     "tiny": (
         None,
         {
@@ -340,6 +404,8 @@ _PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
             "num_mixtures": 3,
             "n_batch": 4,
             "num_epochs": 1,
+            "eval_max_images": 512,  # of 29,894 validation patches: evaluating them all took minutes
+            "num_threads": 1,  # as demo's: on a busy 2-core CPU, threads made 8x8 convolutions 10-40x slower
             "enc_blocks": "8x2,8d2,4x2,4d4,1x1",
             "dec_blocks": "1x1,4m1,4x2,8m4,8x2",
         },
@@ -347,6 +413,14 @@ _PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
 }
 
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
+# What the presets that are not VDVAE's releases are for, for --hps's help. Durations: `time python train.py
+# --hps tiny --max_iters 20` took 15-17 s (4.5 s of CPU time) on a 2-core CPU shared with other jobs (load 16),
+# once the trainer evaluates eval_max_images; README: Train measures demo.
+PRESET_NOTES: dict[str, str] = {
+    "demo": "a 154k-parameter VAE on 16x16 patches of built-in photographs that visibly learns on a CPU in "
+    "minutes (README: Train)",
+    "tiny": "an 8x8 model for tests and smoke runs: --max_iters 20 takes about 15 s on a busy 2-core CPU",
+}
 
 
 def preset(name: str) -> Hyperparams:
@@ -503,7 +577,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         dest="hps",
         required=True,
         choices=PRESETS,
-        help="preset to start from; every other flag overrides one of its values",
+        help="preset to start from; every other flag overrides one of its values. Released: cifar10, imagenet32, "
+        "imagenet64, ffhq256, ffhq1024. " + ". ".join(f"{name}: {note}" for name, note in PRESET_NOTES.items()),
     )
     for key, field in FIELDS.items():
         extra: dict[str, Any] = {"help": field.help, "default": None, "type": field.parser()}
@@ -535,15 +610,34 @@ def _check_choices(H: Hyperparams) -> None:
             raise ValueError(f"--{key} must be one of {', '.join(map(str, field.choices))}, got {H[key]!r}")
 
 
+def _check_ranges(H: Hyperparams) -> None:
+    """Each number lies in its field's valid range (None allowed where the field's default is None)."""
+    for key, field in FIELDS.items():
+        value = H.get(key)
+        if field.valid is None or (value is None and field.default is None):
+            continue
+        if value not in field.valid:
+            raise ValueError(f"--{key} must be {field.valid}, got {value!r}")
+
+
+def _check_block_widths(H: Hyperparams) -> None:
+    """Every residual block keeps at least one channel inside: int(width * bottleneck_multiple) >= 1."""
+    widths = parse_channel_string(H.custom_width_str).values() if H.custom_width_str else ()
+    narrowest = min([int(H.width), *widths])
+    if int(narrowest * H.bottleneck_multiple) < 1:
+        raise ValueError(
+            f"--bottleneck_multiple {H.bottleneck_multiple} leaves no channel inside the blocks of width {narrowest} "
+            f"(int(width * bottleneck_multiple) is 0): use at least {1 / narrowest:g}"
+        )
+
+
 def validate(H: Hyperparams) -> None:
-    """Every check that spans flags or values, before any work starts: raise ValueError naming the flag and
+    """Every check of values and across flags, before any work starts: raise ValueError naming the flag and
     what would be valid."""
     _check_choices(H)
-    for key in ("iters_per_print", "iters_per_save", "iters_per_ckpt", "iters_per_images", "epochs_per_eval"):
-        if int(H[key]) < 1:
-            raise ValueError(f"--{key} must be at least 1, got {H[key]}")
-    if H.n_batch < 1:
-        raise ValueError(f"--n_batch must be at least 1, got {H.n_batch}")
+    _check_ranges(H)
+    _check_block_widths(H)
+    check_device_name(H.device)
     if H.restore_path is None and H.restore_ema_path is None and H.test_eval:
         raise ValueError("--test_eval evaluates trained weights: give --restore_ema_path or --restore_path")
 
@@ -575,11 +669,11 @@ def changed_since(
 
 
 def reference_table() -> str:
-    """The hyperparameters as a Markdown table (flag, default, choices, meaning), for the docs."""
-    lines = ["| flag | default | choices | meaning |", "| --- | --- | --- | --- |"]
+    """The hyperparameters as a Markdown table (flag, default, valid values, meaning), for the docs."""
+    lines = ["| flag | default | valid values | meaning |", "| --- | --- | --- | --- |"]
     for key, field in FIELDS.items():
-        choices = ", ".join(map(str, field.choices)) if field.choices else ""
-        lines.append(f"| `--{key}` | `{field.default!r}` | {choices} | {field.help} |")
+        valid = ", ".join(map(str, field.choices)) if field.choices else str(field.valid or "")
+        lines.append(f"| `--{key}` | `{field.default!r}` | {valid} | {field.help} |")
     return "\n".join(lines)
 
 

@@ -319,6 +319,13 @@ class VAE(nn.Module):
     def _check_images(self, **images: Tensor) -> None:
         size, channels = self.H.image_size, self.H.image_channels
         for name, x in images.items():
+            if not torch.is_tensor(x) or not x.is_floating_point():
+                got = x.dtype if torch.is_tensor(x) else type(x).__name__
+                raise ValueError(
+                    f"{name} is {got}, but the VAE takes preprocessed floating-point images (the input normalized, "
+                    "the target in [-1, 1]): turn a uint8 batch into (x, x_target) with "
+                    "vdvae_fast.data.preprocessing_for(dataset)(batch)"
+                )
             if x.dim() != 4 or tuple(x.shape[1:]) != (size, size, channels):
                 got = f"shape {tuple(x.shape)}"
                 if x.dim() == 4:

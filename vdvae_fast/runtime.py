@@ -8,6 +8,7 @@ as they are, and no process group is needed.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,20 +17,43 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Runtime", "all_gather_objects", "all_reduce_sum", "resolve_device", "setup_runtime", "teardown_runtime"]
+__all__ = [
+    "Runtime",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "check_device_name",
+    "resolve_device",
+    "setup_runtime",
+    "teardown_runtime",
+]
+
+
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device_name(name: Any) -> None:
+    """Raise ValueError unless `name` is one of the device names the programs take: auto, cpu, cuda, cuda:N."""
+    if not isinstance(name, str) or _DEVICE_NAME.fullmatch(name) is None:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N (N a GPU index), got {name!r}")
 
 
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     """'auto' (CUDA when available), 'cpu', 'cuda' (this process's GPU under torchrun) or 'cuda:N'."""
     name = name or "auto"
+    check_device_name(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was asked for, but this torch has no usable CUDA GPU")
+            raise ValueError(f"--device {name!r} asks for a GPU, but this torch has no usable CUDA GPU: use cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name!r} asks for GPU {device.index}, but this machine has "
+                f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
     return device
 
 
@@ -58,8 +82,10 @@ def setup_runtime(device: str | None = "auto", num_threads: int | None = None) -
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"--num_threads must be an integer at least 1, got {num_threads!r}")
+        torch.set_num_threads(num_threads)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():

@@ -2,8 +2,8 @@
 
 Command line (our checkpoints and openai/vdvae's released ``*-model-ema.th`` files alike)::
 
-    python -m vdvae_fast.sample --restore_ema_path saved_models/demo/latest.pt --n 16 --temperature 0.9 \\
-        --out samples.png
+    python -m vdvae_fast.sample --restore_ema_path saved_models/demo/latest.pt --n 16 --temperature 0.9
+    # -> saved_models/demo/samples-latest-t0.9-seed0.png
     python -m vdvae_fast.sample --restore_ema_path imagenet64-iter-1600000-model-ema.th --hps imagenet64 --out s.png
 
 The trainer's grid follows VDVAE's write_images: one row of validation images; rows of reconstructions that
@@ -18,6 +18,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,15 @@ from .checkpoint import CheckpointError, load_module_state, read_weights, saved_
 from .hparams import PRESETS, preset
 from .model import VAE
 from .ops import BACKENDS
-from .runtime import resolve_device
+from .runtime import check_device_name, resolve_device
 
 __all__ = [
+    "CELL_PIXELS",
+    "GAP_PIXELS",
     "UNCONDITIONAL_TEMPERATURES",
     "RECONSTRUCTION_TEMPERATURE",
     "main",
+    "output_path",
     "reconstruction_rows",
     "save_png",
     "stack_rows",
@@ -44,6 +48,8 @@ __all__ = [
 USAGE_ERROR = 2  # argparse's status for a bad command line; the same for every error a user can fix
 UNCONDITIONAL_TEMPERATURES = (1.0, 0.9, 0.8, 0.7)
 RECONSTRUCTION_TEMPERATURE = 0.1
+CELL_PIXELS = 64  # grids upscale each image to at least this many pixels a side
+GAP_PIXELS = 4  # white pixels between neighbouring images of a grid
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,25 +64,40 @@ def _uint8_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
     return array
 
 
+def _grid(cells: np.ndarray) -> np.ndarray:
+    """(R, C, H, W, 3) uint8 cells as one image: each upscaled nearest-neighbour to at least CELL_PIXELS a
+    side, GAP_PIXELS of white between neighbours (16-pixel images side by side are unreadable otherwise)."""
+    rows, columns, height, width, _ = cells.shape
+    scale = max(1, math.ceil(CELL_PIXELS / min(height, width)))
+    cells = cells.repeat(scale, axis=2).repeat(scale, axis=3)
+    step_y, step_x = height * scale + GAP_PIXELS, width * scale + GAP_PIXELS
+    grid = np.full((rows * step_y - GAP_PIXELS, columns * step_x - GAP_PIXELS, 3), 255, np.uint8)
+    for r in range(rows):
+        for c in range(columns):
+            grid[r * step_y : r * step_y + height * scale, c * step_x : c * step_x + width * scale] = cells[r, c]
+    return grid
+
+
 def stack_rows(rows: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
-    """VDVAE's grid: row r holds the n images of rows[r] side by side; no borders. (R*H, n*W, 3) uint8."""
+    """VDVAE's grid: row r holds the n images of rows[r] side by side, upscaled and spaced as _grid does."""
     arrays = [_uint8_images(row) for row in rows]
-    n, height, width, _ = arrays[0].shape
     if any(a.shape != arrays[0].shape for a in arrays):
         raise ValueError(f"every row needs the same image count and size; got {[a.shape for a in arrays]}")
-    grid = np.stack(arrays)  # (R, n, H, W, 3)
-    return grid.transpose(0, 2, 1, 3, 4).reshape(len(arrays) * height, n * width, 3)
+    return _grid(np.stack(arrays))
 
 
 def tile(images: np.ndarray | torch.Tensor, columns: int | None = None) -> np.ndarray:
-    """Images in a grid of `columns` (default: nearly square), filled row by row; empty cells stay black."""
+    """Images in a grid of `columns` (default: nearly square), filled row by row, upscaled and spaced as _grid
+    does; empty cells stay black."""
     array = _uint8_images(images)
     n, height, width, _ = array.shape
+    if columns is not None and columns < 1:
+        raise ValueError(f"columns must be at least 1, got {columns}")
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     padded = np.zeros((rows * columns, height, width, 3), np.uint8)
     padded[:n] = array
-    return padded.reshape(rows, columns, height, width, 3).transpose(0, 2, 1, 3, 4).reshape(rows * height, -1, 3)
+    return _grid(padded.reshape(rows, columns, height, width, 3))
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
@@ -114,10 +135,11 @@ def reconstruction_rows(
 # --------------------------------------------------------------------------------------------
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(prog: str = "python -m vdvae_fast.sample") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m vdvae_fast.sample",
-        description="Draw unconditional samples from a trained VDVAE and write them as one PNG grid.",
+        prog=prog,
+        description="Draw unconditional samples from a trained VDVAE and write them as one PNG grid (each image "
+        f"upscaled to at least {CELL_PIXELS} pixels, {GAP_PIXELS} white pixels apart).",
     )
     parser.add_argument(
         "--restore_ema_path",
@@ -135,17 +157,62 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="preset of the model; needed for official files (our checkpoints carry their hyperparameters)",
     )
-    parser.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    parser.add_argument("--n", type=int, default=16, help="number of samples, at least 1 (default 16)")
     parser.add_argument(
-        "--temperature", type=float, default=1.0, help="prior temperature: sigma scaled by t (default 1.0)"
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="prior temperature, a finite number at least 0: sigma scaled by t (default 1.0)",
     )
-    parser.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
-    parser.add_argument("--columns", type=int, default=None, help="images per grid row (default: nearly square)")
-    parser.add_argument("--n_batch", type=int, default=None, help="samples drawn per forward pass (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="PNG file to write (default: samples-<checkpoint>-t<temperature>-seed<seed>.png in the checkpoint's "
+        "folder, i.e. its run folder)",
+    )
+    parser.add_argument("--columns", type=int, default=None, help="images per grid row, at least 1 (default: "
+                        "nearly square)")  # fmt: skip
+    parser.add_argument("--n_batch", type=int, default=None, help="samples drawn per forward pass, at least 1 "
+                        "(default: all)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="random seed, at least 0 (default 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--backend", default=None, choices=BACKENDS, help="ops backend (default: the checkpoint's)")
     return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse values that would fail late or write a useless grid, naming the flag and what is valid."""
+    for flag, value in (("n", args.n), ("n_batch", args.n_batch), ("columns", args.columns)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number at least 0, got {args.temperature}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be at least 0, got {args.seed}")
+    check_device_name(args.device)
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """--out, or a name saying what was drawn in the folder of the checkpoint (a run folder stays whole)."""
+    if args.out is not None:
+        return Path(args.out).expanduser()
+    weights = Path(args.path).expanduser()
+    folder, stem = (weights, "latest") if weights.is_dir() else (weights.parent, weights.stem)
+    return folder / f"samples-{stem}-t{args.temperature:g}-seed{args.seed}.png"
+
+
+def _check_writable(out: Path) -> None:
+    """Prove that `out` can be written before any sampling: not a directory, its folder creatable and writable."""
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a directory: give the path of the .png file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"--out {str(out)!r}: cannot write in {str(out.parent)!r} ({err.strerror or err}); give a writable path"
+        ) from err
 
 
 def _load_model(args: argparse.Namespace) -> VAE:
@@ -163,26 +230,31 @@ def _load_model(args: argparse.Namespace) -> VAE:
 
 
 def sample(args: argparse.Namespace) -> Path:
-    """Load the weights, draw args.n samples at args.temperature and write the grid; returns the PNG path."""
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
+    """Check the arguments and the output, load the weights, draw args.n samples at args.temperature and write
+    the grid; returns the PNG path."""
+    _check_args(args)
+    out = output_path(args)
+    _check_writable(out)
     device = resolve_device(args.device)
     model = _load_model(args).to(device).eval()
     torch.manual_seed(args.seed)
     per_pass = args.n_batch or args.n
     images = [model.forward_uncond_samples(min(per_pass, args.n - i), t=args.temperature).cpu()
               for i in range(0, args.n, per_pass)]  # fmt: skip
-    return save_png(tile(torch.cat(images), args.columns), args.out)
+    return save_png(tile(torch.cat(images), args.columns), out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status: 0, or USAGE_ERROR (2, as for a bad flag) for an error a user
-    can fix."""
-    args = _build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m vdvae_fast.sample") -> int:
+    """The command line (`prog` names it in --help and usage errors); returns the exit status: 0, or USAGE_ERROR
+    (2, as for a bad flag) for an error a user can fix."""
+    args = _build_parser(prog).parse_args(argv)
     try:
         path = sample(args)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"sample: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except OSError as err:  # the output's disk filled or went away after the check
+        print(f"sample: error: cannot write {output_path(args)}: {err.strerror or err}", file=sys.stderr)
         return USAGE_ERROR
     print(f"wrote {args.n} samples at temperature {args.temperature} to {path}")
     return 0

@@ -94,7 +94,8 @@ class Progress:
 
 def summarize(window: Sequence[dict[str, float]]) -> dict[str, float]:
     """VDVAE's accumulate_stats over the updates since the last print: NaN and skip counts are summed, the
-    grad norm is the largest finite one, elbo is the plain mean and elbo_filtered the mean of finite values."""
+    grad norm is the largest finite one (NaN when none was finite: never a made-up 0) and nonfinite_grad_norms
+    counts the others, elbo is the plain mean and elbo_filtered the mean of finite values."""
     out: dict[str, float] = {}
     for key in window[-1]:
         values = np.array([stats[key] for stats in window], dtype=np.float64)
@@ -102,7 +103,8 @@ def summarize(window: Sequence[dict[str, float]]) -> dict[str, float]:
         if key in ("distortion_nans", "rate_nans", "skipped_updates"):
             out[key] = float(values.sum())
         elif key == "grad_norm":
-            out[key] = float(finite.max()) if len(finite) else 0.0
+            out[key] = float(finite.max()) if len(finite) else float("nan")
+            out["nonfinite_grad_norms"] = float(len(values) - len(finite))
         elif key == "elbo":
             out["elbo"] = float(values.mean())
             out["elbo_filtered"] = float(finite.mean()) if len(finite) else float("nan")

@@ -1,4 +1,8 @@
-"""Stopping on request: SIGINT/SIGTERM finish the current update, then the run saves and exits."""
+"""Stopping on request: SIGINT/SIGTERM end the current update or evaluation batch, then the run saves and exits.
+
+The handlers are the process's, so the request is too: while a StopRequest is active, ``stop_requested`` tells
+any part of the run (the update loop, an evaluation between two batches) which signal arrived, if any.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ import signal
 import threading
 from typing import Any
 
-__all__ = ["StopRequest"]
+__all__ = ["StopRequest", "stop_requested"]
+
+_active: list[StopRequest] = []  # the StopRequest whose handlers are installed, innermost last
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag that the loop reads after each update (then saves and exits); a second
-    Ctrl-C stops at once."""
+    """SIGINT/SIGTERM set a flag that the loop reads after each update and evaluation reads after each batch
+    (then the run saves and exits); a second Ctrl-C stops at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -30,9 +36,16 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
+        _active.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _active.remove(self)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+def stop_requested() -> int | None:
+    """The signal number that asked the active StopRequest to stop, or None (also when none is active)."""
+    return _active[-1].signum if _active else None

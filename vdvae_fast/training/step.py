@@ -1,8 +1,9 @@
 """One update of the paper's recipe, as a plain function the trainer, the benchmarks and the tests all call.
 
 The negative ELBO (distortion + rate, nats per dimension) is backpropagated; the gradient norm is clipped at
-grad_clip; the update is *skipped* when that norm is at or above skip_threshold or the rate or distortion is
-NaN/Inf on any rank (gradient skipping, section 4.2), and the skip is counted; otherwise AdamW steps (betas
+grad_clip; the update is *skipped* when that norm is at or above skip_threshold, when it is NaN/Inf (whatever
+the threshold, -1 included), or when the rate or distortion is NaN/Inf on any rank (gradient skipping, section
+4.2), and the skip is counted; otherwise AdamW steps (betas
 (0.9, 0.9), weight decay wd, linear warmup over warmup_iters) and the EMA of the weights moves towards them at
 ema_rate. The learning-rate schedule counts every update tried, skipped ones included, as VDVAE's does.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -84,8 +86,9 @@ class UpdateRule:
         return cls(float(H.grad_clip), float(H.skip_threshold), float(H.ema_rate), H.precision)
 
     def allows(self, grad_norm: float) -> bool:
-        """Whether a gradient of this norm may be applied (False for a NaN norm)."""
-        return self.skip_threshold == -1 or grad_norm < self.skip_threshold
+        """Whether a gradient of this norm may be applied: never a NaN or infinite one, whatever the threshold
+        (clipping cannot repair it: every weight it touches would become NaN)."""
+        return math.isfinite(grad_norm) and (self.skip_threshold == -1 or grad_norm < self.skip_threshold)
 
 
 @dataclass
