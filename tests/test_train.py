@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
 import shlex
@@ -24,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vdvae_fast import checkpoint, data, ops, train
+from vdvae_fast import checkpoint, data, ops, sample, train
 from vdvae_fast.checkpoint import load_checkpoint
 from vdvae_fast.hparams import DEFAULTS, HELP
 from vdvae_fast.training.cli import resume_command
@@ -147,7 +148,8 @@ def test_every_dataset_format_trains_evaluates_and_saves(tmp_path, preset):
     assert evaluation["nonfinite_batches"] == 0 and np.isfinite(evaluation["elbo_bpd"])
     assert load_checkpoint(run_dir / "latest.pt")["step"] == steps
     with Image.open(summary["images"]) as grid:
-        assert grid.size[1] % size == 0 and grid.size[0] % size == 0
+        pitch = size * math.ceil(sample.CELL_PIXELS / size) + sample.GAP_PIXELS  # an upscaled image and its gap
+        assert (grid.size[0] + sample.GAP_PIXELS) % pitch == 0 and (grid.size[1] + sample.GAP_PIXELS) % pitch == 0
     if preset == "ffhq256":  # 5-bit targets: the loss's bin width follows the data
         assert load_checkpoint(run_dir / "latest.pt")["hparams"]["num_bits"] == 5
 

@@ -41,7 +41,7 @@ from ..model import VAE
 from ..runtime import Runtime, all_gather_objects
 from ..sample import reconstruction_rows, save_png, stack_rows
 from .errors import OutputError, SetupError
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluation_subset
 from .log import LN2, Progress, RunLog, status_line, summarize, throughput
 from .signals import StopRequest
 from .step import UpdateRule, make_learner, update_step
@@ -132,7 +132,7 @@ class Trainer:
             )
         self.eval_loaders = {
             name: make_loader(split, H.n_batch, shuffle=False, even_shards=False, **options)
-            for name, split in (("valid", splits.valid), ("test", splits.test))
+            for name, split in (("valid", evaluation_subset(splits.valid, H.eval_max_images)), ("test", splits.test))
         }
         count = min(int(H.num_images_visualize), len(splits.valid))
         spread = np.linspace(0, len(splits.valid) - 1, count).round().astype(int)  # not just neighbours
@@ -214,8 +214,9 @@ class Trainer:
                         return self._stop(stop.signum if stop.signum is not None else signal.SIGTERM)
                     if self.position.step >= self.total_steps:
                         break
-                self._end_epoch()
-            return self._finish()
+                if not self._end_epoch():
+                    return self._stop(stop.signum if stop.signum is not None else signal.SIGTERM)
+            return self._finish(stop)
 
     @contextlib.contextmanager
     def _reporting_failed_writes(self) -> Iterator[None]:
@@ -287,14 +288,16 @@ class Trainer:
         if p.step % H.iters_per_ckpt == 0:
             self.save(f"iter-{p.step}.pt")
 
-    def _end_epoch(self) -> None:
-        """At the end of a complete epoch: evaluate every epochs_per_eval epochs, and move to the next."""
+    def _end_epoch(self) -> bool:
+        """At the end of a complete epoch: evaluate every epochs_per_eval epochs, and move to the next. False if
+        a stop request ended the evaluation: the epoch stays unfinished, so a resumed run evaluates again."""
         p = self.position
         if p.batch_in_epoch >= self.batches_per_epoch:
-            if p.epoch % self.H.epochs_per_eval == 0:
-                self.run_eval("valid")
+            if p.epoch % self.H.epochs_per_eval == 0 and self.run_eval("valid")["stopped"]:
+                return False
             p.epoch += 1
             p.batch_in_epoch = 0
+        return True
 
     def _stop(self, signum: int) -> dict[str, Any]:
         """Save where the run stands and say how to continue."""
@@ -303,14 +306,15 @@ class Trainer:
         self.log(f"stopped by {signal.Signals(signum).name} at step {self.position.step}: saved {path}")
         return self.summary(interrupted=signum)
 
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self, stop: StopRequest) -> dict[str, Any]:
         """The last record, latest.pt, an evaluation at the final step and a sample grid."""
         if self.window:
             self._log_window()
         self.progress.clear()
         self.save(LATEST)
         if self.last_eval is None or self.last_eval["step"] != self.position.step:
-            self.run_eval("valid")
+            if self.run_eval("valid")["stopped"]:
+                return self._stop(stop.signum if stop.signum is not None else signal.SIGTERM)
         self.write_images(f"samples-{self.position.step}")
         return self.summary()
 
@@ -356,6 +360,9 @@ class Trainer:
         stats = self.evaluate(split)
         kind = "eval_loss" if split == "valid" else "test_loss"
         p = self.position
+        if stats["stopped"]:
+            self.log(f"{split} evaluation stopped by a signal after {stats['n_images']} images: not recorded")
+            return stats
         self.log(model=self.H.desc, type=kind, epoch=p.epoch, step=p.step, quiet=True, **stats)
         self.log.say(
             f"{split} (EMA) step {p.step}: elbo {stats['elbo_bpd']:.4f} bits/dim = {stats['filtered_elbo']:.4f} "
