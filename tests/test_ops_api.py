@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, FUSED_BACKENDS
 
+from tests.op_cases import DEVICE, FUSED_BACKENDS
 from vdvae_fast import ops
 
 
