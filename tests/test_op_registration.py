@@ -144,3 +144,33 @@ def test_triton_ops_decompose_into_their_kernels_with_the_seed_as_a_traced_scala
     for name, (kernels, seeds) in traced.items():
         assert kernels >= 1, name
         assert seeds == int(any(arg.name == "seed" for arg in _op(name, "cpu")._schema.arguments)), name
+
+
+def test_kernels_launch_on_the_inputs_gpu_with_the_seed_as_an_int(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton launches on the current device: with two GPUs, tensors on cuda:1 must make cuda:1 current."""
+    current = []
+
+    class DeviceContext:  # stands in for torch.cuda.device, which needs a GPU
+        def __init__(self, device: torch.device) -> None:
+            self.device = device
+
+        def __enter__(self) -> None:
+            current.append(self.device)
+
+        def __exit__(self, *exc_info: object) -> None:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "device", DeviceContext)
+    launches = []
+
+    def launch(logits: torch.Tensor, seed: int) -> torch.Tensor:
+        launches.append((list(current), seed))
+        return logits
+
+    body = ops._launching(launch, inspect.signature(ops._dmol_sample_fake))
+    with torch._subclasses.FakeTensorMode():  # CUDA tensors without a GPU
+        body(torch.empty(1, 10, 2, 2, device="cuda:1"), torch.tensor(123))
+    body(torch.empty(1, 10, 2, 2), torch.tensor(4))  # CPU tensors: no device to switch to
+    assert launches == [([torch.device("cuda:1")], 123), ([], 4)]
+    assert all(type(seed) is int for _, seed in launches)
