@@ -210,19 +210,25 @@ def test_dmol_sample_refuses_non_finite_logits_unless_checks_are_off(value: floa
     assert image.shape == (2, 3, 3, 3) and torch.isfinite(image[0]).all()
 
 
-def test_meta_tensors_are_refused_with_a_message_saying_why() -> None:
-    meta = torch.zeros(2, 20, 3, 3, device="meta")
-    gaussian = torch.zeros(2, 4, device="meta")
-    calls = [
-        lambda: ops.dmol_nll(meta, torch.zeros(2, 3, 3, 3, device="meta")),
-        lambda: ops.dmol_sample(meta, seed=1),
-        lambda: ops.gaussian_kl(gaussian, gaussian, gaussian, gaussian),
-        lambda: ops.sample_and_kl(gaussian, gaussian, gaussian, gaussian, seed=1),
-        lambda: ops.sample_gaussian(gaussian, gaussian, seed=1),
-    ]
-    for call in calls:
-        with pytest.raises(ValueError, match="meta device: meta tensors hold no values"):
-            call()
+def test_meta_tensors_run_through_the_eager_formulas_for_shapes_and_flop_counts() -> None:
+    """Meta tensors have shapes and no values: the eager backends compute the outputs' metadata (as a FLOP
+    count of the model needs), the checks that read values are skipped, kernels are refused."""
+    meta = {"device": "meta"}
+    logits, x = torch.zeros(2, 20, 3, 3, **meta), torch.zeros(2, 3, 3, 3, **meta)
+    gaussian = [torch.zeros(2, 4, 3, 3, **meta, dtype=torch.bfloat16) for _ in range(4)]
+    assert ops.available_backends("meta") == list(ops.EAGER_BACKENDS)
+    nll = ops.dmol_nll(logits, x)
+    image = ops.dmol_sample(logits.contiguous(memory_format=torch.channels_last), seed=1)
+    kl = ops.gaussian_kl(*gaussian)
+    z, kl_sum = ops.sample_and_kl(*gaussian, seed=1)
+    prior = ops.sample_gaussian(*gaussian[:2], backend="original")
+    assert all(t.is_meta for t in (nll, image, kl, z, kl_sum, prior))
+    assert (nll.shape, nll.dtype) == ((2,), torch.float32)
+    assert image.shape == (2, 3, 3, 3) and ops.layout_of(image) == "channels_last"
+    assert (kl.shape, kl.dtype, z.dtype, kl_sum.shape) == ((2, 4, 3, 3), torch.float32, torch.bfloat16, (2,))
+    assert prior.shape == (2, 4, 3, 3)
+    with pytest.raises(ValueError, match="backend 'cpu' cannot run on meta tensors here: meta tensors hold no"):
+        ops.dmol_nll(logits, x, backend="cpu")
 
 
 @pytest.mark.parametrize("backend", [*ops.EAGER_BACKENDS, *FUSED_BACKENDS])

@@ -81,9 +81,10 @@ def triton_available() -> bool:
 def available_backends(device: torch.device | str) -> list[str]:
     """The backends that can run on tensors of `device` here: compiled ones first, then the eager ones.
 
-    Empty for CUDA without a usable GPU (no tensor can live there) and for the meta device (no values)."""
+    Empty for CUDA without a usable GPU (no tensor can live there); only the eager ones for meta tensors,
+    which have shapes but no values (FLOP counting, shape inference)."""
     device = torch.device(device)
-    if device.type == "meta" or (device.type == "cuda" and not torch.cuda.is_available()):
+    if device.type == "cuda" and not torch.cuda.is_available():
         return []
     if device.type == "cuda":
         compiled = [name for name, built in (("cuda", cuda_kernels_built()), ("triton", _TRITON_FOUND)) if built]
@@ -172,7 +173,7 @@ def _auto_backend(device: torch.device, dtype: torch.dtype, op: str | None, layo
 
 def _why_missing(backend: str, device: torch.device) -> str:
     if device.type == "meta":
-        return "meta tensors hold no values (torch.compile and FakeTensorMode trace the ops' shapes instead)"
+        return "meta tensors hold no values, which only the eager backends (reference, original) can do without"
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU is usable (torch.cuda.is_available() is False)"
     if backend == "cpu":
@@ -255,15 +256,17 @@ def _check_float(name: str, t: Tensor) -> None:
 
 
 def _check_device(**tensors: Tensor) -> torch.device:
-    """The one device all tensors share; meta tensors are refused since they hold no values."""
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listed}")
-    device = next(iter(devices.values()))
-    if device.type == "meta":
-        raise ValueError(f"{', '.join(tensors)} on the meta device: {_why_missing('auto', device)}")
-    return device
+    return next(iter(devices.values()))
+
+
+def _checks_values(check_inputs: bool, device: torch.device) -> bool:
+    """Whether to run the checks that read values: asked for, not while torch.compile traces (they
+    synchronize a GPU), and not on meta tensors (which have none)."""
+    return check_inputs and device.type != "meta" and not torch.compiler.is_compiling()
 
 
 def _check_dmol_logits(logits: Tensor) -> int:
@@ -421,7 +424,7 @@ def dmol_nll(
     num_bits = _check_num_bits(num_bits)
     device = _check_device(logits=logits, x=x)
     _check_target_shape(logits, x)
-    if check_inputs and not torch.compiler.is_compiling():
+    if _checks_values(check_inputs, device):
         _check_target_values(x)
     backend = resolve_backend(backend, device, logits.dtype, op="dmol_nll", layout=layout_of(logits))
     x = x.detach()
@@ -455,7 +458,7 @@ def dmol_sample(logits: Tensor, *, seed: int | None = None, backend: str = "auto
     device = _check_device(logits=logits)
     batch, _, height, width = logits.shape
     _check_counters(batch * height * width, "pixels")
-    if check_inputs and not torch.compiler.is_compiling():
+    if _checks_values(check_inputs, device):
         _check_finite("logits", logits)
     backend = resolve_backend(backend, device, logits.dtype, op="dmol_sample", layout=layout_of(logits))
     seed_t = _seed_tensor(seed, backend)
