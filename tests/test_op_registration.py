@@ -85,6 +85,8 @@ from torch._subclasses import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from vdvae_fast import ops
 
+ops._register_triton_ops()  # no GPU and no interpreter here, so the import left it to the first use
+
 class Traced(Exception):
     pass
 
@@ -174,3 +176,38 @@ def test_kernels_launch_on_the_inputs_gpu_with_the_seed_as_an_int(monkeypatch: p
     body(torch.empty(1, 10, 2, 2), torch.tensor(4))  # CPU tensors: no device to switch to
     assert launches == [([torch.device("cuda:1")], 123), ([], 4)]
     assert all(type(seed) is int for _, seed in launches)
+
+
+_LATE_TRITON = """
+import os, sys, torch
+from vdvae_fast import ops
+print("registered at import:", hasattr(torch.ops.vdvae_fast, "gaussian_kl_forward_triton"))
+print("inductor imported:", "torch._inductor" in sys.modules)
+os.environ["TRITON_INTERPRET"] = "1"  # after the import, as a tool compiling the kernels without a GPU does
+p = [torch.randn(2, 3, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+try:
+    torch.compile(lambda *p: ops.gaussian_kl(*p, backend="triton"), backend="aot_eager", fullgraph=True)(*p)
+except Exception as error:
+    print("compiled first:", "once before torch.compile" in str(error))
+torch.testing.assert_close(ops.gaussian_kl(*p, backend="triton"), ops.gaussian_kl(*p, backend="reference"))
+print("registered on first use:", hasattr(torch.ops.vdvae_fast, "gaussian_kl_forward_triton"))
+"""
+
+
+def test_triton_ops_are_registered_on_first_use_where_import_could_not_run_them() -> None:
+    """Without a GPU or TRITON_INTERPRET at import, registering (which imports torch._inductor, about a second)
+    waits for the first eager call with backend='triton'; a first call inside torch.compile says what to do."""
+    if not ops.triton_available():
+        pytest.skip("triton is not installed")
+    env = {key: value for key, value in __import__("os").environ.items() if key != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU, as on the machines this path is for
+    run = subprocess.run(
+        [sys.executable, "-c", _LATE_TRITON], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines() == [
+        "registered at import: False",
+        "inductor imported: False",
+        "compiled first: True",
+        "registered on first use: True",
+    ]

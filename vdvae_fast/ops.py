@@ -6,8 +6,8 @@ Backends:
 - ``cuda`` — CUDA kernels of the same extension on CUDA tensors; both wrapped in torch.library custom ops,
   which torch.compile traces as opaque calls (no graph breaks),
 - ``triton`` — the Triton kernels of vdvae_fast.kernels, registered with torch.library.triton_op so that
-  torch.compile sees the kernels themselves and can fuse around them (CUDA tensors, or CPU tensors when
-  TRITON_INTERPRET=1 was set before vdvae_fast was imported),
+  torch.compile sees the kernels themselves and can fuse around them (CUDA tensors, or CPU tensors under
+  TRITON_INTERPRET=1),
 - ``reference`` — the eager formulas of vdvae_fast.reference with plain autograd (the oracle),
 - ``original`` — the same formulas with torch's own generator for the noise, as openai/vdvae runs them
   (the baseline of the benchmarks; it takes no seed: torch.manual_seed reproduces it),
@@ -59,8 +59,6 @@ def _load_extension() -> ModuleType | None:
 _EXTENSION = _load_extension()
 # Looked up once: torch.compile traces through backend selection, and an import inside it would break the graph.
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
-# Read once, here, because the kernels are decorated (interpreted or compiled) when this module imports them.
-_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def extension_built() -> bool:
@@ -78,6 +76,10 @@ def triton_available() -> bool:
     return _TRITON_FOUND
 
 
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def available_backends(device: torch.device | str) -> list[str]:
     """The backends that can run on tensors of `device` here: compiled ones first, then the eager ones.
 
@@ -91,7 +93,7 @@ def available_backends(device: torch.device | str) -> list[str]:
         return compiled + list(EAGER_BACKENDS)
     found = ["cpu"] if device.type == "cpu" and extension_built() else []
     found += EAGER_BACKENDS
-    if device.type == "cpu" and _TRITON_FOUND and _TRITON_INTERPRETED:
+    if device.type == "cpu" and _TRITON_FOUND and _triton_interpreted():
         found.append("triton")  # the interpreter is for tests: slower than eager, never chosen by auto
     return found
 
@@ -150,6 +152,8 @@ def resolve_backend(
         raise ValueError(f"backend {backend!r} cannot run on {device} tensors here: {_why_missing(backend, device)}")
     if dtype == torch.float64 and backend in ("triton", "cuda"):
         raise TypeError(f"the {backend} backend computes in float32; use float32/bfloat16/float16 inputs")
+    if backend == "triton":
+        _ensure_triton_ops()
     return backend
 
 
@@ -186,7 +190,7 @@ def _why_missing(backend: str, device: torch.device) -> str:
         return "the extension was built without CUDA kernels (needs CUDA torch and nvcc at build time)"
     if not triton_available():
         return "triton is not installed"
-    return "Triton runs on CUDA tensors, or on CPU tensors only with TRITON_INTERPRET=1 set before import"
+    return "Triton runs on CUDA tensors, or on CPU tensors only with TRITON_INTERPRET=1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,9 +220,13 @@ def _launching(launch: Callable, signature: inspect.Signature) -> Callable:
     return body
 
 
+_ENTRY_POINTS: list[tuple[dict, str, str, Callable]] = []  # (ops by backend, kernel module, entry point, fake)
+_AUTOGRAD: list[tuple[dict, dict, Callable, Callable]] = []  # (forward ops, backward ops, setup, grad)
+
+
 def _kernel_ops(module: str, name: str, fake: Callable) -> dict[str, Any]:
-    """Kernel entry point `name` of op `module` as ops keyed by backend: one custom op for the extension's
-    kernels (cpu and cuda), and a triton_op on vdvae_fast.kernels.<module>.<name> where Triton is installed.
+    """Kernel entry point `name` of op `module` as ops keyed by backend: a custom op for the extension's
+    kernels (cpu and cuda) now, a triton_op on vdvae_fast.kernels.<module>.<name> by _register_triton_ops.
     `fake` computes the outputs' metadata; its signature is the ops' schema."""
     signature = inspect.signature(fake)
 
@@ -228,19 +236,35 @@ def _kernel_ops(module: str, name: str, fake: Callable) -> dict[str, Any]:
     compiled = torch.library.custom_op(f"vdvae_fast::{name}", _launching(compiled_launch, signature), mutates_args=())
     compiled.register_fake(fake)
     found = {"cpu": compiled, "cuda": compiled}
-    if _TRITON_FOUND:
-        launch = getattr(importlib.import_module(f"vdvae_fast.kernels.{module}"), name)
-        traced = torch.library.triton_op(f"vdvae_fast::{name}_triton", _launching(launch, signature), mutates_args=())
-        traced.register_fake(fake)  # the explicit contract, not a trace of the launcher
-        found["triton"] = traced
+    _ENTRY_POINTS.append((found, module, name, fake))
     return found
 
 
 def _register_autograd(forward: dict, backward: dict, setup: Callable, grad: Callable) -> None:
     """The same autograd formula on each backend family's forward op, calling that family's backward op."""
-    for family in ("cpu", "triton"):
-        if family in forward:
-            forward[family].register_autograd(functools.partial(grad, backward[family]), setup_context=setup)
+    forward["cpu"].register_autograd(functools.partial(grad, backward["cpu"]), setup_context=setup)
+    _AUTOGRAD.append((forward, backward, setup, grad))
+
+
+def _register_triton_ops() -> None:
+    """Every entry point as a triton_op (torch.compile traces into it and sees the kernels), with autograd."""
+    for found, module, name, fake in _ENTRY_POINTS:
+        launch = getattr(importlib.import_module(f"vdvae_fast.kernels.{module}"), name)
+        body = _launching(launch, inspect.signature(fake))
+        found["triton"] = torch.library.triton_op(f"vdvae_fast::{name}_triton", body, mutates_args=())
+        found["triton"].register_fake(fake)  # the explicit contract, not a trace of the launcher
+    for forward, backward, setup, grad in _AUTOGRAD:
+        forward["triton"].register_autograd(functools.partial(grad, backward["triton"]), setup_context=setup)
+
+
+def _ensure_triton_ops() -> None:
+    """Registers the Triton ops on first use where the import did not: registering imports torch._inductor
+    (about a second), which a machine that cannot run Triton at import time should not pay."""
+    if "triton" in _ENTRY_POINTS[0][0]:
+        return
+    if torch.compiler.is_compiling():
+        raise RuntimeError("call a vdvae_fast op with backend='triton' once before torch.compile traces one")
+    _register_triton_ops()
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,3 +646,7 @@ def sample_gaussian(
     if backend in EAGER_BACKENDS:
         return reference.sample_gaussian(mu, logsigma, temperature=temperature, seed=seed_t, backend=backend)
     return _SAMPLE_GAUSSIAN[backend](*_dense_layout(mu, logsigma), temperature, seed_t)
+
+
+if _TRITON_FOUND and (torch.cuda.is_available() or _triton_interpreted()):
+    _register_triton_ops()  # where Triton can run: so that torch.compile finds the ops registered
