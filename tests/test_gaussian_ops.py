@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, FUSED_BACKENDS, backend_cases, grad_tolerance, tolerance
 
+from tests.op_cases import DEVICE, FUSED_BACKENDS, backend_cases, grad_tolerance, tolerance
 from vdvae_fast import ops, philox
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 16, 8, 8), (4, 33)]

@@ -159,3 +159,59 @@ def test_dmol_sample_stays_in_range_and_follows_a_sharp_mixture() -> None:
     assert image.shape == (2, 3, 4, 4) and image.dtype == torch.float32
     torch.testing.assert_close(image[:, 0], torch.full((2, 4, 4), 0.5), atol=0.02, rtol=0)
     torch.testing.assert_close(image[:, 1], torch.full((2, 4, 4), -0.25), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("num_bits, half, bins", [(8, 1 / 255, 127.5), (5, 1 / 31, 15.5)])
+def test_bin_constants_are_the_half_bin_width_and_log_half_bin_count(num_bits: int, half: float, bins: float) -> None:
+    got_half, got_log_bins = reference.bin_constants(num_bits)
+    assert got_half == pytest.approx(half, rel=1e-15)
+    assert got_log_bins == pytest.approx(math.log(bins), rel=1e-15)
+
+
+def test_channels_last_is_told_apart_from_tensors_that_are_both_layouts() -> None:
+    nchw = torch.zeros(2, 3, 4, 5)
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+    assert not reference.is_channels_last(nchw) and reference.is_channels_last(nhwc)
+    for both in (torch.zeros(2, 3, 1, 1), torch.zeros(2, 1, 4, 5)):  # contiguous and channels_last at once
+        assert not reference.is_channels_last(both.contiguous(memory_format=torch.channels_last))
+    assert not reference.is_channels_last(torch.zeros(2, 3, 4))
+    assert not reference.is_channels_last(nhwc[:, :, :, :3])  # neither layout
+    assert reference.memory_format_of(nhwc) == torch.channels_last
+    assert reference.memory_format_of(nchw) == torch.contiguous_format
+
+
+def test_deterministic_ops_take_no_backend() -> None:
+    logits, x = torch.zeros(1, 10, 1, 1), torch.zeros(1, 3, 1, 1)
+    params = [torch.zeros(2, 3)] * 4
+    with pytest.raises(TypeError, match="backend"):
+        reference.dmol_nll(logits, x, backend="cuda")
+    with pytest.raises(TypeError, match="backend"):
+        reference.gaussian_kl(*params, backend="cuda")
+
+
+def test_random_ops_accept_only_the_two_eager_noise_sources() -> None:
+    mu = torch.zeros(2, 3)
+    for call in (
+        lambda: reference.sample_gaussian(mu, mu, seed=1, backend="cuda"),
+        lambda: reference.sample_and_kl(mu, mu, mu, mu, seed=1, backend="triton"),
+        lambda: reference.dmol_sample(torch.zeros(1, 10, 2, 2), seed=1, backend="auto"),
+    ):
+        with pytest.raises(ValueError, match="'reference' or 'original'"):
+            call()
+
+
+def test_dmol_sample_returns_the_image_in_the_logits_layout() -> None:
+    logits = torch.randn(2, 30, 3, 4, generator=torch.Generator().manual_seed(4))
+    image = reference.dmol_sample(logits, seed=9)
+    image_cl = reference.dmol_sample(logits.contiguous(memory_format=torch.channels_last), seed=9)
+    assert image.is_contiguous() and reference.is_channels_last(image_cl)
+    assert torch.equal(image, image_cl)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (0,), (5,)])
+def test_sample_and_kl_sums_per_image_for_empty_batches_and_vectors(shape: tuple) -> None:
+    mu_q, ls_q, mu_p, ls_p = (torch.randn(shape, dtype=torch.float64) for _ in range(4))
+    z, kl = reference.sample_and_kl(mu_q, ls_q, mu_p, ls_p, seed=2)
+    assert z.shape == shape and kl.shape == shape[:1]
+    per_image = [float(image.sum()) for image in reference.gaussian_kl(mu_q, ls_q, mu_p, ls_p)]
+    torch.testing.assert_close(kl, torch.tensor(per_image, dtype=torch.float64))

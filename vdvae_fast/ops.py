@@ -1,29 +1,39 @@
-"""Public functional API of the fused ops: input checks, backend dispatch and autograd.
+"""Public functional API of the fused ops: input checks, backend choice, dispatch and autograd.
 
-Each op is a torch.library custom op (so torch.compile traces it without graph breaks) whose
-implementation calls one backend's kernels:
+Backends:
 
 - ``cpu``  — C++ kernels of vdvae_fast._C (torch.ops.vdvae_fast_C) on CPU tensors,
-- ``cuda`` — CUDA kernels of the same extension on CUDA tensors,
-- ``triton`` — the Triton kernels of vdvae_fast.kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
+- ``cuda`` — CUDA kernels of the same extension on CUDA tensors; both wrapped in torch.library custom ops,
+  which torch.compile traces as opaque calls (no graph breaks),
+- ``triton`` — the Triton kernels of vdvae_fast.kernels, registered with torch.library.triton_op so that
+  torch.compile sees the kernels themselves and can fuse around them (CUDA tensors, or CPU tensors under
+  TRITON_INTERPRET=1),
 - ``reference`` — the eager formulas of vdvae_fast.reference with plain autograd (the oracle),
 - ``original`` — the same formulas with torch's own generator for the noise, as openai/vdvae runs them
   (the baseline of the benchmarks; it takes no seed: torch.manual_seed reproduces it),
-- ``auto`` — the fastest one built for the tensors' device; the env var VDVAE_FAST_BACKEND overrides it.
+- ``auto`` — on CUDA tensors the backend AUTO_TABLE names for the op, layout and dtype, or whichever compiled
+  backend is built; on CPU tensors the C++ kernels when built. The env var VDVAE_FAST_BACKEND overrides it.
 
-Backward passes are separate custom ops that recompute everything from the saved inputs, so
-each op saves only its inputs (and a seed) for backward.
+Backward passes are separate ops that recompute everything from the saved inputs, so each op saves only its
+inputs (and a seed) for backward.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import importlib.util
+import inspect
+import math
+import numbers
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from . import philox, reference
 
@@ -35,7 +45,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
-# Backend discovery
+# Backend discovery and choice
 # --------------------------------------------------------------------------------------------
 
 
@@ -47,6 +57,8 @@ def _load_extension() -> ModuleType | None:
 
 
 _EXTENSION = _load_extension()
+# Looked up once: torch.compile traces through backend selection, and an import inside it would break the graph.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
 def extension_built() -> bool:
@@ -59,10 +71,6 @@ def cuda_kernels_built() -> bool:
     return _EXTENSION is not None and bool(_EXTENSION.built_with_cuda())
 
 
-# Looked up once: torch.compile traces through backend selection, and an import inside it would break the graph.
-_TRITON_FOUND = importlib.util.find_spec("triton") is not None
-
-
 def triton_available() -> bool:
     """Whether Triton is importable (kernels run on CUDA, or on CPU under TRITON_INTERPRET=1)."""
     return _TRITON_FOUND
@@ -73,53 +81,105 @@ def _triton_interpreted() -> bool:
 
 
 def available_backends(device: torch.device | str) -> list[str]:
-    """The backends that can run on tensors of `device` in this installation, fastest first."""
+    """The backends that can run on tensors of `device` here: compiled ones first, then the eager ones.
+
+    Empty for CUDA without a usable GPU (no tensor can live there); only the eager ones for meta tensors,
+    which have shapes but no values (FLOP counting, shape inference)."""
     device = torch.device(device)
-    found = []
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return []
     if device.type == "cuda":
-        if cuda_kernels_built():
-            found.append("cuda")
-        if triton_available():
-            found.append("triton")
-    elif device.type == "cpu" and extension_built():
-        found.append("cpu")
+        compiled = [name for name, built in (("cuda", cuda_kernels_built()), ("triton", _TRITON_FOUND)) if built]
+        return compiled + list(EAGER_BACKENDS)
+    found = ["cpu"] if device.type == "cpu" and extension_built() else []
     found += EAGER_BACKENDS
-    if device.type == "cpu" and triton_available() and _triton_interpreted():
+    if device.type == "cpu" and _TRITON_FOUND and _triton_interpreted():
         found.append("triton")  # the interpreter is for tests: slower than eager, never chosen by auto
     return found
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+# Which backend `auto` runs on CUDA tensors: (op, layout) -> backend for float32, bfloat16, float16 inputs.
+# To be set from measurements: benchmarks/run_gpu.sh prints each case's winner beside auto_table(). Until the
+# first GPU results these rows keep the order auto used before (cuda, then triton). A backend that is not
+# built falls back to the other compiled one.
+_AUTO_ROWS: dict[tuple[str, str], tuple[str, str, str]] = {
+    ("dmol_nll", "contiguous"): ("cuda", "cuda", "cuda"),
+    ("dmol_nll", "channels_last"): ("cuda", "cuda", "cuda"),
+    ("dmol_sample", "contiguous"): ("cuda", "cuda", "cuda"),
+    ("dmol_sample", "channels_last"): ("cuda", "cuda", "cuda"),
+    ("gaussian_kl", "contiguous"): ("cuda", "cuda", "cuda"),
+    ("gaussian_kl", "channels_last"): ("cuda", "cuda", "cuda"),
+    ("sample_and_kl", "contiguous"): ("cuda", "cuda", "cuda"),
+    ("sample_and_kl", "channels_last"): ("cuda", "cuda", "cuda"),
+    ("sample_gaussian", "contiguous"): ("cuda", "cuda", "cuda"),
+    ("sample_gaussian", "channels_last"): ("cuda", "cuda", "cuda"),
+}
+_AUTO_DTYPES = ("float32", "bfloat16", "float16")
+AUTO_TABLE: dict[tuple[str, str, str], str] = {
+    (op, layout, dtype): row[i] for (op, layout), row in _AUTO_ROWS.items() for i, dtype in enumerate(_AUTO_DTYPES)
+}
+
+
+def auto_table() -> dict[tuple[str, str, str], str]:
+    """A copy of the table `auto` follows on CUDA: (op, layout, dtype name) -> backend."""
+    return dict(AUTO_TABLE)
+
+
+def layout_of(t: Tensor) -> str:
+    """The layout name AUTO_TABLE is keyed by: 'channels_last' or 'contiguous'."""
+    return "channels_last" if reference.is_channels_last(t) else "contiguous"
+
+
+def resolve_backend(
+    backend: str,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    *,
+    op: str | None = None,
+    layout: str = "contiguous",
+) -> str:
     """Turn `backend` (possibly ``auto``) into a concrete backend that can run on `device`, or raise.
 
+    `op` and `layout` select auto's row of AUTO_TABLE on CUDA; without them auto takes the first built backend.
     float64 (for gradcheck) runs on the cpu and reference backends only; ``auto`` picks between those.
     """
-    if dtype == torch.float64:
-        if backend in ("triton", "cuda"):
-            raise TypeError(f"the {backend} backend computes in float32; use float32/bfloat16/float16 inputs")
-        if backend == "auto" and not os.environ.get("VDVAE_FAST_BACKEND") and device.type != "cpu":
-            return "reference"
+    device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        override = os.environ.get("VDVAE_FAST_BACKEND")
-        if override:
-            if override not in BACKENDS or override == "auto":
-                raise ValueError(
-                    f"VDVAE_FAST_BACKEND={override!r} is not a backend; choose one of "
-                    f"{', '.join(b for b in BACKENDS if b != 'auto')}"
-                )
-            backend = override
-        else:
-            return available_backends(device)[0]
+        backend = _backend_from_env() or _auto_backend(device, dtype, op, layout)
     if backend not in available_backends(device):
-        raise ValueError(
-            f"backend {backend!r} cannot run on {device.type} tensors here: {_why_missing(backend, device)}"
-        )
+        raise ValueError(f"backend {backend!r} cannot run on {device} tensors here: {_why_missing(backend, device)}")
+    if dtype == torch.float64 and backend in ("triton", "cuda"):
+        raise TypeError(f"the {backend} backend computes in float32; use float32/bfloat16/float16 inputs")
+    if backend == "triton":
+        _ensure_triton_ops()
     return backend
 
 
+def _backend_from_env() -> str | None:
+    override = os.environ.get("VDVAE_FAST_BACKEND")
+    if override and (override not in BACKENDS or override == "auto"):
+        choices = ", ".join(b for b in BACKENDS if b != "auto")
+        raise ValueError(f"VDVAE_FAST_BACKEND={override!r} is not a backend; choose one of {choices}")
+    return override or None
+
+
+def _auto_backend(device: torch.device, dtype: torch.dtype, op: str | None, layout: str) -> str:
+    available = available_backends(device)
+    if not available:
+        raise ValueError(f"no backend runs on {device} tensors here: {_why_missing('auto', device)}")
+    if dtype == torch.float64:
+        return "cpu" if "cpu" in available else "reference"
+    preferred = AUTO_TABLE.get((op, layout, str(dtype).removeprefix("torch.")))
+    return preferred if device.type == "cuda" and preferred in available else available[0]
+
+
 def _why_missing(backend: str, device: torch.device) -> str:
+    if device.type == "meta":
+        return "meta tensors hold no values, which only the eager backends (reference, original) can do without"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is usable (torch.cuda.is_available() is False)"
     if backend == "cpu":
         if device.type != "cpu":
             return "the cpu backend takes CPU tensors"
@@ -133,11 +193,78 @@ def _why_missing(backend: str, device: torch.device) -> str:
     return "Triton runs on CUDA tensors, or on CPU tensors only with TRITON_INTERPRET=1"
 
 
-def _kernels(backend: str, op: str) -> Any:
-    """The object whose attributes are `op`'s kernels for a concrete compiled backend."""
-    if backend == "triton":
-        return importlib.import_module(f"vdvae_fast.kernels.{op}")
-    return torch.ops.vdvae_fast_C
+# --------------------------------------------------------------------------------------------
+# Kernel entry points as torch.library ops, one per backend family
+# --------------------------------------------------------------------------------------------
+
+
+def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device, which need not be the tensors' (cuda:1)."""
+    if t.device.type == "cuda" and torch.cuda.device_count() > 1:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _launching(launch: Callable, signature: inspect.Signature) -> Callable:
+    """An op body with `signature`: the seed goes to the kernels as a scalar (a SymInt while torch.compile
+    traces a triton_op), the launch happens on the inputs' device."""
+    seed_at = list(signature.parameters).index("seed") if "seed" in signature.parameters else None
+
+    def body(*args: Any) -> Any:
+        if seed_at is not None:
+            args = (*args[:seed_at], args[seed_at].item(), *args[seed_at + 1 :])
+        with _device_guard(args[0]):
+            return launch(*args)
+
+    body.__signature__ = signature  # the schema torch.library infers
+    return body
+
+
+_ENTRY_POINTS: list[tuple[dict, str, str, Callable]] = []  # (ops by backend, kernel module, entry point, fake)
+_AUTOGRAD: list[tuple[dict, dict, Callable, Callable]] = []  # (forward ops, backward ops, setup, grad)
+
+
+def _kernel_ops(module: str, name: str, fake: Callable) -> dict[str, Any]:
+    """Kernel entry point `name` of op `module` as ops keyed by backend: a custom op for the extension's
+    kernels (cpu and cuda) now, a triton_op on vdvae_fast.kernels.<module>.<name> by _register_triton_ops.
+    `fake` computes the outputs' metadata; its signature is the ops' schema."""
+    signature = inspect.signature(fake)
+
+    def compiled_launch(*args: Any) -> Any:
+        return getattr(torch.ops.vdvae_fast_C, name)(*args)  # looked up at call time: the extension is optional
+
+    compiled = torch.library.custom_op(f"vdvae_fast::{name}", _launching(compiled_launch, signature), mutates_args=())
+    compiled.register_fake(fake)
+    found = {"cpu": compiled, "cuda": compiled}
+    _ENTRY_POINTS.append((found, module, name, fake))
+    return found
+
+
+def _register_autograd(forward: dict, backward: dict, setup: Callable, grad: Callable) -> None:
+    """The same autograd formula on each backend family's forward op, calling that family's backward op."""
+    forward["cpu"].register_autograd(functools.partial(grad, backward["cpu"]), setup_context=setup)
+    _AUTOGRAD.append((forward, backward, setup, grad))
+
+
+def _register_triton_ops() -> None:
+    """Every entry point as a triton_op (torch.compile traces into it and sees the kernels), with autograd."""
+    for found, module, name, fake in _ENTRY_POINTS:
+        launch = getattr(importlib.import_module(f"vdvae_fast.kernels.{module}"), name)
+        body = _launching(launch, inspect.signature(fake))
+        found["triton"] = torch.library.triton_op(f"vdvae_fast::{name}_triton", body, mutates_args=())
+        found["triton"].register_fake(fake)  # the explicit contract, not a trace of the launcher
+    for forward, backward, setup, grad in _AUTOGRAD:
+        forward["triton"].register_autograd(functools.partial(grad, backward["triton"]), setup_context=setup)
+
+
+def _ensure_triton_ops() -> None:
+    """Registers the Triton ops on first use where the import did not: registering imports torch._inductor
+    (about a second), which a machine that cannot run Triton at import time should not pay."""
+    if "triton" in _ENTRY_POINTS[0][0]:
+        return
+    if torch.compiler.is_compiling():
+        raise RuntimeError("call a vdvae_fast op with backend='triton' once before torch.compile traces one")
+    _register_triton_ops()
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,14 +272,14 @@ def _kernels(backend: str, op: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_float(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
+def _check_float(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
 
 
-def _check_same_device(**tensors: torch.Tensor) -> torch.device:
+def _check_device(**tensors: Tensor) -> torch.device:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
@@ -160,7 +287,13 @@ def _check_same_device(**tensors: torch.Tensor) -> torch.device:
     return next(iter(devices.values()))
 
 
-def _check_dmol_logits(logits: torch.Tensor) -> int:
+def _checks_values(check_inputs: bool, device: torch.device) -> bool:
+    """Whether to run the checks that read values: asked for, not while torch.compile traces (they
+    synchronize a GPU), and not on meta tensors (which have none)."""
+    return check_inputs and device.type != "meta" and not torch.compiler.is_compiling()
+
+
+def _check_dmol_logits(logits: Tensor) -> int:
     _check_float("logits", logits)
     if logits.dim() != 4:
         raise ValueError(f"logits must be (B, 10*M, H, W), got shape {tuple(logits.shape)}")
@@ -172,33 +305,47 @@ def _check_dmol_logits(logits: torch.Tensor) -> int:
     return channels // 10
 
 
-def _check_num_bits(num_bits: int) -> None:
+def _check_num_bits(num_bits: int) -> int:
+    if isinstance(num_bits, bool) or not isinstance(num_bits, numbers.Integral):
+        raise TypeError(f"num_bits must be an int, one of {SUPPORTED_NUM_BITS}; got {num_bits!r}")
     if num_bits not in SUPPORTED_NUM_BITS:
         raise ValueError(f"num_bits must be one of {SUPPORTED_NUM_BITS}, got {num_bits!r}")
+    return int(num_bits)
 
 
-def _check_image_target(x: torch.Tensor) -> None:
+def _check_target_shape(logits: Tensor, x: Tensor) -> None:
+    """x must match logits' batch and pixels, of which there must be some: the loss is per dimension."""
+    batch, _, height, width = logits.shape
+    if tuple(x.shape) != (batch, 3, height, width):
+        raise ValueError(
+            f"x must be (B, 3, H, W) = {(batch, 3, height, width)} to match logits {tuple(logits.shape)}, "
+            f"got {tuple(x.shape)}"
+        )
+    if height == 0 or width == 0:
+        raise ValueError(
+            f"dmol_nll needs at least one pixel: the loss is per image dimension, got H={height}, W={width}"
+        )
+
+
+def _check_target_values(x: Tensor) -> None:
     """Raises unless every target value lies in [-1, 1] (NaN included). Synchronizes a GPU."""
     if not bool(((x >= -1.0) & (x <= 1.0)).all()):
         low, high = float(x.min()), float(x.max())
         raise ValueError(f"x must lie in [-1, 1] (images scaled as VDVAE does), got values in [{low}, {high}]")
 
 
-def _dense_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors in one dense layout the elementwise kernels take: the first one's if it is
-    contiguous or channels_last, else contiguous. Copies only tensors not already in that layout."""
-    fmt = _format_of(tensors[0])
-    return tuple(t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt) for t in tensors)
+def _check_finite(name: str, t: Tensor) -> None:
+    """Raises unless every value is finite. Synchronizes a GPU."""
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        count = int((~finite).sum())
+        raise ValueError(
+            f"{name} has {count} non-finite values (NaN or ±Inf), so a sample would be meaningless; "
+            "a diverged model gives NaN (check_inputs=False skips this check and gives NaN pixels)"
+        )
 
 
-def _format_of(t: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-D tensor laid out that way (and not also contiguous), else contiguous."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _check_gaussians(**tensors: torch.Tensor) -> torch.device:
+def _check_gaussians(**tensors: Tensor) -> torch.device:
     for name, t in tensors.items():
         _check_float(name, t)
     shapes = {tuple(t.shape) for t in tensors.values()}
@@ -209,16 +356,31 @@ def _check_gaussians(**tensors: torch.Tensor) -> torch.device:
     if len(dtypes) > 1:
         listed = ", ".join(f"{name} {t.dtype}" for name, t in tensors.items())
         raise TypeError(f"the Gaussian parameters must share one dtype, got {listed}")
-    first = next(iter(tensors.values()))
-    if first.dim() < 1:
+    if next(iter(tensors.values())).dim() < 1:
         raise ValueError("the Gaussian parameters need a batch dimension, got 0-d tensors")
-    if first.numel() >= philox.MAX_COUNTER:
-        raise ValueError(f"{first.numel()} elements exceed the 2**32 counters of one random draw; split the tensor")
-    return _check_same_device(**tensors)
+    return _check_device(**tensors)
 
 
-def _seed_tensor(seed: int | None, backend: str) -> torch.Tensor | None:
-    """The seed as a 0-d CPU tensor (drawn from torch's generator when None); None for the original backend."""
+def _check_counters(count: int, what: str) -> None:
+    """Ops that draw noise give each element (or pixel) one Philox counter of 2**32."""
+    if count >= philox.MAX_COUNTER:
+        raise ValueError(f"{count} {what} exceed the 2**32 counters of one random draw; split the call")
+
+
+def _check_temperature(temperature: float) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number >= 0 (a Python float), got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature >= 0.0):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    return float(temperature)
+
+
+def _seed_tensor(seed: int | None, backend: str) -> Tensor | None:
+    """The seed as a 0-d int64 CPU tensor (drawn from torch's generator when None); None for the original backend."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be an int in [0, 2**{philox.SEED_BITS}) or None, got {seed!r}")
+    if seed is not None and not 0 <= seed < 2**philox.SEED_BITS:
+        raise ValueError(f"seed must be in [0, 2**{philox.SEED_BITS}), got {seed}")
     if backend == "original":
         if seed is not None:
             raise ValueError(
@@ -227,9 +389,14 @@ def _seed_tensor(seed: int | None, backend: str) -> torch.Tensor | None:
         return None
     if seed is None:
         return philox.draw_seed()
-    if not 0 <= int(seed) < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     return torch.tensor(int(seed), dtype=torch.int64)
+
+
+def _dense_layout(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in one dense layout the elementwise kernels take: the first one's if it is
+    contiguous or channels_last, else contiguous. Copies only tensors not already in that layout."""
+    fmt = reference.memory_format_of(tensors[0])
+    return tuple(t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt) for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,51 +404,38 @@ def _seed_tensor(seed: int | None, backend: str) -> torch.Tensor | None:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("vdvae_fast::dmol_nll", mutates_args=())
-def _dmol_nll(logits: torch.Tensor, x: torch.Tensor, num_bits: int, backend: str) -> torch.Tensor:
-    return _kernels(backend, "dmol_nll").dmol_nll_forward(logits, x, num_bits)
-
-
-@_dmol_nll.register_fake
-def _(logits: torch.Tensor, x: torch.Tensor, num_bits: int, backend: str) -> torch.Tensor:
+def _dmol_nll_forward_fake(logits: Tensor, x: Tensor, num_bits: int) -> Tensor:
     return logits.new_empty((logits.shape[0],), dtype=reference.compute_dtype(logits.dtype))
 
 
-@torch.library.custom_op("vdvae_fast::dmol_nll_backward", mutates_args=())
-def _dmol_nll_backward(
-    grad_nll: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, num_bits: int, backend: str
-) -> torch.Tensor:
-    return _kernels(backend, "dmol_nll").dmol_nll_backward(grad_nll, logits, x, num_bits)
-
-
-@_dmol_nll_backward.register_fake
-def _(grad_nll: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, num_bits: int, backend: str) -> torch.Tensor:
+def _dmol_nll_backward_fake(grad_nll: Tensor, logits: Tensor, x: Tensor, num_bits: int) -> Tensor:
     return torch.empty_like(logits)
 
 
-def _dmol_nll_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    logits, x, num_bits, backend = inputs
+def _dmol_nll_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    logits, x, num_bits = inputs
     ctx.save_for_backward(logits, x)
-    ctx.num_bits, ctx.backend = num_bits, backend
+    ctx.num_bits = num_bits
 
 
-def _dmol_nll_grad(ctx: Any, grad_nll: torch.Tensor) -> tuple:
+def _dmol_nll_grad(backward: Callable, ctx: Any, grad_nll: Tensor) -> tuple:
     logits, x = ctx.saved_tensors
-    grad = _dmol_nll_backward(grad_nll.contiguous(), logits, x, ctx.num_bits, ctx.backend)
-    return grad, None, None, None
+    return backward(grad_nll.contiguous(), logits, x, ctx.num_bits), None, None
 
 
-_dmol_nll.register_autograd(_dmol_nll_grad, setup_context=_dmol_nll_setup)
+_DMOL_NLL = _kernel_ops("dmol_nll", "dmol_nll_forward", _dmol_nll_forward_fake)
+_DMOL_NLL_BACKWARD = _kernel_ops("dmol_nll", "dmol_nll_backward", _dmol_nll_backward_fake)
+_register_autograd(_DMOL_NLL, _DMOL_NLL_BACKWARD, _dmol_nll_setup, _dmol_nll_grad)
 
 
 def dmol_nll(
-    logits: torch.Tensor,
-    x: torch.Tensor,
+    logits: Tensor,
+    x: Tensor,
     *,
     num_bits: int = 8,
     backend: str = "auto",
     check_inputs: bool = True,
-) -> torch.Tensor:
+) -> Tensor:
     """−log p(x) of images under VDVAE's discretized mixture of logistics, in nats per dimension.
 
     logits: (B, 10·M, H, W) as the model's output conv produces them (any float dtype, contiguous or
@@ -291,21 +445,16 @@ def dmol_nll(
     """
     _check_dmol_logits(logits)
     _check_float("x", x)
-    _check_num_bits(num_bits)
-    device = _check_same_device(logits=logits, x=x)
-    batch, _, height, width = logits.shape
-    if tuple(x.shape) != (batch, 3, height, width):
-        raise ValueError(
-            f"x must be (B, 3, H, W) = {(batch, 3, height, width)} to match logits {tuple(logits.shape)}, "
-            f"got {tuple(x.shape)}"
-        )
-    if check_inputs and not torch.compiler.is_compiling():
-        _check_image_target(x)
-    backend = resolve_backend(backend, device, logits.dtype)
+    num_bits = _check_num_bits(num_bits)
+    device = _check_device(logits=logits, x=x)
+    _check_target_shape(logits, x)
+    if _checks_values(check_inputs, device):
+        _check_target_values(x)
+    backend = resolve_backend(backend, device, logits.dtype, op="dmol_nll", layout=layout_of(logits))
+    x = x.detach()
     if backend in EAGER_BACKENDS:
         return reference.dmol_nll(logits, x, num_bits=num_bits)
-    x = x.detach().to(reference.compute_dtype(logits.dtype))
-    return _dmol_nll(logits, x, num_bits, backend)
+    return _DMOL_NLL[backend](logits, x.to(reference.compute_dtype(logits.dtype)), num_bits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,32 +462,34 @@ def dmol_nll(
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("vdvae_fast::dmol_sample", mutates_args=())
-def _dmol_sample(logits: torch.Tensor, seed: torch.Tensor, backend: str) -> torch.Tensor:
-    return _kernels(backend, "dmol_sample").dmol_sample(logits, int(seed.item()))
-
-
-@_dmol_sample.register_fake
-def _(logits: torch.Tensor, seed: torch.Tensor, backend: str) -> torch.Tensor:
+def _dmol_sample_fake(logits: Tensor, seed: Tensor) -> Tensor:
     batch, _, height, width = logits.shape
-    return logits.new_empty((batch, 3, height, width), dtype=torch.float32)
+    fmt = reference.memory_format_of(logits)
+    return logits.new_empty((batch, 3, height, width), dtype=torch.float32).contiguous(memory_format=fmt)
 
 
-def dmol_sample(logits: torch.Tensor, *, seed: int | None = None, backend: str = "auto") -> torch.Tensor:
-    """Draw an image from the DMoL: (B, 3, H, W) float32 in [−1, 1]; not differentiable.
+_DMOL_SAMPLE = _kernel_ops("dmol_sample", "dmol_sample", _dmol_sample_fake)
+
+
+def dmol_sample(logits: Tensor, *, seed: int | None = None, backend: str = "auto", check_inputs: bool = True) -> Tensor:
+    """Draw an image from the DMoL: (B, 3, H, W) float32 in [−1, 1], in logits' layout; not differentiable.
 
     The seed defaults to a draw from torch's default generator (torch.manual_seed reproduces it).
+    Non-finite logits raise, since their pixels would be NaN; check_inputs=False skips that check, which
+    synchronizes a GPU (it is also skipped while torch.compile traces).
     """
     _check_dmol_logits(logits)
-    device = logits.device
-    if logits.shape[0] * logits.shape[2] * logits.shape[3] >= philox.MAX_COUNTER:
-        raise ValueError("more than 2**32 pixels in one dmol_sample call; split the batch")
-    backend = resolve_backend(backend, device, logits.dtype)
+    device = _check_device(logits=logits)
+    batch, _, height, width = logits.shape
+    _check_counters(batch * height * width, "pixels")
+    if _checks_values(check_inputs, device):
+        _check_finite("logits", logits)
+    backend = resolve_backend(backend, device, logits.dtype, op="dmol_sample", layout=layout_of(logits))
     seed_t = _seed_tensor(seed, backend)
     logits = logits.detach()
     if backend in EAGER_BACKENDS:
         return reference.dmol_sample(logits, seed=seed_t, backend=backend)
-    return _dmol_sample(logits, seed_t, backend)
+    return _DMOL_SAMPLE[backend](logits, seed_t)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,65 +497,44 @@ def dmol_sample(logits: torch.Tensor, *, seed: int | None = None, backend: str =
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("vdvae_fast::gaussian_kl", mutates_args=())
-def _gaussian_kl(
-    mu_q: torch.Tensor, logsigma_q: torch.Tensor, mu_p: torch.Tensor, logsigma_p: torch.Tensor, backend: str
-) -> torch.Tensor:
-    return _kernels(backend, "gaussian_kl").gaussian_kl_forward(mu_q, logsigma_q, mu_p, logsigma_p)
-
-
-@_gaussian_kl.register_fake
-def _(mu_q: torch.Tensor, logsigma_q: torch.Tensor, mu_p: torch.Tensor, logsigma_p: torch.Tensor, backend: str):
+def _gaussian_kl_forward_fake(mu_q: Tensor, logsigma_q: Tensor, mu_p: Tensor, logsigma_p: Tensor) -> Tensor:
     return torch.empty_like(mu_q, dtype=reference.compute_dtype(mu_q.dtype))
 
 
-@torch.library.custom_op("vdvae_fast::gaussian_kl_backward", mutates_args=())
-def _gaussian_kl_backward(
-    grad_kl: torch.Tensor,
-    mu_q: torch.Tensor,
-    logsigma_q: torch.Tensor,
-    mu_p: torch.Tensor,
-    logsigma_p: torch.Tensor,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels(backend, "gaussian_kl").gaussian_kl_backward(grad_kl, mu_q, logsigma_q, mu_p, logsigma_p)
-
-
-@_gaussian_kl_backward.register_fake
-def _(grad_kl, mu_q, logsigma_q, mu_p, logsigma_p, backend):
+def _gaussian_kl_backward_fake(
+    grad_kl: Tensor, mu_q: Tensor, logsigma_q: Tensor, mu_p: Tensor, logsigma_p: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(t) for t in (mu_q, logsigma_q, mu_p, logsigma_p))
 
 
-def _gaussian_kl_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    *params, backend = inputs
-    ctx.save_for_backward(*params)
-    ctx.backend = backend
+def _gaussian_kl_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
 
 
-def _gaussian_kl_grad(ctx: Any, grad_kl: torch.Tensor) -> tuple:
+def _gaussian_kl_grad(backward: Callable, ctx: Any, grad_kl: Tensor) -> tuple:
     params = ctx.saved_tensors
-    grad_kl = grad_kl.contiguous(memory_format=_format_of(params[0]))
-    grads = _gaussian_kl_backward(grad_kl, *params, ctx.backend)
-    return (*grads, None)
+    return backward(grad_kl.contiguous(memory_format=reference.memory_format_of(params[0])), *params)
 
 
-_gaussian_kl.register_autograd(_gaussian_kl_grad, setup_context=_gaussian_kl_setup)
+_GAUSSIAN_KL = _kernel_ops("gaussian_kl", "gaussian_kl_forward", _gaussian_kl_forward_fake)
+_GAUSSIAN_KL_BACKWARD = _kernel_ops("gaussian_kl", "gaussian_kl_backward", _gaussian_kl_backward_fake)
+_register_autograd(_GAUSSIAN_KL, _GAUSSIAN_KL_BACKWARD, _gaussian_kl_setup, _gaussian_kl_grad)
 
 
 def gaussian_kl(
-    mu_q: torch.Tensor,
-    logsigma_q: torch.Tensor,
-    mu_p: torch.Tensor,
-    logsigma_p: torch.Tensor,
+    mu_q: Tensor,
+    logsigma_q: Tensor,
+    mu_p: Tensor,
+    logsigma_p: Tensor,
     *,
     backend: str = "auto",
-) -> torch.Tensor:
+) -> Tensor:
     """KL(q‖p) of diagonal Gaussians, elementwise (float32), differentiable in all four parameters."""
     device = _check_gaussians(mu_q=mu_q, logsigma_q=logsigma_q, mu_p=mu_p, logsigma_p=logsigma_p)
-    backend = resolve_backend(backend, device, mu_q.dtype)
+    backend = resolve_backend(backend, device, mu_q.dtype, op="gaussian_kl", layout=layout_of(mu_q))
     if backend in EAGER_BACKENDS:
         return reference.gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p)
-    return _gaussian_kl(*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p), backend)
+    return _GAUSSIAN_KL[backend](*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p))
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,81 +542,56 @@ def gaussian_kl(
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("vdvae_fast::sample_and_kl", mutates_args=())
-def _sample_and_kl(
-    mu_q: torch.Tensor,
-    logsigma_q: torch.Tensor,
-    mu_p: torch.Tensor,
-    logsigma_p: torch.Tensor,
-    seed: torch.Tensor,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    kernels = _kernels(backend, "sample_and_kl")
-    return kernels.sample_and_kl_forward(mu_q, logsigma_q, mu_p, logsigma_p, int(seed.item()))
-
-
-@_sample_and_kl.register_fake
-def _(mu_q, logsigma_q, mu_p, logsigma_p, seed, backend):
+def _sample_and_kl_forward_fake(
+    mu_q: Tensor, logsigma_q: Tensor, mu_p: Tensor, logsigma_p: Tensor, seed: Tensor
+) -> tuple[Tensor, Tensor]:
     return torch.empty_like(mu_q), mu_q.new_empty((mu_q.shape[0],), dtype=reference.compute_dtype(mu_q.dtype))
 
 
-@torch.library.custom_op("vdvae_fast::sample_and_kl_backward", mutates_args=())
-def _sample_and_kl_backward(
-    grad_z: torch.Tensor,
-    grad_kl: torch.Tensor,
-    mu_q: torch.Tensor,
-    logsigma_q: torch.Tensor,
-    mu_p: torch.Tensor,
-    logsigma_p: torch.Tensor,
-    seed: torch.Tensor,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernels = _kernels(backend, "sample_and_kl")
-    return kernels.sample_and_kl_backward(grad_z, grad_kl, mu_q, logsigma_q, mu_p, logsigma_p, int(seed.item()))
-
-
-@_sample_and_kl_backward.register_fake
-def _(grad_z, grad_kl, mu_q, logsigma_q, mu_p, logsigma_p, seed, backend):
+def _sample_and_kl_backward_fake(
+    grad_z: Tensor, grad_kl: Tensor, mu_q: Tensor, logsigma_q: Tensor, mu_p: Tensor, logsigma_p: Tensor, seed: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(t) for t in (mu_q, logsigma_q, mu_p, logsigma_p))
 
 
 def _sample_and_kl_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    mu_q, logsigma_q, mu_p, logsigma_p, seed, backend = inputs
-    ctx.save_for_backward(mu_q, logsigma_q, mu_p, logsigma_p, seed)
-    ctx.backend = backend
+    ctx.save_for_backward(*inputs)
 
 
-def _sample_and_kl_grad(ctx: Any, grad_z: torch.Tensor | None, grad_kl: torch.Tensor | None) -> tuple:
+def _sample_and_kl_grad(backward: Callable, ctx: Any, grad_z: Tensor | None, grad_kl: Tensor | None) -> tuple:
     mu_q, logsigma_q, mu_p, logsigma_p, seed = ctx.saved_tensors
-    grad_z = torch.zeros_like(mu_q) if grad_z is None else grad_z.contiguous(memory_format=_format_of(mu_q))
+    fmt = reference.memory_format_of(mu_q)
+    grad_z = torch.zeros_like(mu_q) if grad_z is None else grad_z.contiguous(memory_format=fmt)
     if grad_kl is None:
         grad_kl = mu_q.new_zeros((mu_q.shape[0],), dtype=reference.compute_dtype(mu_q.dtype))
-    grads = _sample_and_kl_backward(grad_z, grad_kl.contiguous(), mu_q, logsigma_q, mu_p, logsigma_p, seed, ctx.backend)
-    return (*grads, None, None)
+    return (*backward(grad_z, grad_kl.contiguous(), mu_q, logsigma_q, mu_p, logsigma_p, seed), None)
 
 
-_sample_and_kl.register_autograd(_sample_and_kl_grad, setup_context=_sample_and_kl_setup)
+_SAMPLE_AND_KL = _kernel_ops("sample_and_kl", "sample_and_kl_forward", _sample_and_kl_forward_fake)
+_SAMPLE_AND_KL_BACKWARD = _kernel_ops("sample_and_kl", "sample_and_kl_backward", _sample_and_kl_backward_fake)
+_register_autograd(_SAMPLE_AND_KL, _SAMPLE_AND_KL_BACKWARD, _sample_and_kl_setup, _sample_and_kl_grad)
 
 
 def sample_and_kl(
-    mu_q: torch.Tensor,
-    logsigma_q: torch.Tensor,
-    mu_p: torch.Tensor,
-    logsigma_p: torch.Tensor,
+    mu_q: Tensor,
+    logsigma_q: Tensor,
+    mu_p: Tensor,
+    logsigma_p: Tensor,
     *,
     seed: int | None = None,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor]:
     """One stochastic layer: z = μq + σq·ε (input dtype) and Σ KL(q‖p) per image (float32, shape (B,)).
 
     One fused kernel forward and one backward; ε is regenerated from the seed, never stored.
     """
     device = _check_gaussians(mu_q=mu_q, logsigma_q=logsigma_q, mu_p=mu_p, logsigma_p=logsigma_p)
-    backend = resolve_backend(backend, device, mu_q.dtype)
+    _check_counters(mu_q.numel(), "elements")
+    backend = resolve_backend(backend, device, mu_q.dtype, op="sample_and_kl", layout=layout_of(mu_q))
     seed_t = _seed_tensor(seed, backend)
     if backend in EAGER_BACKENDS:
         return reference.sample_and_kl(mu_q, logsigma_q, mu_p, logsigma_p, seed=seed_t, backend=backend)
-    return _sample_and_kl(*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p), seed_t, backend)
+    return _SAMPLE_AND_KL[backend](*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p), seed_t)
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,67 +599,54 @@ def sample_and_kl(
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("vdvae_fast::sample_gaussian", mutates_args=())
-def _sample_gaussian(
-    mu: torch.Tensor, logsigma: torch.Tensor, temperature: float, seed: torch.Tensor, backend: str
-) -> torch.Tensor:
-    kernels = _kernels(backend, "sample_gaussian")
-    return kernels.sample_gaussian_forward(mu, logsigma, temperature, int(seed.item()))
-
-
-@_sample_gaussian.register_fake
-def _(mu, logsigma, temperature, seed, backend):
+def _sample_gaussian_forward_fake(mu: Tensor, logsigma: Tensor, temperature: float, seed: Tensor) -> Tensor:
     return torch.empty_like(mu)
 
 
-@torch.library.custom_op("vdvae_fast::sample_gaussian_backward", mutates_args=())
-def _sample_gaussian_backward(
-    grad_z: torch.Tensor,
-    mu: torch.Tensor,
-    logsigma: torch.Tensor,
-    temperature: float,
-    seed: torch.Tensor,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    kernels = _kernels(backend, "sample_gaussian")
-    return kernels.sample_gaussian_backward(grad_z, mu, logsigma, temperature, int(seed.item()))
-
-
-@_sample_gaussian_backward.register_fake
-def _(grad_z, mu, logsigma, temperature, seed, backend):
+def _sample_gaussian_backward_fake(
+    grad_z: Tensor, mu: Tensor, logsigma: Tensor, temperature: float, seed: Tensor
+) -> tuple[Tensor, Tensor]:
     return torch.empty_like(mu), torch.empty_like(logsigma)
 
 
-def _sample_gaussian_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    mu, logsigma, temperature, seed, backend = inputs
+def _sample_gaussian_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    mu, logsigma, temperature, seed = inputs
     ctx.save_for_backward(mu, logsigma, seed)
-    ctx.temperature, ctx.backend = temperature, backend
+    ctx.temperature = temperature
 
 
-def _sample_gaussian_grad(ctx: Any, grad_z: torch.Tensor) -> tuple:
+def _sample_gaussian_grad(backward: Callable, ctx: Any, grad_z: Tensor) -> tuple:
     mu, logsigma, seed = ctx.saved_tensors
-    grad_z = grad_z.contiguous(memory_format=_format_of(mu))
-    grads = _sample_gaussian_backward(grad_z, mu, logsigma, ctx.temperature, seed, ctx.backend)
-    return (*grads, None, None, None)
+    grad_z = grad_z.contiguous(memory_format=reference.memory_format_of(mu))
+    return (*backward(grad_z, mu, logsigma, ctx.temperature, seed), None, None)
 
 
-_sample_gaussian.register_autograd(_sample_gaussian_grad, setup_context=_sample_gaussian_setup)
+_SAMPLE_GAUSSIAN = _kernel_ops("sample_gaussian", "sample_gaussian_forward", _sample_gaussian_forward_fake)
+_SAMPLE_GAUSSIAN_BACKWARD = _kernel_ops("sample_gaussian", "sample_gaussian_backward", _sample_gaussian_backward_fake)
+_register_autograd(_SAMPLE_GAUSSIAN, _SAMPLE_GAUSSIAN_BACKWARD, _sample_gaussian_setup, _sample_gaussian_grad)
 
 
 def sample_gaussian(
-    mu: torch.Tensor,
-    logsigma: torch.Tensor,
+    mu: Tensor,
+    logsigma: Tensor,
     *,
     temperature: float = 1.0,
     seed: int | None = None,
     backend: str = "auto",
-) -> torch.Tensor:
-    """z = μ + t·σ·ε for prior sampling at temperature t (VDVAE adds log t to logσ); input dtype."""
+) -> Tensor:
+    """z = μ + t·σ·ε for prior sampling at temperature t (VDVAE adds log t to logσ); input dtype.
+
+    t must be a finite real number >= 0: an infinite one would give infinite z, a silent all-black image.
+    """
     device = _check_gaussians(mu=mu, logsigma=logsigma)
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    backend = resolve_backend(backend, device, mu.dtype)
+    temperature = _check_temperature(temperature)
+    _check_counters(mu.numel(), "elements")
+    backend = resolve_backend(backend, device, mu.dtype, op="sample_gaussian", layout=layout_of(mu))
     seed_t = _seed_tensor(seed, backend)
     if backend in EAGER_BACKENDS:
         return reference.sample_gaussian(mu, logsigma, temperature=temperature, seed=seed_t, backend=backend)
-    return _sample_gaussian(*_dense_layout(mu, logsigma), float(temperature), seed_t, backend)
+    return _SAMPLE_GAUSSIAN[backend](*_dense_layout(mu, logsigma), temperature, seed_t)
+
+
+if _TRITON_FOUND and (torch.cuda.is_available() or _triton_interpreted()):
+    _register_triton_ops()  # where Triton can run: so that torch.compile finds the ops registered

@@ -1,4 +1,4 @@
-"""The eager oracle: VDVAE's released formulas in plain PyTorch, same signatures as vdvae_fast.ops.
+"""The eager oracle: VDVAE's released formulas in plain PyTorch, one function per op of vdvae_fast.ops.
 
 Every fused kernel is tested against these functions. They follow openai/vdvae's
 `discretized_mix_logistic_loss`, `sample_from_discretized_mix_logistic`,
@@ -7,8 +7,9 @@ deliberate differences: tensors are NCHW as the model's output conv produces the
 randomness comes from the counter-based generator of vdvae_fast.philox so that every
 backend draws the same numbers for the same seed.
 
-backend="original" draws the noise from torch's own generator instead, as openai/vdvae does: the
-baseline that benchmarks measure against, since eager Philox costs far more than torch's sampler.
+The deterministic ops (dmol_nll, gaussian_kl) take no backend. The random ones take backend="reference"
+(Philox) or backend="original": the noise from torch's own generator, as openai/vdvae draws it, which is
+the baseline that benchmarks measure against, since eager Philox costs far more than torch's sampler.
 """
 
 from __future__ import annotations
@@ -28,9 +29,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def bin_half_width(num_bits: int) -> float:
-    """Half the width of one quantization bin of targets scaled to [-1, 1] (1/255 for 8 bits)."""
-    return 1.0 / (2**num_bits - 1)
+def bin_constants(num_bits: int) -> tuple[float, float]:
+    """(half the width of one bin, log of half the number of bins) of targets scaled to [-1, 1]:
+    (1/255, log 127.5) for 8 bits, (1/31, log 15.5) for 5 bits. The interior-bin fallback density
+    divides by the bin width, i.e. subtracts the second number."""
+    levels = 2**num_bits - 1
+    return 1.0 / levels, math.log(levels / 2)
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is laid out channels_last and not also contiguous, the one test of layout that
+    every backend uses (a tensor that is both, as with C = 1 or H = W = 1, counts as contiguous)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """torch.channels_last for a channels_last tensor (see is_channels_last), else torch.contiguous_format."""
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
 
 def _split_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,7 +63,7 @@ def _split_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     )
 
 
-def dmol_nll(logits: torch.Tensor, x: torch.Tensor, *, num_bits: int = 8, backend: str = "reference") -> torch.Tensor:
+def dmol_nll(logits: torch.Tensor, x: torch.Tensor, *, num_bits: int = 8) -> torch.Tensor:
     """−log p(x) under the discretized mixture of logistics, nats per dimension, one value per image."""
     logits = logits.to(compute_dtype(logits.dtype))
     mixture_logits, means, raw_log_scales, raw_coeffs = _split_logits(logits)
@@ -60,7 +75,7 @@ def dmol_nll(logits: torch.Tensor, x: torch.Tensor, *, num_bits: int = 8, backen
     means = torch.stack([means[:, :, :, 0, :], m1, m2], dim=3)
     centered = xs - means
     inv_stdv = torch.exp(-log_scales)
-    half = bin_half_width(num_bits)
+    half, log_bins = bin_constants(num_bits)
     plus_in = inv_stdv * (centered + half)
     min_in = inv_stdv * (centered - half)
     cdf_plus = torch.sigmoid(plus_in)
@@ -70,7 +85,6 @@ def dmol_nll(logits: torch.Tensor, x: torch.Tensor, *, num_bits: int = 8, backen
     cdf_delta = cdf_plus - cdf_min
     mid_in = inv_stdv * centered
     log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
-    log_bins = math.log((2**num_bits - 1) / 2)  # log 127.5 for 8 bits, log 15.5 for 5 bits
     log_probs = torch.where(
         xs < -0.999,
         log_cdf_plus,
@@ -92,7 +106,9 @@ def dmol_nll(logits: torch.Tensor, x: torch.Tensor, *, num_bits: int = 8, backen
 def dmol_sample(
     logits: torch.Tensor, *, seed: int | torch.Tensor | None = None, backend: str = "reference"
 ) -> torch.Tensor:
-    """A (B, 3, H, W) float32 image in [−1, 1]: Gumbel-max mixture pick, logistic draw, RGB coupling, clamp."""
+    """A (B, 3, H, W) float32 image in [−1, 1], in logits' memory format: Gumbel-max mixture pick, logistic
+    draw, RGB coupling, clamp."""
+    memory_format = memory_format_of(logits)
     logits = logits.float()
     mixture_logits, means, raw_log_scales, raw_coeffs = _split_logits(logits)
     num_mix = mixture_logits.shape[-1]
@@ -107,7 +123,7 @@ def dmol_sample(
     x0 = draw[..., 0].clamp(-1.0, 1.0)
     x1 = (draw[..., 1] + coeff[..., 0] * x0).clamp(-1.0, 1.0)
     x2 = (draw[..., 2] + coeff[..., 1] * x0 + coeff[..., 2] * x1).clamp(-1.0, 1.0)
-    return torch.stack([x0, x1, x2], dim=1)
+    return torch.stack([x0, x1, x2], dim=1).contiguous(memory_format=memory_format)
 
 
 def gaussian_kl(
@@ -115,8 +131,6 @@ def gaussian_kl(
     logsigma_q: torch.Tensor,
     mu_p: torch.Tensor,
     logsigma_p: torch.Tensor,
-    *,
-    backend: str = "reference",
 ) -> torch.Tensor:
     """KL(q‖p) between diagonal Gaussians, elementwise, float32 (float64 for float64 inputs)."""
     dtype = compute_dtype(mu_q.dtype)
@@ -134,7 +148,7 @@ def sample_gaussian(
 ) -> torch.Tensor:
     """z = μ + t·exp(logσ)·ε in the input dtype, ε from the shared counter-based generator."""
     dtype = compute_dtype(mu.dtype)
-    if backend == "original":
+    if _torch_noise(backend):
         eps = torch.randn(mu.shape, device=mu.device, dtype=dtype)
     else:
         eps = philox.normal(_seed_or_draw(seed), mu.shape, mu.device)
@@ -154,7 +168,14 @@ def sample_and_kl(
     """The posterior sample z and KL(q‖p) summed over all but the batch dimension (float32, shape (B,))."""
     z = sample_gaussian(mu_q, logsigma_q, seed=seed, backend=backend)
     kl = gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p)
-    return z, kl.reshape(kl.shape[0], -1).sum(1)
+    return z, kl.reshape(kl.shape[0], math.prod(kl.shape[1:])).sum(1)  # -1 cannot be inferred when B = 0
+
+
+def _torch_noise(backend: str) -> bool:
+    """Whether the noise comes from torch's generator (original) rather than Philox (reference)."""
+    if backend not in ("reference", "original"):
+        raise ValueError(f"the eager ops draw noise for backend 'reference' or 'original', got {backend!r}")
+    return backend == "original"
 
 
 def _seed_or_draw(seed: int | torch.Tensor | None) -> int | torch.Tensor:
@@ -165,7 +186,7 @@ def _open_uniforms(
     seed: int | torch.Tensor | None, pixels: torch.Size, streams: int, device: torch.device, backend: str
 ) -> torch.Tensor:
     """Uniforms in [1e-5, 1 − 1e-5] of shape (*pixels, streams): Philox counters (pixel, stream), or torch's."""
-    if backend == "original":
+    if _torch_noise(backend):
         return torch.empty((*pixels, streams), device=device).uniform_(1.0e-5, 1.0 - 1.0e-5)
     seed = _seed_or_draw(seed)
     pixel = torch.arange(pixels.numel(), device=device).reshape(pixels)
