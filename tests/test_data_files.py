@@ -455,3 +455,19 @@ def test_train_refuses_bad_data_in_one_line_with_status_2(tmp_path, capsys, data
     assert err.count("\n") == 1 and err.startswith("train.py: error: ") and str(bad_file) in err
     assert "Traceback" not in err and not (root / "created").exists()
     assert not list((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_an_image_that_fails_to_decode_mid_run_saves_and_ends_in_one_line(tmp_path, capsys):
+    """Damage past the start-up checks surfaces only when the image is read: the run saves, then exits 2."""
+    root = tmp_path / "data"
+    root.mkdir()
+    write_good_pngs(root, 12, size=32)
+    damaged = bytearray((root / "good5.png").read_bytes())
+    damaged[200:260] = b"\x07" * 60  # inside the compressed pixel data: header and end marker intact
+    (root / "good5.png").write_bytes(bytes(damaged))
+    argv = ["--hps", "tiny", "--dataset", "folder", "--image_size", "8", "--valid_holdout", "1", "--n_batch", "1",
+            "--data_root", str(root), "--save_dir", str(tmp_path / "runs"), "--desc", "r", "--device", "cpu"]  # fmt: skip
+    assert cli.main(argv) == cli.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(root / "good5.png") in err and "Traceback" not in err
+    assert "saved" in err and (tmp_path / "runs" / "r" / "latest.pt").exists()

@@ -35,7 +35,7 @@ from ..checkpoint import (
     restore_training,
     save_checkpoint,
 )
-from ..data import DataSplits, load_dataset, make_loader, set_epoch
+from ..data import DataError, DataSplits, load_dataset, make_loader, set_epoch
 from ..hparams import Hyperparams, changed_since
 from ..model import VAE
 from ..runtime import Runtime, all_gather_objects
@@ -205,7 +205,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Train to num_epochs or max_iters, or until SIGINT/SIGTERM; returns a summary of the run."""
         self._start()
-        with StopRequest() as stop, self._reporting_failed_writes():
+        with StopRequest() as stop, self._reporting_failed_writes(), self._saving_on_bad_data():
             while not self.finished:
                 for batch, data_time in self._epoch_batches():
                     stats = self.update(batch, data_time, stop.requested)
@@ -227,6 +227,18 @@ class Trainer:
             if err.errno not in _WRITE_ERRNOS:
                 raise
             raise self._write_failure(err.filename or self.directory, err) from err
+
+    @contextlib.contextmanager
+    def _saving_on_bad_data(self) -> Iterator[None]:
+        """An image that fails to decode mid-epoch (damage the start-up check cannot see) ends the run in one
+        line, after saving where it stands."""
+        try:
+            yield
+        except DataError as err:
+            path = self.save(LATEST)
+            raise DataError(
+                f"{err}; saved {path} at step {self.position.step}: fix or remove the file, then resume"
+            ) from err
 
     def _write_failure(self, path: str | Path, err: OSError) -> OutputError:
         if self.last_good is None:
