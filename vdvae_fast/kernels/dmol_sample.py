@@ -121,7 +121,7 @@ def dmol_sample(logits: torch.Tensor, seed: int) -> torch.Tensor:
     block_p, m_pad = tile_shape(num_mix, height * width)
     l_strides, o_strides = pixel_strides(logits), pixel_strides(out)
     grid = (triton.cdiv(height * width, block_p), batch)
-    _dmol_sample_kernel[grid](
+    torch.library.wrap_triton(_dmol_sample_kernel)[grid](
         logits,
         out,
         seed,

@@ -18,8 +18,9 @@ TWO_PI = tl.constexpr(6.283185307179586)
 
 @triton.jit
 def philox_key(seed):
-    """Key (low word, high word) of a seed passed as a plain int kernel argument (any int width)."""
-    seed = tl.to_tensor(seed).to(tl.uint64)
+    """Key (low word, high word) of a seed passed as a plain int kernel argument (Triton types it int32,
+    uint32 or int64 by value; inside the kernel it is a scalar tensor, so .to works on every Triton version)."""
+    seed = seed.to(tl.uint64)
     return (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32)
 
 
