@@ -8,7 +8,7 @@ from Triton's wheel. This process must not have imported triton before (it does 
     PYTHONPATH=. python -m benchmarks.triton_sass --table benchmarks/results/sm90-triton.md
     PYTHONPATH=. python -m benchmarks.triton_sass --check      # exit 1 on a failed compile, > 128 registers, spills
 
-`--only TEXT` compiles the cases whose label contains TEXT; TRITON_SASS_DIR=DIR keeps each kernel's SASS there.
+`--only TEXT` (repeatable) compiles the cases whose label contains TEXT; TRITON_SASS_DIR=DIR keeps each kernel's SASS there.
 
 tests/test_triton_compile.py runs the `--check` form in a subprocess.
 """
@@ -342,13 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write every kernel's statistics here")
     parser.add_argument("--table", help="write the markdown table here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiling processes")
-    parser.add_argument("--only", default="", help="compile only the cases whose label contains this")
+    parser.add_argument("--only", action="append", help="compile only the cases whose label contains this (repeatable)")
     args = parser.parse_args(argv)
     reason = ptxas_missing()
     if reason:
         print(f"cannot compile for sm_90: {reason}", file=sys.stderr)
         return 2
-    selected = [c for c in cases() if args.only in c.label]
+    selected = [c for c in cases() if not args.only or any(text in c.label for text in args.only)]
     result = run_all(selected, args.jobs)
     found = [p for row in result["rows"] for p in problems(row)]
     for row in result["rows"]:

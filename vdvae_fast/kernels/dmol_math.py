@@ -133,16 +133,33 @@ def pixel_offsets(pixels, W, stride_h, stride_w, MERGED_HW: tl.constexpr):
 def load_channel(rows, channel, stride_c, mask):
     """One channel of this program's pixels as float32; rows = (image base pointer, int32 pixel offsets).
 
-    The channel's offset is added to the scalar base first, so each load costs one address instruction."""
+    Offsets stay int32 until one multiply-add makes the address; callers pass the same `channel` for every
+    mixture (and shifted rows, see `shift`), so channel * stride_c is computed once, not per load."""
     base, offsets = rows
-    return tl.load(base + channel * stride_c + offsets, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(base + (offsets + channel * stride_c), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def shift(rows, channels, stride_c):
+    """rows moved by `channels` channels."""
+    base, offsets = rows
+    return base, offsets + channels * stride_c
+
+
+@triton.jit
+def after(rows, never):
+    """rows, unchanged, made to depend on `never`: a condition that is always false, which the compiler cannot
+    know. Loads through the result wait for the value `never` came from. Without such a chain, ptxas hoists
+    every mixture's loads to the top of the kernel, one register each (148 registers at M = 10 forward)."""
+    base, offsets = rows
+    return base, offsets + never.to(tl.int32)
 
 
 @triton.jit
 def store_channel(rows, channel, stride_c, value, mask):
     """Store one channel of this program's pixels in the element type of rows' base pointer."""
     base, offsets = rows
-    tl.store(base + channel * stride_c + offsets, value.to(base.dtype.element_ty), mask=mask)
+    tl.store(base + (offsets + channel * stride_c), value.to(base.dtype.element_ty), mask=mask)
 
 
 def bin_constants(num_bits: int) -> tuple[float, float]:

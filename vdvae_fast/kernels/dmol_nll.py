@@ -21,6 +21,7 @@ from .dmol_math import (
     LOG2E,
     LOG_SCALE_MIN,
     NUM_WARPS,
+    after,
     bin_constants,
     block_pixels,
     channel_bin,
@@ -28,6 +29,7 @@ from .dmol_math import (
     load_channel,
     pixel_offsets,
     pixel_strides,
+    shift,
     store_channel,
     tanh_parts,
 )
@@ -70,22 +72,23 @@ def _mixture(
     Channel order: [0, M) mixture logits; colour c's block starts at M + 3Mc: M means, M raw log-scales,
     M raw coefficients.
     """
-    pi = load_channel(l_rows, k, l_sc, mask)
-    raw_c0 = load_channel(l_rows, 3 * NUM_MIX + k, l_sc, mask)
-    raw_c1 = load_channel(l_rows, 6 * NUM_MIX + k, l_sc, mask)
-    raw_c2 = load_channel(l_rows, 9 * NUM_MIX + k, l_sc, mask)
+    l_rows = shift(l_rows, k, l_sc)
+    pi = load_channel(l_rows, 0, l_sc, mask)
+    raw_c0 = load_channel(l_rows, 3 * NUM_MIX, l_sc, mask)
+    raw_c1 = load_channel(l_rows, 6 * NUM_MIX, l_sc, mask)
+    raw_c2 = load_channel(l_rows, 9 * NUM_MIX, l_sc, mask)
     coeff0, dcoeff0 = tanh_parts(raw_c0, COMPILED)
     coeff1, dcoeff1 = tanh_parts(raw_c1, COMPILED)
     coeff2, dcoeff2 = tanh_parts(raw_c2, COMPILED)
-    raw_ls0 = load_channel(l_rows, 2 * NUM_MIX + k, l_sc, mask)
-    raw_ls1 = load_channel(l_rows, 5 * NUM_MIX + k, l_sc, mask)
-    raw_ls2 = load_channel(l_rows, 8 * NUM_MIX + k, l_sc, mask)
+    raw_ls0 = load_channel(l_rows, 2 * NUM_MIX, l_sc, mask)
+    raw_ls1 = load_channel(l_rows, 5 * NUM_MIX, l_sc, mask)
+    raw_ls2 = load_channel(l_rows, 8 * NUM_MIX, l_sc, mask)
     off0, arg0, d_mean0, d_ls0 = channel_bin(
-        x0, load_channel(l_rows, NUM_MIX + k, l_sc, mask), raw_ls0, x0 < -0.999, x0 > 0.999, HALF, LOG_BINS, COMPILED
+        x0, load_channel(l_rows, NUM_MIX, l_sc, mask), raw_ls0, x0 < -0.999, x0 > 0.999, HALF, LOG_BINS, COMPILED
     )
     off1, arg1, d_mean1, d_ls1 = channel_bin(
         x1,
-        load_channel(l_rows, 4 * NUM_MIX + k, l_sc, mask) + coeff0 * x0,
+        load_channel(l_rows, 4 * NUM_MIX, l_sc, mask) + coeff0 * x0,
         raw_ls1,
         x1 < -0.999,
         x1 > 0.999,
@@ -95,7 +98,7 @@ def _mixture(
     )
     off2, arg2, d_mean2, d_ls2 = channel_bin(
         x2,
-        load_channel(l_rows, 7 * NUM_MIX + k, l_sc, mask) + coeff1 * x0 + coeff2 * x1,
+        load_channel(l_rows, 7 * NUM_MIX, l_sc, mask) + coeff1 * x0 + coeff2 * x1,
         raw_ls2,
         x2 < -0.999,
         x2 > 0.999,
@@ -145,19 +148,22 @@ def _log_likelihoods(
     COMPILED: tl.constexpr,
 ):
     """Per pixel, in bits, log2-sum-exp2 of the mixture logits and of the joint log-probabilities, each as
-    (max, sum of 2**(value - max)): kept apart, so that a large logit does not round away the sum's bits."""
+    (max, sum of 2**(value - max)): kept apart, so that a large logit does not round away the sum's bits.
+    Also l_rows, chained through each mixture's result (see `after`), for a loop that follows."""
     pi2, exponent, product, _, _, _, _ = _mixture(l_rows, l_sc, mask, 0, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED)
     pi_max = pi2
     pi_sum = tl.full(pi2.shape, 1.0, tl.float32)
     joint_max = exponent
     joint_sum = product
+    l_rows = after(l_rows, joint_sum < 0.0)
     for k in tl.static_range(1, NUM_MIX):
         pi2, exponent, product, _, _, _, _ = _mixture(
             l_rows, l_sc, mask, k, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
         )
         pi_max, pi_sum = _accumulate(pi_max, pi_sum, pi2, 1.0)
         joint_max, joint_sum = _accumulate(joint_max, joint_sum, exponent, product)
-    return pi_max, pi_sum, joint_max, joint_sum
+        l_rows = after(l_rows, joint_sum < 0.0)
+    return pi_max, pi_sum, joint_max, joint_sum, l_rows
 
 
 @triton.jit
@@ -186,7 +192,7 @@ def _dmol_nll_forward_kernel(
     _, mask, l_rows, x0, x1, x2 = _pixel_block(
         logits_ptr, x_ptr, HW, W, l_sb, l_sh, l_sw, x_sb, x_sc, x_sh, x_sw, BLOCK_P, MERGED_HW
     )
-    pi_max, pi_sum, joint_max, joint_sum = _log_likelihoods(
+    pi_max, pi_sum, joint_max, joint_sum, _ = _log_likelihoods(
         l_rows, l_sc, mask, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
     )
     # -logsumexp_k(log_prob_k + log_softmax(pi)_k) = logsumexp(pi) - logsumexp(log_prob + pi), with one log
@@ -226,14 +232,11 @@ def _dmol_nll_backward_kernel(
     pixels, mask, l_rows, x0, x1, x2 = _pixel_block(
         logits_ptr, x_ptr, HW, W, l_sb, l_sh, l_sw, x_sb, x_sc, x_sh, x_sw, BLOCK_P, MERGED_HW
     )
-    pi_max, pi_sum, joint_max, joint_sum = _log_likelihoods(
+    # l_rows comes back chained through the first loop's results, so the compiler cannot merge the two loops'
+    # loads and math, which would hold every mixture's values in registers at once
+    pi_max, pi_sum, joint_max, joint_sum, l_rows = _log_likelihoods(
         l_rows, l_sc, mask, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
     )
-    # The second loop reads the logits again through a base pointer that depends on the first loop's result
-    # (offset 0: joint_sum is never negative), so the compiler cannot merge the two loops' loads and math,
-    # which would hold every mixture's values in registers at once.
-    after_first_loop = (tl.min(joint_sum, axis=0) < 0.0).to(tl.int32)
-    l_rows = (l_rows[0] + after_first_loop, l_rows[1])
     inv_pi_sum = 1.0 / pi_sum
     inv_joint_sum = 1.0 / joint_sum
     g = tl.load(grad_nll_ptr + tl.program_id(1)).to(tl.float32) * inv_count
@@ -253,19 +256,21 @@ def _dmol_nll_backward_kernel(
         grad_mean1 = grad_log_prob * d_mean1
         grad_mean2 = grad_log_prob * d_mean2
         grad_pi = g * (tl.exp2(pi2 - pi_max) * inv_pi_sum - responsibility)
-        store_channel(g_rows, k, g_sc, grad_pi, mask)
-        store_channel(g_rows, NUM_MIX + k, g_sc, grad_log_prob * d_mean0, mask)
+        l_rows = after(l_rows, responsibility < 0.0)
+        g_rows_k = shift(g_rows, k, g_sc)
+        store_channel(g_rows_k, 0, g_sc, grad_pi, mask)
+        store_channel(g_rows_k, NUM_MIX, g_sc, grad_log_prob * d_mean0, mask)
         grad_ls0 = tl.where(clamped0, 0.0, grad_log_prob * d_ls0)
-        store_channel(g_rows, 2 * NUM_MIX + k, g_sc, grad_ls0, mask)
-        store_channel(g_rows, 3 * NUM_MIX + k, g_sc, grad_mean1 * x0 * dcoeff0, mask)
-        store_channel(g_rows, 4 * NUM_MIX + k, g_sc, grad_mean1, mask)
+        store_channel(g_rows_k, 2 * NUM_MIX, g_sc, grad_ls0, mask)
+        store_channel(g_rows_k, 3 * NUM_MIX, g_sc, grad_mean1 * x0 * dcoeff0, mask)
+        store_channel(g_rows_k, 4 * NUM_MIX, g_sc, grad_mean1, mask)
         grad_ls1 = tl.where(clamped1, 0.0, grad_log_prob * d_ls1)
-        store_channel(g_rows, 5 * NUM_MIX + k, g_sc, grad_ls1, mask)
-        store_channel(g_rows, 6 * NUM_MIX + k, g_sc, grad_mean2 * x0 * dcoeff1, mask)
-        store_channel(g_rows, 7 * NUM_MIX + k, g_sc, grad_mean2, mask)
+        store_channel(g_rows_k, 5 * NUM_MIX, g_sc, grad_ls1, mask)
+        store_channel(g_rows_k, 6 * NUM_MIX, g_sc, grad_mean2 * x0 * dcoeff1, mask)
+        store_channel(g_rows_k, 7 * NUM_MIX, g_sc, grad_mean2, mask)
         grad_ls2 = tl.where(clamped2, 0.0, grad_log_prob * d_ls2)
-        store_channel(g_rows, 8 * NUM_MIX + k, g_sc, grad_ls2, mask)
-        store_channel(g_rows, 9 * NUM_MIX + k, g_sc, grad_mean2 * x1 * dcoeff2, mask)
+        store_channel(g_rows_k, 8 * NUM_MIX, g_sc, grad_ls2, mask)
+        store_channel(g_rows_k, 9 * NUM_MIX, g_sc, grad_mean2 * x1 * dcoeff2, mask)
 
 
 def _launch_args(logits: torch.Tensor, x: torch.Tensor, num_bits: int, *outputs: torch.Tensor) -> tuple:

@@ -16,12 +16,14 @@ from .dmol_math import (
     LN2,
     LOG2E,
     NUM_WARPS,
+    after,
     block_pixels,
     fast_log2,
     load_channel,
     log_scale,
     pixel_offsets,
     pixel_strides,
+    shift,
     tanh_parts,
 )
 from .philox import open_uniform, philox_key
@@ -85,10 +87,9 @@ def _dmol_sample_kernel(
         take = (best == best) & ((score != score) | (score > best))
         best = tl.where(take, score, best)
         choice = tl.where(take, k, choice)
+        l_rows = after(l_rows, choice < 0)
 
-    # The second loop's loads go through a base pointer that depends on the choice (offset 0: choices are never
-    # negative), so that they are not hoisted above the first loop, every one holding a register meanwhile.
-    l_rows = (l_rows[0] + (tl.min(choice, axis=0) < 0).to(tl.int32), l_rows[1])
+    l_rows = after(l_rows, choice < 0)
     mean0 = tl.zeros([BLOCK_P], tl.float32)
     mean1 = mean0
     mean2 = mean0
@@ -100,15 +101,17 @@ def _dmol_sample_kernel(
     coeff2 = mean0
     for k in tl.static_range(NUM_MIX):
         select = (choice == k).to(tl.float32)
-        mean0 += select * load_channel(l_rows, NUM_MIX + k, l_sc, mask)
-        raw_ls0 += select * load_channel(l_rows, 2 * NUM_MIX + k, l_sc, mask)
-        coeff0 += select * tanh_parts(load_channel(l_rows, 3 * NUM_MIX + k, l_sc, mask), COMPILED)[0]
-        mean1 += select * load_channel(l_rows, 4 * NUM_MIX + k, l_sc, mask)
-        raw_ls1 += select * load_channel(l_rows, 5 * NUM_MIX + k, l_sc, mask)
-        coeff1 += select * tanh_parts(load_channel(l_rows, 6 * NUM_MIX + k, l_sc, mask), COMPILED)[0]
-        mean2 += select * load_channel(l_rows, 7 * NUM_MIX + k, l_sc, mask)
-        raw_ls2 += select * load_channel(l_rows, 8 * NUM_MIX + k, l_sc, mask)
-        coeff2 += select * tanh_parts(load_channel(l_rows, 9 * NUM_MIX + k, l_sc, mask), COMPILED)[0]
+        rows_k = shift(l_rows, k, l_sc)
+        mean0 += select * load_channel(rows_k, NUM_MIX, l_sc, mask)
+        raw_ls0 += select * load_channel(rows_k, 2 * NUM_MIX, l_sc, mask)
+        coeff0 += select * tanh_parts(load_channel(rows_k, 3 * NUM_MIX, l_sc, mask), COMPILED)[0]
+        mean1 += select * load_channel(rows_k, 4 * NUM_MIX, l_sc, mask)
+        raw_ls1 += select * load_channel(rows_k, 5 * NUM_MIX, l_sc, mask)
+        coeff1 += select * tanh_parts(load_channel(rows_k, 6 * NUM_MIX, l_sc, mask), COMPILED)[0]
+        mean2 += select * load_channel(rows_k, 7 * NUM_MIX, l_sc, mask)
+        raw_ls2 += select * load_channel(rows_k, 8 * NUM_MIX, l_sc, mask)
+        coeff2 += select * tanh_parts(load_channel(rows_k, 9 * NUM_MIX, l_sc, mask), COMPILED)[0]
+        l_rows = after(l_rows, tl.abs(coeff2) > 2.0)  # |tanh| <= 1
 
     x0 = _clamp_unit(_logistic_draw(k0, k1, counters, NUM_MIX, mean0, raw_ls0, COMPILED))
     x1 = _clamp_unit(_logistic_draw(k0, k1, counters, NUM_MIX + 1, mean1, raw_ls1, COMPILED) + coeff0 * x0)
