@@ -23,6 +23,7 @@ import json
 import os
 import pkgutil
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -270,11 +271,11 @@ def _widths(counts: dict) -> str:
     return " ".join(f"{n}x{w}" for w, n in counts.items()) or "-"
 
 
-def table(result: dict, command: str) -> str:
+def table(result: dict) -> str:
     lines = [
         "# Triton kernels compiled for sm_90 (H100/H200): registers, spills, SASS",
         "",
-        f"Made with `{command}` (triton {result['triton']}, torch {result['torch']}), with no GPU: each kernel",
+        f"Made with `{result['command']}` (triton {result['triton']}, torch {result['torch']}), with no GPU: each kernel",
         'is compiled through `vdvae_fast.ops` (backend="triton") for `GPUTarget("cuda", 90, 32)` and read back',
         "with the `cuobjdump` of Triton's wheel. Launch shapes: dmol (B, H, W) = "
         f"{DMOL_SHAPE}, Gaussian tensors {GAUSSIAN_SHAPE}.",
@@ -342,14 +343,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write every kernel's statistics here")
     parser.add_argument("--table", help="write the markdown table here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiling processes")
+    parser.add_argument("--from-json", help="write the table of an earlier --json run instead of compiling")
     parser.add_argument("--only", action="append", help="compile only the cases whose label contains this (repeatable)")
     args = parser.parse_args(argv)
-    reason = ptxas_missing()
-    if reason:
-        print(f"cannot compile for sm_90: {reason}", file=sys.stderr)
-        return 2
-    selected = [c for c in cases() if not args.only or any(text in c.label for text in args.only)]
-    result = run_all(selected, args.jobs)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+    else:
+        reason = ptxas_missing()
+        if reason:
+            print(f"cannot compile for sm_90: {reason}", file=sys.stderr)
+            return 2
+        selected = [c for c in cases() if not args.only or any(text in c.label for text in args.only)]
+        result = run_all(selected, args.jobs)
+        words = sys.argv[1:] if argv is None else argv
+        result["command"] = "PYTHONPATH=. python -m benchmarks.triton_sass " + " ".join(map(shlex.quote, words))
     found = [p for row in result["rows"] for p in problems(row)]
     for row in result["rows"]:
         kernels = "; ".join(
@@ -363,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(result, f, indent=1)
     if args.table:
         with open(args.table, "w") as f:
-            f.write(table(result, "PYTHONPATH=. python -m benchmarks.triton_sass --table " + args.table))
+            f.write(table(result))
     for p in found:
         print("PROBLEM:", p, file=sys.stderr)
     return 1 if (args.check and found) else 0
