@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", help="write the markdown table here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiling processes")
     parser.add_argument("--from-json", help="write the table of an earlier --json run instead of compiling")
+    parser.add_argument("--case", action="append", help="compile the case with exactly this label (repeatable)")
     parser.add_argument("--only", action="append", help="compile only the cases whose label contains this (repeatable)")
     args = parser.parse_args(argv)
     if args.from_json:
@@ -354,7 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         if reason:
             print(f"cannot compile for sm_90: {reason}", file=sys.stderr)
             return 2
-        selected = [c for c in cases() if not args.only or any(text in c.label for text in args.only)]
+        selected = [
+            c
+            for c in cases()
+            if (not args.only and not args.case)
+            or any(text in c.label for text in args.only or ())
+            or c.label in (args.case or ())
+        ]
         result = run_all(selected, args.jobs)
         words = sys.argv[1:] if argv is None else argv
         result["command"] = "PYTHONPATH=. python -m benchmarks.triton_sass " + " ".join(map(shlex.quote, words))
