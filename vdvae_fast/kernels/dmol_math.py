@@ -1,7 +1,7 @@
 """Per-pixel DMoL math shared by the dmol_nll and dmol_sample kernels, and their launch geometry.
 
-Both kernels give each pixel one lane and unroll a loop over the M mixtures (`tl.static_range`), so no
-mixture is padded and nothing is reduced across lanes. Log-probabilities are carried in base 2 (bits): a
+Both kernels give each pixel one lane and loop over the M mixtures (a loop, not unrolled, so code size and
+compile time do not grow with M), so no mixture is padded and nothing is reduced across lanes. Log-probabilities are carried in base 2 (bits): a
 channel's bin probability is `exp2(offset) * arg` with `arg` in [1e-5, 1], so a mixture's probability is a
 product and the per-pixel log-sum-exp needs one exp2 per mixture and one log per pixel, not one log per
 channel. Special functions come in two forms selected by the constexpr COMPILED: the bare MUFU instruction
@@ -144,15 +144,6 @@ def shift(rows, channels, stride_c):
     """rows moved by `channels` channels."""
     base, offsets = rows
     return base, offsets + channels * stride_c
-
-
-@triton.jit
-def after(rows, never):
-    """rows, unchanged, made to depend on `never`: a condition that is always false, which the compiler cannot
-    know. Loads through the result wait for the value `never` came from. Without such a chain, ptxas hoists
-    every mixture's loads to the top of the kernel, one register each (148 registers at M = 10 forward)."""
-    base, offsets = rows
-    return base, offsets + never.to(tl.int32)
 
 
 @triton.jit

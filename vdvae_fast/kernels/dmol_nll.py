@@ -21,7 +21,6 @@ from .dmol_math import (
     LOG2E,
     LOG_SCALE_MIN,
     NUM_WARPS,
-    after,
     bin_constants,
     block_pixels,
     channel_bin,
@@ -57,7 +56,7 @@ def _mixture(
     l_rows,
     l_sc,
     mask,
-    k: tl.constexpr,
+    k,
     x0,
     x1,
     x2,
@@ -149,21 +148,19 @@ def _log_likelihoods(
 ):
     """Per pixel, in bits, log2-sum-exp2 of the mixture logits and of the joint log-probabilities, each as
     (max, sum of 2**(value - max)): kept apart, so that a large logit does not round away the sum's bits.
-    Also l_rows, chained through each mixture's result (see `after`), for a loop that follows."""
+    """
     pi2, exponent, product, _, _, _, _ = _mixture(l_rows, l_sc, mask, 0, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED)
     pi_max = pi2
     pi_sum = tl.full(pi2.shape, 1.0, tl.float32)
     joint_max = exponent
     joint_sum = product
-    l_rows = after(l_rows, joint_sum < 0.0)
-    for k in tl.static_range(1, NUM_MIX):
+    for k in range(1, NUM_MIX):
         pi2, exponent, product, _, _, _, _ = _mixture(
             l_rows, l_sc, mask, k, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
         )
         pi_max, pi_sum = _accumulate(pi_max, pi_sum, pi2, 1.0)
         joint_max, joint_sum = _accumulate(joint_max, joint_sum, exponent, product)
-        l_rows = after(l_rows, joint_sum < 0.0)
-    return pi_max, pi_sum, joint_max, joint_sum, l_rows
+    return pi_max, pi_sum, joint_max, joint_sum
 
 
 @triton.jit
@@ -192,7 +189,7 @@ def _dmol_nll_forward_kernel(
     _, mask, l_rows, x0, x1, x2 = _pixel_block(
         logits_ptr, x_ptr, HW, W, l_sb, l_sh, l_sw, x_sb, x_sc, x_sh, x_sw, BLOCK_P, MERGED_HW
     )
-    pi_max, pi_sum, joint_max, joint_sum, _ = _log_likelihoods(
+    pi_max, pi_sum, joint_max, joint_sum = _log_likelihoods(
         l_rows, l_sc, mask, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
     )
     # -logsumexp_k(log_prob_k + log_softmax(pi)_k) = logsumexp(pi) - logsumexp(log_prob + pi), with one log
@@ -232,9 +229,7 @@ def _dmol_nll_backward_kernel(
     pixels, mask, l_rows, x0, x1, x2 = _pixel_block(
         logits_ptr, x_ptr, HW, W, l_sb, l_sh, l_sw, x_sb, x_sc, x_sh, x_sw, BLOCK_P, MERGED_HW
     )
-    # l_rows comes back chained through the first loop's results, so the compiler cannot merge the two loops'
-    # loads and math, which would hold every mixture's values in registers at once
-    pi_max, pi_sum, joint_max, joint_sum, l_rows = _log_likelihoods(
+    pi_max, pi_sum, joint_max, joint_sum = _log_likelihoods(
         l_rows, l_sc, mask, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
     )
     inv_pi_sum = 1.0 / pi_sum
@@ -242,7 +237,7 @@ def _dmol_nll_backward_kernel(
     g = tl.load(grad_nll_ptr + tl.program_id(1)).to(tl.float32) * inv_count
     b = tl.program_id(1).to(tl.int64)
     g_rows = (grad_ptr + b * g_sb, pixel_offsets(pixels, W, g_sh, g_sw, MERGED_HW))
-    for k in tl.static_range(NUM_MIX):
+    for k in range(NUM_MIX):
         pi2, exponent, product, d_mean, d_ls, clamped, dcoeff = _mixture(
             l_rows, l_sc, mask, k, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
         )
@@ -256,7 +251,6 @@ def _dmol_nll_backward_kernel(
         grad_mean1 = grad_log_prob * d_mean1
         grad_mean2 = grad_log_prob * d_mean2
         grad_pi = g * (tl.exp2(pi2 - pi_max) * inv_pi_sum - responsibility)
-        l_rows = after(l_rows, responsibility < 0.0)
         g_rows_k = shift(g_rows, k, g_sc)
         store_channel(g_rows_k, 0, g_sc, grad_pi, mask)
         store_channel(g_rows_k, NUM_MIX, g_sc, grad_log_prob * d_mean0, mask)

@@ -16,7 +16,6 @@ from .dmol_math import (
     LN2,
     LOG2E,
     NUM_WARPS,
-    after,
     block_pixels,
     fast_log2,
     load_channel,
@@ -36,7 +35,7 @@ def _clamp_unit(v):
 
 
 @triton.jit
-def _gumbel_score(l_rows, l_sc, mask, k0, k1, counters, k: tl.constexpr, COMPILED: tl.constexpr):
+def _gumbel_score(l_rows, l_sc, mask, k0, k1, counters, k, COMPILED: tl.constexpr):
     """(logit_k - log(-log u_k)) / ln 2: the Gumbel-max score in bits (the argmax is the same).
 
     The inner log is Triton's accurate one: -log u is tiny for u near 1, where an absolute error would not be."""
@@ -82,36 +81,23 @@ def _dmol_sample_kernel(
     # argmax as torch: the first NaN if any, else the first maximum
     best = _gumbel_score(l_rows, l_sc, mask, k0, k1, counters, 0, COMPILED)
     choice = tl.zeros([BLOCK_P], tl.int32)
-    for k in tl.static_range(1, NUM_MIX):
+    for k in range(1, NUM_MIX):  # a loop, not unrolled: code size and compile time do not grow with M
         score = _gumbel_score(l_rows, l_sc, mask, k0, k1, counters, k, COMPILED)
         take = (best == best) & ((score != score) | (score > best))
         best = tl.where(take, score, best)
         choice = tl.where(take, k, choice)
-        l_rows = after(l_rows, choice < 0)
 
-    l_rows = after(l_rows, choice < 0)
-    mean0 = tl.zeros([BLOCK_P], tl.float32)
-    mean1 = mean0
-    mean2 = mean0
-    raw_ls0 = mean0
-    raw_ls1 = mean0
-    raw_ls2 = mean0
-    coeff0 = mean0
-    coeff1 = mean0
-    coeff2 = mean0
-    for k in tl.static_range(NUM_MIX):
-        select = (choice == k).to(tl.float32)
-        rows_k = shift(l_rows, k, l_sc)
-        mean0 += select * load_channel(rows_k, NUM_MIX, l_sc, mask)
-        raw_ls0 += select * load_channel(rows_k, 2 * NUM_MIX, l_sc, mask)
-        coeff0 += select * tanh_parts(load_channel(rows_k, 3 * NUM_MIX, l_sc, mask), COMPILED)[0]
-        mean1 += select * load_channel(rows_k, 4 * NUM_MIX, l_sc, mask)
-        raw_ls1 += select * load_channel(rows_k, 5 * NUM_MIX, l_sc, mask)
-        coeff1 += select * tanh_parts(load_channel(rows_k, 6 * NUM_MIX, l_sc, mask), COMPILED)[0]
-        mean2 += select * load_channel(rows_k, 7 * NUM_MIX, l_sc, mask)
-        raw_ls2 += select * load_channel(rows_k, 8 * NUM_MIX, l_sc, mask)
-        coeff2 += select * tanh_parts(load_channel(rows_k, 9 * NUM_MIX, l_sc, mask), COMPILED)[0]
-        l_rows = after(l_rows, tl.abs(coeff2) > 2.0)  # |tanh| <= 1
+    # the chosen mixture's parameters, gathered: each lane reads its own mixture's nine channels
+    rows = shift(l_rows, choice, l_sc)
+    mean0 = load_channel(rows, NUM_MIX, l_sc, mask)
+    raw_ls0 = load_channel(rows, 2 * NUM_MIX, l_sc, mask)
+    coeff0 = tanh_parts(load_channel(rows, 3 * NUM_MIX, l_sc, mask), COMPILED)[0]
+    mean1 = load_channel(rows, 4 * NUM_MIX, l_sc, mask)
+    raw_ls1 = load_channel(rows, 5 * NUM_MIX, l_sc, mask)
+    coeff1 = tanh_parts(load_channel(rows, 6 * NUM_MIX, l_sc, mask), COMPILED)[0]
+    mean2 = load_channel(rows, 7 * NUM_MIX, l_sc, mask)
+    raw_ls2 = load_channel(rows, 8 * NUM_MIX, l_sc, mask)
+    coeff2 = tanh_parts(load_channel(rows, 9 * NUM_MIX, l_sc, mask), COMPILED)[0]
 
     x0 = _clamp_unit(_logistic_draw(k0, k1, counters, NUM_MIX, mean0, raw_ls0, COMPILED))
     x1 = _clamp_unit(_logistic_draw(k0, k1, counters, NUM_MIX + 1, mean1, raw_ls1, COMPILED) + coeff0 * x0)
