@@ -1,4 +1,12 @@
-"""Per-element DMoL math shared by the dmol_nll and dmol_sample kernels, plus their launch geometry."""
+"""Per-pixel DMoL math shared by the dmol_nll and dmol_sample kernels, and their launch geometry.
+
+Both kernels give each pixel one lane and unroll a loop over the M mixtures (`tl.static_range`), so no
+mixture is padded and nothing is reduced across lanes. Log-probabilities are carried in base 2 (bits): a
+channel's bin probability is `exp2(offset) * arg` with `arg` in [1e-5, 1], so a mixture's probability is a
+product and the per-pixel log-sum-exp needs one exp2 per mixture and one log per pixel, not one log per
+channel. Special functions come in two forms selected by the constexpr COMPILED: the bare MUFU instruction
+(inline PTX) when compiled for a GPU, plain Triton arithmetic in the interpreter, which cannot run PTX.
+"""
 
 import math
 
@@ -7,51 +15,40 @@ import triton
 import triton.language as tl
 
 LOG_SCALE_MIN = tl.constexpr(-7.0)
-# One [pixels, mixtures] tile holds 1024 elements, 4 per thread at 8 warps, so the backward's ~15 live tiles
-# and their temporaries stay in registers (not measured on a GPU yet: the first thing to tune).
-TILE_ELEMENTS = 1024
-NUM_WARPS = 8
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+NUM_WARPS = 4
+# Pixels per thread: 4 consecutive pixels of a channel plane are one 16-byte load in contiguous float32.
+PIXELS_PER_THREAD = 1
 
 
 @triton.jit
-def tanh(x):
-    """tanh to a few ulp (tl has no tanh; libdevice does not run in the interpreter).
-
-    (1 - e) / (1 + e) with e = exp(-2|x|) cancels for small |x|, so below 0.6 an odd polynomial fitted
-    for relative error (3e-9; 0.8 ulp in float32) is used instead.
-    """
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    poly = x2 * -0.005895046051591635 + 0.02079588547348976
-    poly = poly * x2 - 0.053783807903528214
-    poly = poly * x2 + 0.13331924378871918
-    poly = poly * x2 - 0.33333298563957214
-    small = x + x * x2 * poly
-    return tl.where(tl.abs(x) < 0.6, small, tl.where(x < 0.0, -t, t))
+def reciprocal(x, COMPILED: tl.constexpr):
+    """1 / x for normal x: MUFU.RCP (within 1 ulp) on the GPU, without the range fix-ups of Triton's `/`."""
+    if COMPILED:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], tl.float32, True, 1)
+    else:
+        return 1.0 / x
 
 
 @triton.jit
-def log_unit(x):
-    """log(x) for float32 x in [2**-126, 1] (NaN stays NaN), within ~1.2 ulp.
+def fast_log2(x, COMPILED: tl.constexpr):
+    """log2 of a normal x > 0: MUFU.LG2 on the GPU (absolute error below 2**-22 near 1)."""
+    if COMPILED:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], tl.float32, True, 1)
+    else:
+        return tl.log2(x)
 
-    Half the instructions of tl.log (libdevice's logf checks for zeros, infinities and subnormals that
-    cannot occur here); the log per element is a large part of the dmol kernels' arithmetic. x = 2**k m with
-    m in [sqrt(1/2), sqrt(2)), and log(m) = f - f^2/2 + f^3 P(f) for f = m - 1, P fitted for absolute error.
+
+@triton.jit
+def tanh_parts(raw, COMPILED: tl.constexpr):
+    """(tanh(raw), 1 - tanh(raw)**2) from r = 1 / (1 + exp(2 raw)): tanh = 1 - 2r and 1 - tanh**2 = 4r(1 - r).
+
+    The absolute error is a few 1e-8 (the coefficient only enters means as coefficient * x, |x| <= 1, so
+    absolute error is what matters); both saturate cleanly for |raw| large and NaN stays NaN.
     """
-    bits = x.to(tl.int32, bitcast=True)
-    exponent = (bits - 0x3F3504F3) >> 23
-    f = (bits - (exponent << 23)).to(tl.float32, bitcast=True) - 1.0
-    poly = f * -0.07631096988916397 + 0.128548264503479
-    poly = poly * f - 0.1320788711309433
-    poly = poly * f + 0.1419002115726471
-    poly = poly * f - 0.16616524755954742
-    poly = poly * f + 0.20001615583896637
-    poly = poly * f - 0.25001057982444763
-    poly = poly * f + 0.333333283662796
-    f2 = f * f
-    log_m = f - 0.5 * f2 + f2 * f * poly
-    return tl.where(x == x, exponent.to(tl.float32) * 0.6931471805599453 + log_m, x)
+    r = reciprocal(1.0 + tl.exp2(raw * (2.0 * LOG2E)), COMPILED)
+    return 1.0 - 2.0 * r, 4.0 * r * (1.0 - r)
 
 
 @triton.jit
@@ -61,65 +58,66 @@ def log_scale(raw):
 
 
 @triton.jit
-def channel_log_prob(x, mean, raw_log_scale, HALF: tl.constexpr, LOG_BINS: tl.constexpr):
-    """log P(x) of one colour channel under one logistic, d/dmean, d/d(raw log-scale) and where the clamp holds.
+def channel_bin(
+    x, mean, raw_log_scale, left, right, HALF: tl.constexpr, LOG_BINS: tl.constexpr, COMPILED: tl.constexpr
+):
+    """One colour channel under one logistic: its bin probability as exp2(offset) * arg, and d log P / d mean
+    and d log P / d raw log-scale (the compiler drops them where only the probability is used).
 
-    Each sigmoid and softplus is built from e = exp(-|v|) and r = 1 / (1 + e): sigmoid(v) is r or e*r,
-    softplus(v) is max(v, 0) - log(r). The four cases of the contract then reduce to `offset + log(arg)`,
-    one log per element. cdf_delta is the contract's sigmoid(plus_in) - sigmoid(min_in): it cancels in the
-    right tail just as the reference does (same branch choices, same values), and its derivative uses
-    sigmoid * (1 - sigmoid) as torch's does, so the two roundings cancel in their ratio.
-    Derivatives take the form dlp/dmean = -s (wp - wm) and dlp/dlog_scale = -(plus_in wp - min_in wm + tiny),
-    with wp, wm the weights of the two bin edges and tiny 1 in the tiny-bin case.
+    The contract's four cases (docs/kernel-contract.md) in one form: with e = exp(-|v|), r = 1 / (1 + e),
+    sigmoid(v) is r or e r and log sigmoid(v) = min(v, 0) + log r, so
+      left edge  (x < -0.999): offset min(plus, 0),  arg r_plus
+      right edge (x >  0.999): offset min(-min, 0),  arg r_min
+      bulk (cdf_delta > 1e-5): offset 0,             arg cdf_delta = sigmoid(plus) - sigmoid(min)
+      tiny bin:                offset -|mid| - log_scale - log_bins,  arg r_mid**2
+    (offsets in bits). cdf_delta cancels in the right tail exactly as the reference's does. The derivatives take
+    the form d/dmean = -inv_s (wp - wm) and d/dlog_scale = -(plus_in wp - min_in wm + tiny) with wp, wm the
+    weights of the two bin edges (sigmoid' / cdf_delta in the bulk) and tiny 1 in the tiny-bin case.
     """
-    ls = log_scale(raw_log_scale)
-    inv_s = tl.exp(-ls)
+    ls2 = log_scale(raw_log_scale) * LOG2E
+    inv_s = tl.exp2(-ls2)
+    scale2 = inv_s * LOG2E
     centered = x - mean
-    plus_in = inv_s * (centered + HALF)
-    min_in = inv_s * (centered - HALF)
-    mid_in = inv_s * centered
-
-    e_plus = tl.exp(-tl.abs(plus_in))
-    r_plus = 1.0 / (1.0 + e_plus)
-    e_min = tl.exp(-tl.abs(min_in))
-    r_min = 1.0 / (1.0 + e_min)
-    e_mid = tl.exp(-tl.abs(mid_in))
-    r_mid = 1.0 / (1.0 + e_mid)
-    plus_pos = plus_in >= 0.0
-    min_pos = min_in >= 0.0
-    cdf_plus = tl.where(plus_pos, r_plus, e_plus * r_plus)  # sigmoid(plus_in)
-    cdf_plus_c = tl.where(plus_pos, e_plus * r_plus, r_plus)  # 1 - sigmoid(plus_in), without cancellation
+    plus2 = scale2 * (centered + HALF)  # plus_in, min_in, mid_in in bits
+    min2 = scale2 * (centered - HALF)
+    mid2 = scale2 * centered
+    e_plus = tl.exp2(-tl.abs(plus2))
+    e_min = tl.exp2(-tl.abs(min2))
+    e_mid = tl.exp2(-tl.abs(mid2))
+    r_plus = reciprocal(1.0 + e_plus, COMPILED)
+    r_min = reciprocal(1.0 + e_min, COMPILED)
+    r_mid = reciprocal(1.0 + e_mid, COMPILED)
+    plus_pos = plus2 >= 0.0
+    min_pos = min2 >= 0.0
+    cdf_plus = tl.where(plus_pos, r_plus, e_plus * r_plus)
     cdf_min = tl.where(min_pos, r_min, e_min * r_min)
     cdf_delta = cdf_plus - cdf_min
-
-    left = x < -0.999
-    right = x > 0.999
     bulk = cdf_delta > 1e-5
-    # tiny bin: mid_in - ls - 2 softplus(mid_in) - log_bins = -|mid_in| - ls - log_bins + 2 log(r_mid)
     arg = tl.where(left, r_plus, tl.where(right, r_min, tl.where(bulk, cdf_delta, r_mid * r_mid)))
     offset = tl.where(
         left,
-        tl.where(plus_pos, 0.0, plus_in),
-        tl.where(right, tl.where(min_pos, -min_in, 0.0), tl.where(bulk, 0.0, -tl.abs(mid_in) - ls - LOG_BINS)),
+        tl.minimum(plus2, 0.0),
+        tl.where(right, tl.minimum(-min2, 0.0), tl.where(bulk, 0.0, -tl.abs(mid2) - ls2 - LOG_BINS * LOG2E)),
     )
-    log_prob = offset + log_unit(arg)
 
-    inv_delta = 1.0 / tl.where(bulk, cdf_delta, 1.0)
-    # tiny bin: d/dmid of the log-density is 1 - 2 sigmoid(mid_in), split evenly between the two edges.
-    half_slope = 0.5 * tl.where(mid_in >= 0.0, e_mid - 1.0, 1.0 - e_mid) * r_mid
+    inv_delta = reciprocal(tl.where(bulk, cdf_delta, 1.0), COMPILED)
+    # tiny bin: d/dmid of the log-density is 1 - 2 sigmoid(mid_in), split evenly between the two edges
+    half_slope = 0.5 * tl.where(mid2 >= 0.0, e_mid - 1.0, 1.0 - e_mid) * r_mid
     w_plus = tl.where(
-        left, cdf_plus_c, tl.where(right, 0.0, tl.where(bulk, cdf_plus * (1.0 - cdf_plus) * inv_delta, half_slope))
+        left,
+        tl.where(plus_pos, e_plus * r_plus, r_plus),  # 1 - sigmoid(plus_in)
+        tl.where(right, 0.0, tl.where(bulk, e_plus * r_plus * r_plus * inv_delta, half_slope)),
     )
     w_min = tl.where(
-        left, 0.0, tl.where(right, cdf_min, tl.where(bulk, cdf_min * (1.0 - cdf_min) * inv_delta, -half_slope))
+        left, 0.0, tl.where(right, cdf_min, tl.where(bulk, e_min * r_min * r_min * inv_delta, -half_slope))
     )
     tiny = tl.where(left | right | bulk, 0.0, 1.0)
-    d_mean = -inv_s * (w_plus - w_min)
-    d_log_scale = -(plus_in * w_plus - min_in * w_min + tiny)
-    # torch.maximum's gradient: halved at the tie, and zero below the clamp even where the upstream
-    # gradient is NaN, so the caller applies `clamped` after multiplying by it
+    d_mean = inv_s * (w_min - w_plus)
+    d_log_scale = -((plus2 * w_plus - min2 * w_min) * LN2 + tiny)
+    # torch.maximum's gradient: halved at the tie (zeroing below the clamp is left to the caller, after the
+    # product with the upstream gradient, so that a NaN upstream still gives 0 there)
     d_raw_log_scale = tl.where(raw_log_scale == LOG_SCALE_MIN, 0.5 * d_log_scale, d_log_scale)
-    return log_prob, d_mean, d_raw_log_scale, raw_log_scale < LOG_SCALE_MIN
+    return offset, arg, d_mean, d_raw_log_scale
 
 
 @triton.jit
@@ -132,9 +130,36 @@ def pixel_offsets(pixels, W, stride_h, stride_w, MERGED_HW: tl.constexpr):
 
 
 @triton.jit
-def load_group(ptrs, group, stride_c, mask, NUM_MIX: tl.constexpr):
-    """The [BLOCK_P, M_PAD] tile of channel group `group` (channels group*M .. group*M + M - 1) as float32."""
-    return tl.load(ptrs + group * NUM_MIX * stride_c, mask=mask, other=0.0).to(tl.float32)
+def load_channel(rows, channel, stride_c, mask):
+    """One channel of this program's pixels as float32; rows = (image base pointer, int32 pixel offsets).
+
+    Offsets stay int32 until one multiply-add makes the address; callers pass the same `channel` for every
+    mixture (and shifted rows, see `shift`), so channel * stride_c is computed once, not per load."""
+    base, offsets = rows
+    return tl.load(base + (offsets + channel * stride_c), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def shift(rows, channels, stride_c):
+    """rows moved by `channels` channels."""
+    base, offsets = rows
+    return base, offsets + channels * stride_c
+
+
+@triton.jit
+def after(rows, never):
+    """rows, unchanged, made to depend on `never`: a condition that is always false, which the compiler cannot
+    know. Loads through the result wait for the value `never` came from. Without such a chain, ptxas hoists
+    every mixture's loads to the top of the kernel, one register each (148 registers at M = 10 forward)."""
+    base, offsets = rows
+    return base, offsets + never.to(tl.int32)
+
+
+@triton.jit
+def store_channel(rows, channel, stride_c, value, mask):
+    """Store one channel of this program's pixels in the element type of rows' base pointer."""
+    base, offsets = rows
+    tl.store(base + (offsets + channel * stride_c), value.to(base.dtype.element_ty), mask=mask)
 
 
 def bin_constants(num_bits: int) -> tuple[float, float]:
@@ -158,8 +183,6 @@ def pixel_strides(t: torch.Tensor) -> tuple[int, int, int, int, bool]:
     return sb, sc, sh, sw, sh == width * sw
 
 
-def tile_shape(num_mix: int, pixels: int) -> tuple[int, int]:
-    """(BLOCK_P, M_PAD): all mixtures of a pixel in one tile row, the tile size bounded for registers."""
-    m_pad = triton.next_power_of_2(num_mix)
-    block_p = max(16, min(TILE_ELEMENTS // m_pad, triton.next_power_of_2(pixels)))
-    return block_p, m_pad
+def block_pixels(pixels: int) -> int:
+    """Pixels per program: one per lane times PIXELS_PER_THREAD, fewer for small images (at least 32)."""
+    return max(32, min(32 * NUM_WARPS * PIXELS_PER_THREAD, triton.next_power_of_2(pixels)))

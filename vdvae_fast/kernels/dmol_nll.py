@@ -1,92 +1,169 @@
-"""Discretized mixture of logistics NLL (VDVAE / PixelCNN++): one-pass forward and a fused backward.
+"""Discretized mixture of logistics NLL (VDVAE / PixelCNN++): forward and fused backward, one pixel per lane.
 
-A program owns BLOCK_P pixels of one image and holds all M mixtures of each pixel in one row of a
-[BLOCK_P, M_PAD] register tile, so every logit is read from global memory exactly once per pass.
-The backward recomputes the forward from logits and x (nothing per mixture is saved) and writes
-grad_logits in the same pass. logits, x and grad_logits are addressed through their own strides
-(contiguous, channels_last or any other), never copied. Per-image sums are written as one partial
-per program and summed by torch in a fixed order: deterministic, no atomics.
+A program owns BLOCK_P pixels of one image; each lane walks its pixel's M mixtures in an unrolled loop
+(M is a constexpr: no padding, no reduction across lanes), keeping a running log-sum-exp. Lanes sit
+across pixels, so every channel load is coalesced (contiguous: consecutive addresses, vectorized;
+channels_last: one pixel stride apart, each element read exactly once). The backward recomputes from
+logits and x (nothing per mixture is saved): a first loop gives the pixel's log-likelihood, which every
+mixture's responsibility needs before any gradient can be written, and a second loop writes the gradients,
+re-deriving each mixture's probability from its bin terms (a product and one exp2, no logs). logits, x and
+grad_logits are addressed through their own strides, never copied. Per-image sums are one partial per
+program, summed by torch in a fixed order: deterministic, no atomics.
 """
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from .dmol_math import (
+    LN2,
+    LOG2E,
+    LOG_SCALE_MIN,
     NUM_WARPS,
+    after,
     bin_constants,
-    channel_log_prob,
-    load_group,
+    block_pixels,
+    channel_bin,
+    fast_log2,
+    load_channel,
     pixel_offsets,
     pixel_strides,
-    tanh,
-    tile_shape,
+    shift,
+    store_channel,
+    tanh_parts,
 )
 
 
 @triton.jit
-def _pixel_tile(
-    logits_ptr,
-    x_ptr,
-    HW,
-    W,
-    l_sb,
-    l_sc,
-    l_sh,
-    l_sw,
-    x_sb,
-    x_sc,
-    x_sh,
-    x_sw,
-    NUM_MIX: tl.constexpr,
-    M_PAD: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    MERGED_HW: tl.constexpr,
+def _pixel_block(
+    logits_ptr, x_ptr, HW, W, l_sb, l_sh, l_sw, x_sb, x_sc, x_sh, x_sw, BLOCK_P: tl.constexpr, MERGED_HW: tl.constexpr
 ):
-    """This program's pixels (of image program_id(1)): their mask, the mask of real mixtures, the pointers of
-    the [BLOCK_P, M_PAD] logits tile of channel group 0 and the three targets as [BLOCK_P, 1] float32."""
+    """This program's pixels (of image program_id(1)), their mask, their logits' rows (see load_channel) and
+    the three targets as float32."""
     b = tl.program_id(1).to(tl.int64)
     pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mix = tl.arange(0, M_PAD)
-    pixel_mask = pixels < HW
-    x_ptrs = x_ptr + b * x_sb + pixel_offsets(pixels, W, x_sh, x_sw, MERGED_HW)
-    x0 = tl.load(x_ptrs, mask=pixel_mask, other=0.0).to(tl.float32)[:, None]
-    x1 = tl.load(x_ptrs + x_sc, mask=pixel_mask, other=0.0).to(tl.float32)[:, None]
-    x2 = tl.load(x_ptrs + 2 * x_sc, mask=pixel_mask, other=0.0).to(tl.float32)[:, None]
-    l_ptrs = logits_ptr + b * l_sb + pixel_offsets(pixels, W, l_sh, l_sw, MERGED_HW)[:, None] + mix[None, :] * l_sc
-    return pixels, pixel_mask, (mix < NUM_MIX)[None, :], l_ptrs, x0, x1, x2
+    mask = pixels < HW
+    x_rows = (x_ptr + b * x_sb, pixel_offsets(pixels, W, x_sh, x_sw, MERGED_HW))
+    x0 = load_channel(x_rows, 0, x_sc, mask)
+    x1 = load_channel(x_rows, 1, x_sc, mask)
+    x2 = load_channel(x_rows, 2, x_sc, mask)
+    l_rows = (logits_ptr + b * l_sb, pixel_offsets(pixels, W, l_sh, l_sw, MERGED_HW))
+    return pixels, mask, l_rows, x0, x1, x2
 
 
 @triton.jit
-def _load_logits(l_ptrs, l_sc, mask, NUM_MIX: tl.constexpr):
-    """All ten [BLOCK_P, M_PAD] channel groups as float32, in channel order: the mixture logits, then per
-    colour c (block at group 1 + 3c) the means, raw log-scales and raw coefficients."""
+def _mixture(
+    l_rows,
+    l_sc,
+    mask,
+    k: tl.constexpr,
+    x0,
+    x1,
+    x2,
+    NUM_MIX: tl.constexpr,
+    HALF: tl.constexpr,
+    LOG_BINS: tl.constexpr,
+    COMPILED: tl.constexpr,
+):
+    """Mixture k of each pixel: its logit in bits, its log2-probability split as exponent + log2(product), and
+    what its gradients need (the compiler keeps only what the caller uses).
+
+    Channel order: [0, M) mixture logits; colour c's block starts at M + 3Mc: M means, M raw log-scales,
+    M raw coefficients.
+    """
+    l_rows = shift(l_rows, k, l_sc)
+    pi = load_channel(l_rows, 0, l_sc, mask)
+    raw_c0 = load_channel(l_rows, 3 * NUM_MIX, l_sc, mask)
+    raw_c1 = load_channel(l_rows, 6 * NUM_MIX, l_sc, mask)
+    raw_c2 = load_channel(l_rows, 9 * NUM_MIX, l_sc, mask)
+    coeff0, dcoeff0 = tanh_parts(raw_c0, COMPILED)
+    coeff1, dcoeff1 = tanh_parts(raw_c1, COMPILED)
+    coeff2, dcoeff2 = tanh_parts(raw_c2, COMPILED)
+    raw_ls0 = load_channel(l_rows, 2 * NUM_MIX, l_sc, mask)
+    raw_ls1 = load_channel(l_rows, 5 * NUM_MIX, l_sc, mask)
+    raw_ls2 = load_channel(l_rows, 8 * NUM_MIX, l_sc, mask)
+    off0, arg0, d_mean0, d_ls0 = channel_bin(
+        x0, load_channel(l_rows, NUM_MIX, l_sc, mask), raw_ls0, x0 < -0.999, x0 > 0.999, HALF, LOG_BINS, COMPILED
+    )
+    off1, arg1, d_mean1, d_ls1 = channel_bin(
+        x1,
+        load_channel(l_rows, 4 * NUM_MIX, l_sc, mask) + coeff0 * x0,
+        raw_ls1,
+        x1 < -0.999,
+        x1 > 0.999,
+        HALF,
+        LOG_BINS,
+        COMPILED,
+    )
+    off2, arg2, d_mean2, d_ls2 = channel_bin(
+        x2,
+        load_channel(l_rows, 7 * NUM_MIX, l_sc, mask) + coeff1 * x0 + coeff2 * x1,
+        raw_ls2,
+        x2 < -0.999,
+        x2 > 0.999,
+        HALF,
+        LOG_BINS,
+        COMPILED,
+    )
+    pi2 = pi * LOG2E
+    # log2 P(pixel, k) + log2 softmax weight numerator = exponent + log2(product)
+    exponent = pi2 + off0 + off1 + off2
+    product = arg0 * arg1 * arg2
+    clamped = (raw_ls0 < LOG_SCALE_MIN, raw_ls1 < LOG_SCALE_MIN, raw_ls2 < LOG_SCALE_MIN)
     return (
-        load_group(l_ptrs, 0, l_sc, mask, NUM_MIX),
-        load_group(l_ptrs, 1, l_sc, mask, NUM_MIX),
-        load_group(l_ptrs, 2, l_sc, mask, NUM_MIX),
-        load_group(l_ptrs, 3, l_sc, mask, NUM_MIX),
-        load_group(l_ptrs, 4, l_sc, mask, NUM_MIX),
-        load_group(l_ptrs, 5, l_sc, mask, NUM_MIX),
-        load_group(l_ptrs, 6, l_sc, mask, NUM_MIX),
-        load_group(l_ptrs, 7, l_sc, mask, NUM_MIX),
-        load_group(l_ptrs, 8, l_sc, mask, NUM_MIX),
-        load_group(l_ptrs, 9, l_sc, mask, NUM_MIX),
+        pi2,
+        exponent,
+        product,
+        (d_mean0, d_mean1, d_mean2),
+        (d_ls0, d_ls1, d_ls2),
+        clamped,
+        (dcoeff0, dcoeff1, dcoeff2),
     )
 
 
 @triton.jit
-def _softmax_parts(values, mix_valid):
-    """(row max, exp(values - max), row sum of the exps) over mixtures; padded mixtures count as -inf.
+def _accumulate(running_max, running_sum, value, weight):
+    """One step of a log2-sum-exp2 of value + log2(weight), with one exp2: (max, sum of weight * 2**(v - max)).
 
-    An all -inf row keeps max 0, so its sum is 0 (a log-likelihood of -inf) rather than NaN; NaN stays NaN
-    through the sum whether or not tl.max drops it.
-    """
-    values = tl.where(mix_valid, values, -float("inf"))
-    row_max = tl.max(values, axis=1)
-    row_max = tl.where(row_max == -float("inf"), 0.0, row_max)
-    exps = tl.exp(values - row_max[:, None])
-    return row_max, exps, tl.sum(exps, axis=1)
+    Equal values (also two -inf) add without a difference, which would be NaN for -inf; NaN propagates."""
+    diff = tl.where(value == running_max, 0.0, -tl.abs(value - running_max))
+    scale = tl.exp2(diff)
+    larger = value > running_max
+    running_sum = tl.where(larger, running_sum * scale + weight, running_sum + weight * scale)
+    return tl.where(larger, value, running_max), running_sum
+
+
+@triton.jit
+def _log_likelihoods(
+    l_rows,
+    l_sc,
+    mask,
+    x0,
+    x1,
+    x2,
+    NUM_MIX: tl.constexpr,
+    HALF: tl.constexpr,
+    LOG_BINS: tl.constexpr,
+    COMPILED: tl.constexpr,
+):
+    """Per pixel, in bits, log2-sum-exp2 of the mixture logits and of the joint log-probabilities, each as
+    (max, sum of 2**(value - max)): kept apart, so that a large logit does not round away the sum's bits.
+    Also l_rows, chained through each mixture's result (see `after`), for a loop that follows."""
+    pi2, exponent, product, _, _, _, _ = _mixture(l_rows, l_sc, mask, 0, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED)
+    pi_max = pi2
+    pi_sum = tl.full(pi2.shape, 1.0, tl.float32)
+    joint_max = exponent
+    joint_sum = product
+    l_rows = after(l_rows, joint_sum < 0.0)
+    for k in tl.static_range(1, NUM_MIX):
+        pi2, exponent, product, _, _, _, _ = _mixture(
+            l_rows, l_sc, mask, k, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
+        )
+        pi_max, pi_sum = _accumulate(pi_max, pi_sum, pi2, 1.0)
+        joint_max, joint_sum = _accumulate(joint_max, joint_sum, exponent, product)
+        l_rows = after(l_rows, joint_sum < 0.0)
+    return pi_max, pi_sum, joint_max, joint_sum, l_rows
 
 
 @triton.jit
@@ -106,27 +183,21 @@ def _dmol_nll_forward_kernel(
     x_sw,
     inv_count,
     NUM_MIX: tl.constexpr,
-    M_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
     HALF: tl.constexpr,
     LOG_BINS: tl.constexpr,
     MERGED_HW: tl.constexpr,
+    COMPILED: tl.constexpr,
 ):
-    _, pixel_mask, mix_valid, l_ptrs, x0, x1, x2 = _pixel_tile(
-        logits_ptr, x_ptr, HW, W, l_sb, l_sc, l_sh, l_sw, x_sb, x_sc, x_sh, x_sw, NUM_MIX, M_PAD, BLOCK_P, MERGED_HW
+    _, mask, l_rows, x0, x1, x2 = _pixel_block(
+        logits_ptr, x_ptr, HW, W, l_sb, l_sh, l_sw, x_sb, x_sc, x_sh, x_sw, BLOCK_P, MERGED_HW
     )
-    pi, mu0, ls0, c0, mu1, ls1, c1, mu2, ls2, c2 = _load_logits(l_ptrs, l_sc, pixel_mask[:, None] & mix_valid, NUM_MIX)
-    coeff0 = tanh(c0)
-    coeff1 = tanh(c1)
-    coeff2 = tanh(c2)
-    lp0, _, _, _ = channel_log_prob(x0, mu0, ls0, HALF, LOG_BINS)
-    lp1, _, _, _ = channel_log_prob(x1, mu1 + coeff0 * x0, ls1, HALF, LOG_BINS)
-    lp2, _, _, _ = channel_log_prob(x2, mu2 + coeff1 * x0 + coeff2 * x1, ls2, HALF, LOG_BINS)
+    pi_max, pi_sum, joint_max, joint_sum, _ = _log_likelihoods(
+        l_rows, l_sc, mask, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
+    )
     # -logsumexp_k(log_prob_k + log_softmax(pi)_k) = logsumexp(pi) - logsumexp(log_prob + pi), with one log
-    pi_max, _, pi_sum = _softmax_parts(pi, mix_valid)
-    joint_max, _, joint_sum = _softmax_parts(lp0 + lp1 + lp2 + pi, mix_valid)
-    nll = (pi_max - joint_max) + tl.log(pi_sum / joint_sum)
-    partial = tl.sum(tl.where(pixel_mask, nll, 0.0), axis=0) * inv_count
+    nll = ((pi_max - joint_max) + fast_log2(pi_sum / joint_sum, COMPILED)) * LN2
+    partial = tl.sum(tl.where(mask, nll, 0.0), axis=0) * inv_count
     tl.store(partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), partial)
 
 
@@ -152,64 +223,70 @@ def _dmol_nll_backward_kernel(
     g_sw,
     inv_count,
     NUM_MIX: tl.constexpr,
-    M_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
     HALF: tl.constexpr,
     LOG_BINS: tl.constexpr,
     MERGED_HW: tl.constexpr,
+    COMPILED: tl.constexpr,
 ):
-    pixels, pixel_mask, mix_valid, l_ptrs, x0, x1, x2 = _pixel_tile(
-        logits_ptr, x_ptr, HW, W, l_sb, l_sc, l_sh, l_sw, x_sb, x_sc, x_sh, x_sw, NUM_MIX, M_PAD, BLOCK_P, MERGED_HW
+    pixels, mask, l_rows, x0, x1, x2 = _pixel_block(
+        logits_ptr, x_ptr, HW, W, l_sb, l_sh, l_sw, x_sb, x_sc, x_sh, x_sw, BLOCK_P, MERGED_HW
     )
-    mask = pixel_mask[:, None] & mix_valid
-    pi, mu0, ls0, c0, mu1, ls1, c1, mu2, ls2, c2 = _load_logits(l_ptrs, l_sc, mask, NUM_MIX)
-    # the forward, keeping each colour's derivatives in registers
-    coeff0 = tanh(c0)
-    coeff1 = tanh(c1)
-    coeff2 = tanh(c2)
-    lp0, d_mean0, d_ls0, clamped0 = channel_log_prob(x0, mu0, ls0, HALF, LOG_BINS)
-    lp1, d_mean1, d_ls1, clamped1 = channel_log_prob(x1, mu1 + coeff0 * x0, ls1, HALF, LOG_BINS)
-    lp2, d_mean2, d_ls2, clamped2 = channel_log_prob(x2, mu2 + coeff1 * x0 + coeff2 * x1, ls2, HALF, LOG_BINS)
-    _, pi_exps, pi_sum = _softmax_parts(pi, mix_valid)
-    _, joint_exps, joint_sum = _softmax_parts(lp0 + lp1 + lp2 + pi, mix_valid)
-    responsibility = joint_exps / joint_sum[:, None]
-
+    # l_rows comes back chained through the first loop's results, so the compiler cannot merge the two loops'
+    # loads and math, which would hold every mixture's values in registers at once
+    pi_max, pi_sum, joint_max, joint_sum, l_rows = _log_likelihoods(
+        l_rows, l_sc, mask, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
+    )
+    inv_pi_sum = 1.0 / pi_sum
+    inv_joint_sum = 1.0 / joint_sum
     g = tl.load(grad_nll_ptr + tl.program_id(1)).to(tl.float32) * inv_count
-    grad_log_prob = -g * responsibility  # d nll / d log_prob_kc, the same for every colour c
-    grad_mean1 = grad_log_prob * d_mean1
-    grad_mean2 = grad_log_prob * d_mean2
     b = tl.program_id(1).to(tl.int64)
-    g_ptrs = grad_ptr + b * g_sb + pixel_offsets(pixels, W, g_sh, g_sw, MERGED_HW)[:, None]
-    g_ptrs += tl.arange(0, M_PAD)[None, :] * g_sc
-    out_dtype = grad_ptr.dtype.element_ty
-    group_stride = NUM_MIX * g_sc
-    tl.store(g_ptrs, (g * (pi_exps / pi_sum[:, None] - responsibility)).to(out_dtype), mask=mask)
-    tl.store(g_ptrs + 1 * group_stride, (grad_log_prob * d_mean0).to(out_dtype), mask=mask)
-    tl.store(g_ptrs + 2 * group_stride, tl.where(clamped0, 0.0, grad_log_prob * d_ls0).to(out_dtype), mask=mask)
-    tl.store(g_ptrs + 3 * group_stride, (grad_mean1 * x0 * (1.0 - coeff0 * coeff0)).to(out_dtype), mask=mask)
-    tl.store(g_ptrs + 4 * group_stride, grad_mean1.to(out_dtype), mask=mask)
-    tl.store(g_ptrs + 5 * group_stride, tl.where(clamped1, 0.0, grad_log_prob * d_ls1).to(out_dtype), mask=mask)
-    tl.store(g_ptrs + 6 * group_stride, (grad_mean2 * x0 * (1.0 - coeff1 * coeff1)).to(out_dtype), mask=mask)
-    tl.store(g_ptrs + 7 * group_stride, grad_mean2.to(out_dtype), mask=mask)
-    tl.store(g_ptrs + 8 * group_stride, tl.where(clamped2, 0.0, grad_log_prob * d_ls2).to(out_dtype), mask=mask)
-    tl.store(g_ptrs + 9 * group_stride, (grad_mean2 * x1 * (1.0 - coeff2 * coeff2)).to(out_dtype), mask=mask)
+    g_rows = (grad_ptr + b * g_sb, pixel_offsets(pixels, W, g_sh, g_sw, MERGED_HW))
+    for k in tl.static_range(NUM_MIX):
+        pi2, exponent, product, d_mean, d_ls, clamped, dcoeff = _mixture(
+            l_rows, l_sc, mask, k, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
+        )
+        d_mean0, d_mean1, d_mean2 = d_mean
+        d_ls0, d_ls1, d_ls2 = d_ls
+        clamped0, clamped1, clamped2 = clamped
+        dcoeff0, dcoeff1, dcoeff2 = dcoeff
+        # softmax over k of the joint log-probabilities
+        responsibility = tl.exp2(exponent - joint_max) * product * inv_joint_sum
+        grad_log_prob = -g * responsibility  # d nll / d log_prob_kc, the same for every colour c
+        grad_mean1 = grad_log_prob * d_mean1
+        grad_mean2 = grad_log_prob * d_mean2
+        grad_pi = g * (tl.exp2(pi2 - pi_max) * inv_pi_sum - responsibility)
+        l_rows = after(l_rows, responsibility < 0.0)
+        g_rows_k = shift(g_rows, k, g_sc)
+        store_channel(g_rows_k, 0, g_sc, grad_pi, mask)
+        store_channel(g_rows_k, NUM_MIX, g_sc, grad_log_prob * d_mean0, mask)
+        grad_ls0 = tl.where(clamped0, 0.0, grad_log_prob * d_ls0)
+        store_channel(g_rows_k, 2 * NUM_MIX, g_sc, grad_ls0, mask)
+        store_channel(g_rows_k, 3 * NUM_MIX, g_sc, grad_mean1 * x0 * dcoeff0, mask)
+        store_channel(g_rows_k, 4 * NUM_MIX, g_sc, grad_mean1, mask)
+        grad_ls1 = tl.where(clamped1, 0.0, grad_log_prob * d_ls1)
+        store_channel(g_rows_k, 5 * NUM_MIX, g_sc, grad_ls1, mask)
+        store_channel(g_rows_k, 6 * NUM_MIX, g_sc, grad_mean2 * x0 * dcoeff1, mask)
+        store_channel(g_rows_k, 7 * NUM_MIX, g_sc, grad_mean2, mask)
+        grad_ls2 = tl.where(clamped2, 0.0, grad_log_prob * d_ls2)
+        store_channel(g_rows_k, 8 * NUM_MIX, g_sc, grad_ls2, mask)
+        store_channel(g_rows_k, 9 * NUM_MIX, g_sc, grad_mean2 * x1 * dcoeff2, mask)
 
 
 def _launch_args(logits: torch.Tensor, x: torch.Tensor, num_bits: int, *outputs: torch.Tensor) -> tuple:
     """Grid, the scalar arguments after the pointers, and the constexprs, shared by both launches."""
     batch, channels, height, width = logits.shape
-    num_mix = channels // 10
-    block_p, m_pad = tile_shape(num_mix, height * width)
+    block_p = block_pixels(height * width)
     strides = [pixel_strides(t) for t in (logits, x, *outputs)]
     half, log_bins = bin_constants(num_bits)
     args = [height * width, width, *(v for s in strides for v in s[:4]), 1.0 / (3 * height * width)]
     meta = {
-        "NUM_MIX": num_mix,
-        "M_PAD": m_pad,
+        "NUM_MIX": channels // 10,
         "BLOCK_P": block_p,
         "HALF": half,
         "LOG_BINS": log_bins,
         "MERGED_HW": all(s[4] for s in strides),
+        "COMPILED": isinstance(_dmol_nll_forward_kernel, JITFunction),
         "num_warps": NUM_WARPS,
     }
     return (triton.cdiv(height * width, block_p), batch), args, meta
@@ -222,7 +299,7 @@ def dmol_nll_forward(logits: torch.Tensor, x: torch.Tensor, num_bits: int) -> to
         return torch.full((batch,), float("nan"), dtype=torch.float32, device=logits.device)
     grid, args, meta = _launch_args(logits, x, num_bits)
     partials = torch.empty((batch, grid[0]), dtype=torch.float32, device=logits.device)
-    _dmol_nll_forward_kernel[grid](logits, x, partials, *args, **meta)
+    torch.library.wrap_triton(_dmol_nll_forward_kernel)[grid](logits, x, partials, *args, **meta)
     return partials.view(batch) if grid[0] == 1 else partials.sum(dim=1)
 
 
@@ -232,5 +309,5 @@ def dmol_nll_backward(grad_nll: torch.Tensor, logits: torch.Tensor, x: torch.Ten
     if logits.numel() == 0:
         return grad_logits
     grid, args, meta = _launch_args(logits, x, num_bits, grad_logits)
-    _dmol_nll_backward_kernel[grid](grad_nll, logits, x, grad_logits, *args, **meta)
+    torch.library.wrap_triton(_dmol_nll_backward_kernel)[grid](grad_nll, logits, x, grad_logits, *args, **meta)
     return grad_logits

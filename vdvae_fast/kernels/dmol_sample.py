@@ -1,15 +1,31 @@
 """Sampling an image from the DMoL: Gumbel-max mixture choice, logistic draw, RGB coupling, clamp.
 
-Randomness comes from counters (pixel, stream) of the shared Philox stream (docs/kernel-contract.md), so
-the image matches every other backend's for the same seed. The chosen mixture's parameters are picked
-with a one-hot product like the reference, so NaN anywhere in a pixel's parameters reaches its output.
+One pixel per lane, unrolled loops over the M mixtures (no padding, no reduction across lanes): the first
+picks the mixture (argmax of logit + Gumbel noise, torch's argmax semantics), the second gathers the
+chosen mixture's parameters with a one-hot product like the reference, so NaN anywhere in a pixel's
+parameters reaches its output. Randomness comes from counters (pixel, stream) of the shared Philox stream
+(docs/kernel-contract.md), so the image matches every other backend's for the same seed.
 """
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
-from .dmol_math import NUM_WARPS, load_group, log_scale, pixel_offsets, pixel_strides, tanh, tile_shape
+from .dmol_math import (
+    LN2,
+    LOG2E,
+    NUM_WARPS,
+    after,
+    block_pixels,
+    fast_log2,
+    load_channel,
+    log_scale,
+    pixel_offsets,
+    pixel_strides,
+    shift,
+    tanh_parts,
+)
 from .philox import open_uniform, philox_key
 
 
@@ -20,16 +36,20 @@ def _clamp_unit(v):
 
 
 @triton.jit
-def _pick(values, select):
-    """The selected mixture's value of each pixel: a one-hot product, so NaN in any mixture propagates."""
-    return tl.sum(values * select, axis=1)
+def _gumbel_score(l_rows, l_sc, mask, k0, k1, counters, k: tl.constexpr, COMPILED: tl.constexpr):
+    """(logit_k - log(-log u_k)) / ln 2: the Gumbel-max score in bits (the argmax is the same).
+
+    The inner log is Triton's accurate one: -log u is tiny for u near 1, where an absolute error would not be."""
+    u = open_uniform(k0, k1, counters, k)
+    return load_channel(l_rows, k, l_sc, mask) * LOG2E - fast_log2(tl.log2(u) * -LN2, COMPILED)
 
 
 @triton.jit
-def _logistic_draw(k0, k1, counters, stream, mean, raw_log_scale):
+def _logistic_draw(k0, k1, counters, stream, mean, raw_log_scale, COMPILED: tl.constexpr):
     """mean + scale * logit(u) with u from counter (pixel, stream)."""
     u = open_uniform(k0, k1, counters, stream)
-    return mean + tl.exp(log_scale(raw_log_scale)) * (tl.log(u) - tl.log(1.0 - u))
+    logit = (fast_log2(u, COMPILED) - fast_log2(1.0 - u, COMPILED)) * LN2
+    return mean + tl.exp2(log_scale(raw_log_scale) * LOG2E) * logit
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -48,65 +68,60 @@ def _dmol_sample_kernel(
     o_sh,
     o_sw,
     NUM_MIX: tl.constexpr,
-    M_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
     MERGED_HW: tl.constexpr,
+    COMPILED: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mix = tl.arange(0, M_PAD)
-    pixel_mask = pixels < HW
-    mix_valid = (mix < NUM_MIX)[None, :]
-    mask = pixel_mask[:, None] & mix_valid
-    l_ptrs = logits_ptr + b * l_sb + pixel_offsets(pixels, W, l_sh, l_sw, MERGED_HW)[:, None] + mix[None, :] * l_sc
-
+    mask = pixels < HW
+    l_rows = (logits_ptr + b * l_sb, pixel_offsets(pixels, W, l_sh, l_sw, MERGED_HW))
     k0, k1 = philox_key(seed)
     counters = (b * HW + pixels).to(tl.uint32)  # pixel (b H + h) W + w
-    gumbel_u = open_uniform(k0, k1, counters[:, None], mix.to(tl.uint32)[None, :])
-    score = load_group(l_ptrs, 0, l_sc, mask, NUM_MIX) - tl.log(-tl.log(gumbel_u))
-    score = tl.where(mix_valid, score, -float("inf"))
+
     # argmax as torch: the first NaN if any, else the first maximum
-    first_nan = tl.min(tl.where(score != score, mix[None, :], M_PAD), axis=1)
-    best = tl.max(score, axis=1)
-    first_best = tl.min(tl.where((score == best[:, None]) & mix_valid, mix[None, :], M_PAD), axis=1)
-    choice = tl.where(first_nan < M_PAD, first_nan, first_best)
-    select = (mix[None, :] == choice[:, None]).to(tl.float32)
+    best = _gumbel_score(l_rows, l_sc, mask, k0, k1, counters, 0, COMPILED)
+    choice = tl.zeros([BLOCK_P], tl.int32)
+    for k in tl.static_range(1, NUM_MIX):
+        score = _gumbel_score(l_rows, l_sc, mask, k0, k1, counters, k, COMPILED)
+        take = (best == best) & ((score != score) | (score > best))
+        best = tl.where(take, score, best)
+        choice = tl.where(take, k, choice)
+        l_rows = after(l_rows, choice < 0)
 
-    draw0 = _logistic_draw(
-        k0,
-        k1,
-        counters,
-        NUM_MIX,
-        _pick(load_group(l_ptrs, 1, l_sc, mask, NUM_MIX), select),
-        _pick(load_group(l_ptrs, 2, l_sc, mask, NUM_MIX), select),
-    )
-    draw1 = _logistic_draw(
-        k0,
-        k1,
-        counters,
-        NUM_MIX + 1,
-        _pick(load_group(l_ptrs, 4, l_sc, mask, NUM_MIX), select),
-        _pick(load_group(l_ptrs, 5, l_sc, mask, NUM_MIX), select),
-    )
-    draw2 = _logistic_draw(
-        k0,
-        k1,
-        counters,
-        NUM_MIX + 2,
-        _pick(load_group(l_ptrs, 7, l_sc, mask, NUM_MIX), select),
-        _pick(load_group(l_ptrs, 8, l_sc, mask, NUM_MIX), select),
-    )
-    coeff0 = _pick(tanh(load_group(l_ptrs, 3, l_sc, mask, NUM_MIX)), select)
-    coeff1 = _pick(tanh(load_group(l_ptrs, 6, l_sc, mask, NUM_MIX)), select)
-    coeff2 = _pick(tanh(load_group(l_ptrs, 9, l_sc, mask, NUM_MIX)), select)
-    x0 = _clamp_unit(draw0)
-    x1 = _clamp_unit(draw1 + coeff0 * x0)
-    x2 = _clamp_unit(draw2 + coeff1 * x0 + coeff2 * x1)
+    l_rows = after(l_rows, choice < 0)
+    mean0 = tl.zeros([BLOCK_P], tl.float32)
+    mean1 = mean0
+    mean2 = mean0
+    raw_ls0 = mean0
+    raw_ls1 = mean0
+    raw_ls2 = mean0
+    coeff0 = mean0
+    coeff1 = mean0
+    coeff2 = mean0
+    for k in tl.static_range(NUM_MIX):
+        select = (choice == k).to(tl.float32)
+        rows_k = shift(l_rows, k, l_sc)
+        mean0 += select * load_channel(rows_k, NUM_MIX, l_sc, mask)
+        raw_ls0 += select * load_channel(rows_k, 2 * NUM_MIX, l_sc, mask)
+        coeff0 += select * tanh_parts(load_channel(rows_k, 3 * NUM_MIX, l_sc, mask), COMPILED)[0]
+        mean1 += select * load_channel(rows_k, 4 * NUM_MIX, l_sc, mask)
+        raw_ls1 += select * load_channel(rows_k, 5 * NUM_MIX, l_sc, mask)
+        coeff1 += select * tanh_parts(load_channel(rows_k, 6 * NUM_MIX, l_sc, mask), COMPILED)[0]
+        mean2 += select * load_channel(rows_k, 7 * NUM_MIX, l_sc, mask)
+        raw_ls2 += select * load_channel(rows_k, 8 * NUM_MIX, l_sc, mask)
+        coeff2 += select * tanh_parts(load_channel(rows_k, 9 * NUM_MIX, l_sc, mask), COMPILED)[0]
+        l_rows = after(l_rows, tl.abs(coeff2) > 2.0)  # |tanh| <= 1
 
+    x0 = _clamp_unit(_logistic_draw(k0, k1, counters, NUM_MIX, mean0, raw_ls0, COMPILED))
+    x1 = _clamp_unit(_logistic_draw(k0, k1, counters, NUM_MIX + 1, mean1, raw_ls1, COMPILED) + coeff0 * x0)
+    x2 = _clamp_unit(
+        _logistic_draw(k0, k1, counters, NUM_MIX + 2, mean2, raw_ls2, COMPILED) + coeff1 * x0 + coeff2 * x1
+    )
     out_ptrs = out_ptr + b * o_sb + pixel_offsets(pixels, W, o_sh, o_sw, MERGED_HW)
-    tl.store(out_ptrs, x0, mask=pixel_mask)
-    tl.store(out_ptrs + o_sc, x1, mask=pixel_mask)
-    tl.store(out_ptrs + 2 * o_sc, x2, mask=pixel_mask)
+    tl.store(out_ptrs, x0, mask=mask)
+    tl.store(out_ptrs + o_sc, x1, mask=mask)
+    tl.store(out_ptrs + 2 * o_sc, x2, mask=mask)
 
 
 def dmol_sample(logits: torch.Tensor, seed: int) -> torch.Tensor:
@@ -117,11 +132,10 @@ def dmol_sample(logits: torch.Tensor, seed: int) -> torch.Tensor:
     out = torch.empty((batch, 3, height, width), dtype=torch.float32, device=logits.device, memory_format=memory_format)
     if out.numel() == 0:
         return out
-    num_mix = channels // 10
-    block_p, m_pad = tile_shape(num_mix, height * width)
+    block_p = block_pixels(height * width)
     l_strides, o_strides = pixel_strides(logits), pixel_strides(out)
     grid = (triton.cdiv(height * width, block_p), batch)
-    _dmol_sample_kernel[grid](
+    torch.library.wrap_triton(_dmol_sample_kernel)[grid](
         logits,
         out,
         seed,
@@ -129,10 +143,10 @@ def dmol_sample(logits: torch.Tensor, seed: int) -> torch.Tensor:
         width,
         *l_strides[:4],
         *o_strides[:4],
-        NUM_MIX=num_mix,
-        M_PAD=m_pad,
+        NUM_MIX=channels // 10,
         BLOCK_P=block_p,
         MERGED_HW=l_strides[4] and o_strides[4],
+        COMPILED=isinstance(_dmol_sample_kernel, JITFunction),
         num_warps=NUM_WARPS,
     )
     return out

@@ -13,13 +13,13 @@ PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
 PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
 UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)
-TWO_PI = tl.constexpr(6.283185307179586)
 
 
 @triton.jit
 def philox_key(seed):
-    """Key (low word, high word) of a seed passed as a plain int kernel argument (any int width)."""
-    seed = tl.to_tensor(seed).to(tl.uint64)
+    """Key (low word, high word) of a seed passed as a plain int kernel argument (Triton types it int32,
+    uint32 or int64 by value; inside the kernel it is a scalar tensor, so .to works on every Triton version)."""
+    seed = seed.to(tl.uint64)
     return (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32)
 
 
@@ -47,6 +47,27 @@ def uint_to_uniform(word):
 
 
 @triton.jit
+def cos_two_pi(u):
+    """cos(2 pi u) for u in [0, 1), branch-free, within 2e-7 of the exact value.
+
+    tl.cos carries a slow path for huge arguments (Payne-Hanek reduction, local memory on triton 3.6) that
+    can never run here: folding u onto b in [0, 1/4] by the symmetries of cos leaves a Taylor polynomial in
+    b**2 (truncation error 6e-9).
+    """
+    a = tl.abs(u - 0.5)  # cos(2 pi u) = -cos(2 pi a)
+    far = a > 0.25  # cos(2 pi a) = -cos(2 pi (1/2 - a))
+    b = tl.where(far, 0.5 - a, a)
+    z = b * b
+    p = z * 7.903536371318465 - 26.426256783374388
+    p = p * z + 60.24464137187664
+    p = p * z - 85.45681720669371
+    p = p * z + 64.93939402266828
+    p = p * z - 19.739208802178716
+    p = p * z + 1.0
+    return tl.where(far, p, -p)
+
+
+@triton.jit
 def normal(k0, k1, index):
     """tl.randn(seed, index) for uint32 indices: Box-Muller on the first two words of counter (index, 0, 0, 0)."""
     zero = index * 0
@@ -54,7 +75,7 @@ def normal(k0, k1, index):
     u1 = uint_to_uniform(w0)
     u1 = tl.where(u1 < 1.0e-7, 1.0e-7, u1)
     u2 = uint_to_uniform(w1)
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(u2 * TWO_PI)
+    return tl.sqrt(-2.0 * tl.log(u1)) * cos_two_pi(u2)
 
 
 @triton.jit

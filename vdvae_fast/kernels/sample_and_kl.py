@@ -111,7 +111,7 @@ def sample_and_kl_forward(
         return z, torch.zeros(batch, dtype=torch.float32, device=mu_q.device)
     partials = torch.empty((batch, programs), dtype=torch.float32, device=mu_q.device)
     channels, height, width, channels_last = layout_args(mu_q)
-    _sample_and_kl_forward_kernel[(programs, batch)](
+    torch.library.wrap_triton(_sample_and_kl_forward_kernel)[(programs, batch)](
         mu_q,
         logsigma_q,
         mu_p,
@@ -146,7 +146,7 @@ def sample_and_kl_backward(
     if programs == 0:
         return grads
     channels, height, width, channels_last = layout_args(mu_q)
-    _sample_and_kl_backward_kernel[(programs, batch)](
+    torch.library.wrap_triton(_sample_and_kl_backward_kernel)[(programs, batch)](
         grad_z,
         grad_kl,
         mu_q,

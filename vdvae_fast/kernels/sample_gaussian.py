@@ -63,7 +63,7 @@ def sample_gaussian_forward(mu: torch.Tensor, logsigma: torch.Tensor, temperatur
     z = torch.empty_like(mu)
     numel = mu.numel()
     channels, height, width, channels_last = layout_args(mu)
-    _sample_gaussian_forward_kernel[(triton.cdiv(numel, BLOCK),)](
+    torch.library.wrap_triton(_sample_gaussian_forward_kernel)[(triton.cdiv(numel, BLOCK),)](
         mu,
         logsigma,
         z,
@@ -89,7 +89,7 @@ def sample_gaussian_backward(
     grad_logsigma = torch.empty_like(logsigma)
     numel = mu.numel()
     channels, height, width, channels_last = layout_args(mu)
-    _sample_gaussian_backward_kernel[(triton.cdiv(numel, BLOCK),)](
+    torch.library.wrap_triton(_sample_gaussian_backward_kernel)[(triton.cdiv(numel, BLOCK),)](
         grad_z,
         logsigma,
         grad_mu,
