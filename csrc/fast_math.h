@@ -193,15 +193,16 @@ VF_HOST_DEVICE float tanh_poly(float x) {
   return x < 0.0f ? -t : t;
 }
 
-// cos x for a float angle 0 <= x <= 2 pi: x = q pi/2 + r with |r| <= pi/4 in three steps (q·kPio2Hi,
-// q·kPio2Mid and x - q·kPio2Hi are exact), then the sine or cosine Taylor polynomial of r with the sign of
-// quadrant q. Within 1.5 ulp of cos x over that range.
-VF_HOST_DEVICE float cos_angle_poly(float x) {
+// cos x (sine = false) or sin x (sine = true) for a float angle 0 <= x <= 2 pi, Box-Muller's two branches:
+// x = q pi/2 + r with |r| <= pi/4 in three steps (q·kPio2Hi, q·kPio2Mid and x - q·kPio2Hi are exact), then
+// the sine or cosine Taylor polynomial of r with the sign of quadrant q, where sin x = cos(r + (q - 1) pi/2).
+// Within 1.5 ulp of cos x and sin x over that range.
+VF_HOST_DEVICE float cos_or_sin_angle_poly(float x, bool sine) {
   constexpr float kPio2Hi = 0x1.92p+0f;
   constexpr float kPio2Mid = 0x1.fb544p-12f;
   constexpr float kPio2Lo = 0x1.0b4612p-34f;
   const float shifted = x * 0.636619772367581343f + kRoundShift;
-  const uint32_t q_int = float_bits(shifted) - float_bits(kRoundShift);
+  const uint32_t q_int = float_bits(shifted) - float_bits(kRoundShift) - static_cast<uint32_t>(sine);
   const float q = shifted - kRoundShift;
   const float r = ((x - q * kPio2Hi) - q * kPio2Mid) - q * kPio2Lo;
   const float r2 = r * r;

@@ -25,19 +25,37 @@ namespace gaussian {
 VF_HOST_DEVICE float exp_op(float x) { return exp_poly(x); }
 VF_HOST_DEVICE double exp_op(double x) { return std::exp(x); }
 
-// tl.randn(seed, index): Box-Muller on the first two Philox outputs of counter (index, 0, 0, 0), in float
-// (in double it would fill half the SIMD lanes and cost 2.5x as much). log_positive_poly is within 1 ulp of
-// ln u and cos_angle_poly within 1.5 ulp of cos x, which keeps eps within 4 ulp of the float64 Box-Muller of
-// the same uniforms (tests/test_gaussian_ops.py), about as close as the reference's own float log and cos.
-VF_HOST_DEVICE float gaussian_eps(uint64_t seed, uint32_t index) {
-  const Philox4 r = philox(seed, index, 0u, 0u, 0u);
+// One Box-Muller branch of a Philox word pair, in float (in double it would fill half the SIMD lanes and cost
+// 2.5x as much): sqrt(-2 ln u1) times cos (sine = false) or sin (sine = true) of 2 pi u2. log_positive_poly is
+// within 1 ulp of ln u and cos_or_sin_angle_poly within 1.5 ulp, which keeps eps within 4 ulp of the float64
+// Box-Muller of the same uniforms (tests/test_gaussian_ops.py), about as close as the reference's float math.
+VF_HOST_DEVICE float box_muller(uint32_t radius_word, uint32_t angle_word, bool sine) {
   // max(u1, 1e-7) on the bit patterns, which order like the values for non-negative floats: gcc
   // if-converts this integer max but not the float select.
-  const uint32_t u1_bits = float_bits(uint_to_uniform(r.v0));
+  const uint32_t u1_bits = float_bits(uint_to_uniform(radius_word));
   const uint32_t floor_bits = float_bits(1.0e-7f);
   const float u1 = bits_float(u1_bits > floor_bits ? u1_bits : floor_bits);
-  const float u2 = uint_to_uniform(r.v1);
-  return sqrt_rn(-2.0f * log_positive_poly(u1)) * cos_angle_poly(6.283185307179586f * u2);
+  const float u2 = uint_to_uniform(angle_word);
+  return sqrt_rn(-2.0f * log_positive_poly(u1)) * cos_or_sin_angle_poly(6.283185307179586f * u2, sine);
+}
+
+// eps of logical element `index`: tl.randn4x(seed, index / 4)[index % 4], lane k of the four normals of
+// counter (index / 4, 0, 0, 0): lanes 0, 1 take words (out0, out1), lanes 2, 3 words (out2, out3); even
+// lanes the cosine, odd lanes the sine branch. Kernels that draw a whole group at once use box_muller4.
+VF_HOST_DEVICE float gaussian_eps(uint64_t seed, uint32_t index) {
+  const Philox4 r = philox(seed, index >> 2, 0u, 0u, 0u);
+  const bool high_pair = (index & 2u) != 0u;
+  return box_muller(high_pair ? r.v2 : r.v0, high_pair ? r.v3 : r.v1, (index & 1u) != 0u);
+}
+
+// The four eps of group `group` (logical elements 4·group to 4·group + 3) from one Philox call: what
+// gaussian_eps gives each of them, with the call, the logarithms and the square roots shared.
+VF_HOST_DEVICE void group_eps(float* eps, uint64_t seed, uint32_t group) {
+  const Philox4 r = philox(seed, group, 0u, 0u, 0u);
+  eps[0] = box_muller(r.v0, r.v1, false);
+  eps[1] = box_muller(r.v0, r.v1, true);
+  eps[2] = box_muller(r.v2, r.v3, false);
+  eps[3] = box_muller(r.v2, r.v3, true);
 }
 
 // Where a dense tensor keeps its elements: contiguous (memory offset = logical index) or 4-D
@@ -119,6 +137,23 @@ struct alignas(sizeof(T) * N) Packet {
   T v[N];
 };
 
+// eps of the kVec elements of a GPU packet: `first` is the logical index of its first element when the
+// tensor is contiguous, `logical(v)` that of element v in either layout. Packets of whole groups of four
+// (kVec a multiple of 4, contiguous, so `first` is a multiple of 4) take one Philox call per group.
+template <int kVec, typename Logical>
+VF_HOST_DEVICE void packet_eps(float (&eps)[kVec], uint64_t seed, const DenseLayout& layout, uint32_t first,
+                               Logical logical) {
+  if constexpr (kVec % 4 == 0) {
+    if (!layout.channels_last) {
+#pragma unroll
+      for (int g = 0; g < kVec / 4; ++g) group_eps(eps + 4 * g, seed, (first >> 2) + static_cast<uint32_t>(g));
+      return;
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) eps[v] = gaussian_eps(seed, logical(v));
+}
+
 inline bool is_aligned(const void* pointer, uintptr_t bytes) {
   return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
 }
@@ -155,12 +190,25 @@ inline void fill_logical_indices(uint32_t* __restrict__ index, uint32_t offset, 
   }
 }
 
-// eps for the `count` elements at memory offsets [offset, offset + count) (CPU tiles): indices first,
-// then one Box-Muller loop that gcc vectorizes.
+// eps for the `count` elements at memory offsets [offset, offset + count) (CPU tiles). Where memory order is
+// logical order (contiguous), whole groups of four take one Philox call each, and only a ragged head and
+// tail are drawn one element (and one call) at a time; channels_last tiles go element by element through
+// their logical indices. Both paths compute every element with the same functions, hence the same bits.
 VF_VECTOR_LOOP inline void fill_eps(float* __restrict__ eps, uint32_t* __restrict__ index, uint32_t offset, int count,
                                     uint64_t seed, const DenseLayout& layout) {
-  fill_logical_indices(index, offset, count, layout);
-  for (int k = 0; k < count; ++k) eps[k] = gaussian_eps(seed, index[k]);
+  if (layout.channels_last) {
+    fill_logical_indices(index, offset, count, layout);
+    for (int k = 0; k < count; ++k) eps[k] = gaussian_eps(seed, index[k]);
+    return;
+  }
+  const int head = static_cast<int>((4u - (offset & 3u)) & 3u) < count ? static_cast<int>((4u - (offset & 3u)) & 3u)
+                                                                       : count;
+  for (int k = 0; k < head; ++k) eps[k] = gaussian_eps(seed, offset + static_cast<uint32_t>(k));
+  const uint32_t first_group = (offset + static_cast<uint32_t>(head)) >> 2;
+  const int groups = (count - head) >> 2;
+  float* __restrict__ body = eps + head;
+  for (int g = 0; g < groups; ++g) group_eps(body + 4 * g, seed, first_group + static_cast<uint32_t>(g));
+  for (int k = head + 4 * groups; k < count; ++k) eps[k] = gaussian_eps(seed, offset + static_cast<uint32_t>(k));
 }
 
 // CPU tiles of a kernel's tensors as opmath arrays: the tensor's own memory when it already holds opmath

@@ -68,12 +68,14 @@ __global__ void __launch_bounds__(kThreads)
     const Packet mp = reinterpret_cast<const Packet*>(mu_p)[packet];
     const Packet lsp = reinterpret_cast<const Packet*>(logsigma_p)[packet];
     Packet out;
+    float eps[kVec];
+    gaussian::packet_eps(eps, seed, layout, static_cast<uint32_t>(image_start + within), [&](int v) {
+      return layout.logical_index_in_image(image, static_cast<uint32_t>(within + v));
+    });
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      const float eps =
-          gaussian::gaussian_eps(seed, layout.logical_index_in_image(image, static_cast<uint32_t>(within + v)));
       const auto mu = static_cast<opmath_t>(mq.v[v]), logsigma = static_cast<opmath_t>(lsq.v[v]);
-      out.v[v] = static_cast<scalar_t>(gaussian::sample(mu, logsigma, opmath_t(1), eps));
+      out.v[v] = static_cast<scalar_t>(gaussian::sample(mu, logsigma, opmath_t(1), eps[v]));
       sum += gaussian::kl(mu, logsigma, static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
     }
     reinterpret_cast<Packet*>(z)[packet] = out;
@@ -118,17 +120,19 @@ __global__ void __launch_bounds__(kThreads)
     const Packet mp = reinterpret_cast<const Packet*>(mu_p)[packet];
     const Packet lsp = reinterpret_cast<const Packet*>(logsigma_p)[packet];
     Packet out_mq, out_lsq, out_mp, out_lsp;
+    float eps[kVec];
+    gaussian::packet_eps(eps, seed, layout, static_cast<uint32_t>(image_start + within), [&](int v) {
+      return layout.logical_index_in_image(image, static_cast<uint32_t>(within + v));
+    });
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      const float eps =
-          gaussian::gaussian_eps(seed, layout.logical_index_in_image(image, static_cast<uint32_t>(within + v)));
       const auto grad = static_cast<opmath_t>(gz.v[v]), logsigma = static_cast<opmath_t>(lsq.v[v]);
       const gaussian::KlGrads<opmath_t> d =
           gaussian::kl_grads(gkl, static_cast<opmath_t>(mq.v[v]), logsigma, static_cast<opmath_t>(mp.v[v]),
                              static_cast<opmath_t>(lsp.v[v]));
       out_mq.v[v] = static_cast<scalar_t>(grad + d.mu_q);
       out_lsq.v[v] =
-          static_cast<scalar_t>(gaussian::sample_grad_logsigma(grad, logsigma, opmath_t(1), eps) + d.logsigma_q);
+          static_cast<scalar_t>(gaussian::sample_grad_logsigma(grad, logsigma, opmath_t(1), eps[v]) + d.logsigma_q);
       out_mp.v[v] = static_cast<scalar_t>(d.mu_p);
       out_lsp.v[v] = static_cast<scalar_t>(d.logsigma_p);
     }

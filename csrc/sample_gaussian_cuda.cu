@@ -35,11 +35,13 @@ __global__ void __launch_bounds__(kThreads)
     const Packet m = reinterpret_cast<const Packet*>(mu)[p];
     const Packet ls = reinterpret_cast<const Packet*>(logsigma)[p];
     Packet out;
+    float eps[kVec];
+    gaussian::packet_eps(eps, seed, layout, static_cast<uint32_t>(p * kVec),
+                         [&](int v) { return layout.logical_index(static_cast<uint32_t>(p * kVec + v)); });
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      const float eps = gaussian::gaussian_eps(seed, layout.logical_index(static_cast<uint32_t>(p * kVec + v)));
       out.v[v] = static_cast<scalar_t>(
-          gaussian::sample(static_cast<opmath_t>(m.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps));
+          gaussian::sample(static_cast<opmath_t>(m.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps[v]));
     }
     reinterpret_cast<Packet*>(z)[p] = out;
   }
@@ -59,11 +61,13 @@ __global__ void __launch_bounds__(kThreads)
     const Packet gz = reinterpret_cast<const Packet*>(grad_z)[p];
     const Packet ls = reinterpret_cast<const Packet*>(logsigma)[p];
     Packet out;
+    float eps[kVec];
+    gaussian::packet_eps(eps, seed, layout, static_cast<uint32_t>(p * kVec),
+                         [&](int v) { return layout.logical_index(static_cast<uint32_t>(p * kVec + v)); });
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      const float eps = gaussian::gaussian_eps(seed, layout.logical_index(static_cast<uint32_t>(p * kVec + v)));
       out.v[v] = static_cast<scalar_t>(gaussian::sample_grad_logsigma(
-          static_cast<opmath_t>(gz.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps));
+          static_cast<opmath_t>(gz.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps[v]));
     }
     reinterpret_cast<Packet*>(g_mu)[p] = gz;
     reinterpret_cast<Packet*>(g_logsigma)[p] = out;

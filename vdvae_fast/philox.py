@@ -65,18 +65,31 @@ def uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
+def normal_uniforms(seed: int | torch.Tensor, numel: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Box-Muller inputs of logical elements 0..numel-1: (u1 clamped to >= 1e-7, u2, sine).
+
+    Element i takes lane i % 4 of counter (i // 4, 0, 0, 0), as tl.randn4x(seed, i // 4)[i % 4]: lanes 0 and 1
+    share words (out0, out1), lanes 2 and 3 words (out2, out3); even lanes take the cosine branch, odd lanes
+    the sine. One Philox call thus serves four consecutive elements.
+    """
+    groups = torch.arange((numel + 3) // 4, device=device, dtype=torch.int64)
+    v0, v1, v2, v3 = philox(seed, groups)
+    radius_words = torch.stack([v0, v0, v2, v2], dim=-1).reshape(-1)[:numel]
+    angle_words = torch.stack([v1, v1, v3, v3], dim=-1).reshape(-1)[:numel]
+    u1 = torch.clamp_min(uint_to_uniform(radius_words), 1.0e-7)
+    sine = (torch.arange(numel, device=device) % 2) == 1
+    return u1, uint_to_uniform(angle_words), sine
+
+
 def normal(seed: int | torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:
     """Standard normal draws for the elements of a tensor of `shape`, by row-major (logical) index.
 
-    Equal to tl.randn(seed, index) in Triton.
+    Element i is tl.randn4x(seed, i // 4)[i % 4] in Triton (see normal_uniforms).
     """
-    numel = _check_counter_range(shape)
-    index = torch.arange(numel, device=device, dtype=torch.int64)
-    v0, v1, _, _ = philox(seed, index)
-    u1 = torch.clamp_min(uint_to_uniform(v0), 1.0e-7)
-    u2 = uint_to_uniform(v1)
-    two_pi = torch.tensor(6.283185307179586, dtype=torch.float32)
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(two_pi * u2)).reshape(shape)
+    u1, u2, sine = normal_uniforms(seed, _check_counter_range(shape), device)
+    angle = torch.tensor(6.283185307179586, dtype=torch.float32) * u2
+    branch = torch.where(sine, torch.sin(angle), torch.cos(angle))
+    return (torch.sqrt(-2.0 * torch.log(u1)) * branch).reshape(shape)
 
 
 def open_uniform(seed: int | torch.Tensor, pixel: torch.Tensor, stream: int) -> torch.Tensor:

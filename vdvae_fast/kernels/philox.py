@@ -47,35 +47,49 @@ def uint_to_uniform(word):
 
 
 @triton.jit
-def cos_two_pi(u):
-    """cos(2 pi u) for u in [0, 1), branch-free, within 2e-7 of the exact value.
+def cos_or_sin_two_pi(u, sine):
+    """cos(2 pi u), or sin(2 pi u) where `sine`, for u in [0, 1), branch-free, within 2e-7 of the exact value.
 
     tl.cos carries a slow path for huge arguments (Payne-Hanek reduction, local memory on triton 3.6) that
-    can never run here: folding u onto b in [0, 1/4] by the symmetries of cos leaves a Taylor polynomial in
-    b**2 (truncation error 6e-9).
+    can never run here. By the symmetries of cos and sin, u folds exactly onto b in [0, 1/4] with
+    cos(2 pi u) = ±cos(2 pi b) and sin(2 pi u) = ±sin(2 pi b), each then a Taylor polynomial in b**2
+    (truncation error below 1e-8; the sine's is relative, so tiny sines stay accurate).
     """
-    a = tl.abs(u - 0.5)  # cos(2 pi u) = -cos(2 pi a)
-    far = a > 0.25  # cos(2 pi a) = -cos(2 pi (1/2 - a))
+    # cosine: a = |u - 1/2|, cos(2 pi u) = -cos(2 pi a); a > 1/4 folds to 1/2 - a with the sign flipped back.
+    # sine: a = u - 1/2 for u >= 1/2 (sign -), else u; a > 1/4 folds to 1/2 - a with the same sine.
+    upper = u >= 0.5
+    a = tl.where(sine, tl.where(upper, u - 0.5, u), tl.abs(u - 0.5))
+    far = a > 0.25
     b = tl.where(far, 0.5 - a, a)
     z = b * b
-    p = z * 7.903536371318465 - 26.426256783374388
-    p = p * z + 60.24464137187664
-    p = p * z - 85.45681720669371
-    p = p * z + 64.93939402266828
-    p = p * z - 19.739208802178716
-    p = p * z + 1.0
-    return tl.where(far, p, -p)
+    c = z * 7.903536371318465 - 26.426256783374388
+    c = c * z + 60.24464137187664
+    c = c * z - 85.45681720669371
+    c = c * z + 64.93939402266828
+    c = c * z - 19.739208802178716
+    c = c * z + 1.0
+    s = z * 3.8199525848482803 - 15.094642576822984
+    s = s * z + 42.058693944897634
+    s = s * z - 76.70585975306136
+    s = s * z + 81.60524927607504
+    s = s * z - 41.341702240399755
+    s = (s * z + 6.283185307179586) * b
+    cosine = tl.where(far, c, -c)
+    return tl.where(sine, tl.where(upper, -s, s), cosine)
 
 
 @triton.jit
 def normal(k0, k1, index):
-    """tl.randn(seed, index) for uint32 indices: Box-Muller on the first two words of counter (index, 0, 0, 0)."""
+    """tl.randn4x(seed, index // 4)[index % 4] for uint32 logical indices (the stream of vdvae_fast/philox.py):
+    lanes 0, 1 of counter (index // 4, 0, 0, 0) use words (out0, out1), lanes 2, 3 words (out2, out3); even
+    lanes take the cosine, odd lanes the sine branch of Box-Muller."""
     zero = index * 0
-    w0, w1, _, _ = philox(k0, k1, index, zero, zero, zero)
-    u1 = uint_to_uniform(w0)
+    w0, w1, w2, w3 = philox(k0, k1, index >> 2, zero, zero, zero)
+    high_pair = (index & 2) != 0
+    u1 = uint_to_uniform(tl.where(high_pair, w2, w0))
     u1 = tl.where(u1 < 1.0e-7, 1.0e-7, u1)
-    u2 = uint_to_uniform(w1)
-    return tl.sqrt(-2.0 * tl.log(u1)) * cos_two_pi(u2)
+    u2 = uint_to_uniform(tl.where(high_pair, w3, w1))
+    return tl.sqrt(-2.0 * tl.log(u1)) * cos_or_sin_two_pi(u2, (index & 1) != 0)
 
 
 @triton.jit
