@@ -1,23 +1,11 @@
-"""Shared pytest fixtures. Plain helpers live in tests/op_cases.py (import them from there); the names
-re-exported below keep `from conftest import ...` working for test files not yet moved over."""
+"""Shared pytest fixtures. Plain helpers (tolerances, cases, targets) live in tests/op_cases.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.op_cases import (  # noqa: F401  (re-exported for `from conftest import ...`)
-    DEVICE,
-    FUSED_BACKENDS,
-    GRAD_TOLERANCES,
-    INTERPRETED,
-    TOLERANCES,
-    assert_as_accurate_as_reference,
-    backend_cases,
-    grad_tolerance,
-    random_targets,
-    tolerance,
-)
+from tests.op_cases import FUSED_BACKENDS
 
 
 @pytest.fixture

@@ -6,7 +6,10 @@ import itertools
 
 import pytest
 import torch
-from conftest import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.op_cases import (
     DEVICE,
     FUSED_BACKENDS,
     assert_as_accurate_as_reference,
@@ -15,9 +18,6 @@ from conftest import (
     random_targets,
     tolerance,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from vdvae_fast import ops, reference
 
 FULL = [

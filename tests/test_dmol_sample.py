@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, INTERPRETED
 
+from tests.op_cases import DEVICE, INTERPRETED
 from vdvae_fast import ops
 
 

@@ -13,7 +13,8 @@ import os
 
 import pytest
 import torch
-from conftest import (
+
+from tests.op_cases import (
     DEVICE,
     FUSED_BACKENDS,
     assert_as_accurate_as_reference,
@@ -21,7 +22,6 @@ from conftest import (
     random_targets,
     tolerance,
 )
-
 from vdvae_fast import ops
 
 pytestmark = pytest.mark.gpu_quick

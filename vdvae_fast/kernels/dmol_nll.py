@@ -14,6 +14,7 @@ program, summed by torch in a fixed order: deterministic, no atomics.
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
 from .dmol_math import (
@@ -293,7 +294,7 @@ def dmol_nll_forward(logits: torch.Tensor, x: torch.Tensor, num_bits: int) -> to
         return torch.full((batch,), float("nan"), dtype=torch.float32, device=logits.device)
     grid, args, meta = _launch_args(logits, x, num_bits)
     partials = torch.empty((batch, grid[0]), dtype=torch.float32, device=logits.device)
-    torch.library.wrap_triton(_dmol_nll_forward_kernel)[grid](logits, x, partials, *args, **meta)
+    wrap_triton(_dmol_nll_forward_kernel)[grid](logits, x, partials, *args, **meta)
     return partials.view(batch) if grid[0] == 1 else partials.sum(dim=1)
 
 
@@ -303,5 +304,5 @@ def dmol_nll_backward(grad_nll: torch.Tensor, logits: torch.Tensor, x: torch.Ten
     if logits.numel() == 0:
         return grad_logits
     grid, args, meta = _launch_args(logits, x, num_bits, grad_logits)
-    torch.library.wrap_triton(_dmol_nll_backward_kernel)[grid](grad_nll, logits, x, grad_logits, *args, **meta)
+    wrap_triton(_dmol_nll_backward_kernel)[grid](grad_nll, logits, x, grad_logits, *args, **meta)
     return grad_logits

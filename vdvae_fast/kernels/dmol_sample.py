@@ -10,6 +10,7 @@ parameters reaches its output. Randomness comes from counters (pixel, stream) of
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
 from .dmol_math import (
@@ -121,7 +122,7 @@ def dmol_sample(logits: torch.Tensor, seed: int) -> torch.Tensor:
     block_p = block_pixels(height * width)
     l_strides, o_strides = pixel_strides(logits), pixel_strides(out)
     grid = (triton.cdiv(height * width, block_p), batch)
-    torch.library.wrap_triton(_dmol_sample_kernel)[grid](
+    wrap_triton(_dmol_sample_kernel)[grid](
         logits,
         out,
         seed,

@@ -7,6 +7,7 @@ memory offsets directly; no logical index is needed because nothing here is rand
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .gaussian_math import BLOCK, NUM_WARPS, block_offsets, gaussian_kl, needs_int64
 
@@ -59,7 +60,7 @@ def gaussian_kl_forward(
     """Elementwise KL, float32, in mu_q's layout."""
     kl = torch.empty_like(mu_q, dtype=torch.float32)
     numel = mu_q.numel()
-    torch.library.wrap_triton(_gaussian_kl_forward_kernel)[(triton.cdiv(numel, BLOCK),)](
+    wrap_triton(_gaussian_kl_forward_kernel)[(triton.cdiv(numel, BLOCK),)](
         mu_q, logsigma_q, mu_p, logsigma_p, kl, numel, BLOCK=BLOCK, INT64=needs_int64(numel), num_warps=NUM_WARPS
     )
     return kl
@@ -71,7 +72,7 @@ def gaussian_kl_backward(
     """Gradients of sum(grad_kl * kl) in the four parameters, each in the parameters' dtype and layout."""
     grads = tuple(torch.empty_like(t) for t in (mu_q, logsigma_q, mu_p, logsigma_p))
     numel = mu_q.numel()
-    torch.library.wrap_triton(_gaussian_kl_backward_kernel)[(triton.cdiv(numel, BLOCK),)](
+    wrap_triton(_gaussian_kl_backward_kernel)[(triton.cdiv(numel, BLOCK),)](
         grad_kl,
         mu_q,
         logsigma_q,

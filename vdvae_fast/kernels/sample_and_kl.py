@@ -9,6 +9,7 @@ when an image fits one block the kernel's partial already is the result.
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .gaussian_math import BLOCK, NUM_WARPS, gaussian_kl, layout_args
 from .philox import logical_index, normal, philox_key
@@ -111,7 +112,7 @@ def sample_and_kl_forward(
         return z, torch.zeros(batch, dtype=torch.float32, device=mu_q.device)
     partials = torch.empty((batch, programs), dtype=torch.float32, device=mu_q.device)
     channels, height, width, channels_last = layout_args(mu_q)
-    torch.library.wrap_triton(_sample_and_kl_forward_kernel)[(programs, batch)](
+    wrap_triton(_sample_and_kl_forward_kernel)[(programs, batch)](
         mu_q,
         logsigma_q,
         mu_p,
@@ -146,7 +147,7 @@ def sample_and_kl_backward(
     if programs == 0:
         return grads
     channels, height, width, channels_last = layout_args(mu_q)
-    torch.library.wrap_triton(_sample_and_kl_backward_kernel)[(programs, batch)](
+    wrap_triton(_sample_and_kl_backward_kernel)[(programs, batch)](
         grad_z,
         grad_kl,
         mu_q,

@@ -3,6 +3,7 @@
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .gaussian_math import BLOCK, NUM_WARPS, block_offsets, layout_args, needs_int64
 from .philox import logical_index, normal, philox_key
@@ -63,7 +64,7 @@ def sample_gaussian_forward(mu: torch.Tensor, logsigma: torch.Tensor, temperatur
     z = torch.empty_like(mu)
     numel = mu.numel()
     channels, height, width, channels_last = layout_args(mu)
-    torch.library.wrap_triton(_sample_gaussian_forward_kernel)[(triton.cdiv(numel, BLOCK),)](
+    wrap_triton(_sample_gaussian_forward_kernel)[(triton.cdiv(numel, BLOCK),)](
         mu,
         logsigma,
         z,
@@ -89,7 +90,7 @@ def sample_gaussian_backward(
     grad_logsigma = torch.empty_like(logsigma)
     numel = mu.numel()
     channels, height, width, channels_last = layout_args(mu)
-    torch.library.wrap_triton(_sample_gaussian_backward_kernel)[(triton.cdiv(numel, BLOCK),)](
+    wrap_triton(_sample_gaussian_backward_kernel)[(triton.cdiv(numel, BLOCK),)](
         grad_z,
         logsigma,
         grad_mu,
