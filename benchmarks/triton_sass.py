@@ -184,12 +184,44 @@ def _compile_case(case: Case) -> dict:
 
 # ---- reading a cubin --------------------------------------------------------------------------------------------
 
-_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", re.M)
+_INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", re.M)
+# Trip counts of each kernel's loops over the mixtures, in program order, for M mixtures (kernels/dmol_*.py).
+LOOP_TRIPS = {
+    "dmol_nll_forward_kernel": lambda m: [m - 1],
+    "dmol_nll_backward_kernel": lambda m: [m - 1, m],
+    "dmol_sample_kernel": lambda m: [m - 1],
+}
+
+
+def loop_bodies(sass: str) -> list[int]:
+    """Instructions in each loop of the SASS, in program order: a loop is a backward branch and the
+    instructions from its target up to it (NOPs left out)."""
+    real = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _INSTRUCTION.finditer(sass) if m.group(3) != "NOP"]
+    bodies = []
+    for address, op, rest in real:
+        target = re.match(r"\s*0x([0-9a-f]+)", rest)
+        if op == "BRA" and target and int(target.group(1), 16) < address:
+            start = int(target.group(1), 16)
+            bodies.append(sum(start <= a <= address for a, _, _ in real))
+    return bodies
+
+
+def executed_per_thread(name: str, sass: str, num_mix: int | None) -> int | None:
+    """Instructions one thread executes: the static count, plus (trips - 1) more passes of each loop body.
+    None when the loops found are not the ones LOOP_TRIPS expects."""
+    count = sass_counts(sass)["sass"]
+    bodies = loop_bodies(sass)
+    loops = LOOP_TRIPS.get(name.lstrip("_"))
+    # M is a constexpr: the compiler drops a loop of 0 trips and the back edge of a loop of 1
+    trips = [t for t in loops(num_mix) if t >= 2] if loops and num_mix else []
+    if len(bodies) != len(trips):
+        return None
+    return count + sum((t - 1) * body for t, body in zip(trips, bodies, strict=True))
 
 
 def sass_counts(sass: str) -> dict:
     """Instruction statistics of one kernel's SASS text (cuobjdump -sass)."""
-    ops = [(m.group(2), m.group(3)) for m in _INSTRUCTION.finditer(sass)]
+    ops = [(m.group(3), m.group(4)) for m in _INSTRUCTION.finditer(sass)]
     real = [(op, rest) for op, rest in ops if op != "NOP"]
     if real and real[-1][0] == "BRA":  # the branch-to-self that ends every kernel, never executed
         real = real[:-1]
@@ -236,8 +268,9 @@ def describe(name: str, kernel, kwargs: dict) -> dict:
     items = kwargs.get("BLOCK_P") or kwargs.get("BLOCK")  # pixels (dmol) or elements (Gaussian) per program
     info["threads"] = threads
     info["items_per_program"] = items
-    if items:
-        info["per_item"] = round(info["sass"] * threads / items, 1)
+    executed = executed_per_thread(name, sass, kwargs.get("NUM_MIX"))
+    if items and executed is not None:
+        info["per_item"] = round(executed * threads / items, 1)
     info["constexprs"] = {k: v for k, v in kwargs.items() if k.isupper() and isinstance(v, (int, bool))}
     return info
 
@@ -286,11 +319,12 @@ def table(result: dict) -> str:
         "as count x width in bits; `bra` branches (0: straight-line code); `exec/item` instructions executed per",
         "pixel (dmol) or element (Gaussian ops), per thread-lane, derived below.",
         "",
-        "**exec/item** = SASS x threads per program / items per program. Every kernel here is straight-line code",
-        "(no loops: the loop over mixtures is unrolled by `tl.static_range`), so each thread executes each",
-        "instruction once (predicated-off instructions included, as the hardware issues them); a program of T",
-        "threads handles P pixels or elements, so each item costs SASS x T / P lane-instructions. Where `bra` > 0",
-        "the kernel has branches (e.g. a slow path) and the figure counts every path, an upper bound.",
+        "**exec/item** = E x threads per program / items per program, where E is what one thread executes: the",
+        "SASS count, plus (trips - 1) more passes of each loop body. The dmol kernels loop over the M mixtures",
+        "(M - 1 trips after the first mixture; the backward's second loop M), a loop being a backward branch and",
+        "the instructions from its target to it; the Gaussian kernels are straight-line code. Predicated-off",
+        "instructions count, as the hardware issues them; other branches (e.g. a slow path) count every path,",
+        "an upper bound. A program of T threads handles P pixels or elements: each costs E x T / P.",
         "",
         "| op | kernel | dtype | layout | M | bits | regs | spill | smem | SASS | MUFU | LDG | STG | bra | exec/item |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -8,8 +8,6 @@ channel. Special functions come in two forms selected by the constexpr COMPILED:
 (inline PTX) when compiled for a GPU, plain Triton arithmetic in the interpreter, which cannot run PTX.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -151,12 +149,6 @@ def store_channel(rows, channel, stride_c, value, mask):
     """Store one channel of this program's pixels in the element type of rows' base pointer."""
     base, offsets = rows
     tl.store(base + (offsets + channel * stride_c), value.to(base.dtype.element_ty), mask=mask)
-
-
-def bin_constants(num_bits: int) -> tuple[float, float]:
-    """(half bin width, log of the half number of bins) of targets scaled to [-1, 1]."""
-    levels = 2**num_bits - 1
-    return 1.0 / levels, math.log(levels / 2)
 
 
 def pixel_strides(t: torch.Tensor) -> tuple[int, int, int, int, bool]:

@@ -17,12 +17,12 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
+from ..reference import bin_constants
 from .dmol_math import (
     LN2,
     LOG2E,
     LOG_SCALE_MIN,
     NUM_WARPS,
-    bin_constants,
     block_pixels,
     channel_bin,
     fast_log2,

@@ -13,6 +13,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
+from ..reference import memory_format_of
 from .dmol_math import (
     LN2,
     LOG2E,
@@ -114,8 +115,7 @@ def _dmol_sample_kernel(
 def dmol_sample(logits: torch.Tensor, seed: int) -> torch.Tensor:
     """A (B, 3, H, W) float32 image in [-1, 1], channels_last when logits is."""
     batch, channels, height, width = logits.shape
-    channels_last = not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = memory_format_of(logits)
     out = torch.empty((batch, 3, height, width), dtype=torch.float32, device=logits.device, memory_format=memory_format)
     if out.numel() == 0:
         return out
