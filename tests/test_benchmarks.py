@@ -264,7 +264,7 @@ def test_profile_of_a_step_finds_the_fused_ops_only_in_a_fused_step() -> None:
     fused = next(c for c in train_suite.CONFIGS if c.name == "fused")
     names = profile_step.fused_ops(profile_step.profile("tiny", fused, 2, CPU).key_averages())
     for op in ("dmol_nll", "sample_and_kl"):  # the model's loss and every stochastic layer, forward and backward
-        assert f"vdvae_fast::{op}" in names and f"vdvae_fast::{op}_backward" in names
+        assert f"vdvae_fast::{op}_forward" in names and f"vdvae_fast::{op}_backward" in names
     baseline = profile_step.fused_ops(profile_step.profile("tiny", train_suite.BASELINE, 2, CPU).key_averages())
     assert baseline == []  # the original ops are plain PyTorch
 
