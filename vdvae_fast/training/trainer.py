@@ -211,11 +211,11 @@ class Trainer:
                     stats = self.update(batch, data_time, stop.requested)
                     self._after_update(stats)
                     if stats["stop"]:
-                        return self._stop(stop.signum if stop.signum is not None else signal.SIGTERM)
+                        return self._stop(stop)
                     if self.position.step >= self.total_steps:
                         break
                 if not self._end_epoch():
-                    return self._stop(stop.signum if stop.signum is not None else signal.SIGTERM)
+                    return self._stop(stop)
             return self._finish(stop)
 
     @contextlib.contextmanager
@@ -311,8 +311,10 @@ class Trainer:
             p.batch_in_epoch = 0
         return True
 
-    def _stop(self, signum: int) -> dict[str, Any]:
-        """Save where the run stands and say how to continue."""
+    def _stop(self, stop: StopRequest) -> dict[str, Any]:
+        """Save where the run stands and say how to continue. A stop another rank asked for (no signal here)
+        counts as SIGTERM."""
+        signum = stop.signum if stop.signum is not None else signal.SIGTERM
         self.progress.clear()
         path = self.save(LATEST)
         self.log(f"stopped by {signal.Signals(signum).name} at step {self.position.step}: saved {path}")
@@ -326,7 +328,7 @@ class Trainer:
         self.save(LATEST)
         if self.last_eval is None or self.last_eval["step"] != self.position.step:
             if self.run_eval("valid")["stopped"]:
-                return self._stop(stop.signum if stop.signum is not None else signal.SIGTERM)
+                return self._stop(stop)
         self.write_images(f"samples-{self.position.step}")
         return self.summary()
 
