@@ -21,6 +21,7 @@ import torch
 
 from .data import DATASETS, canonical_dataset
 from .ops import BACKENDS
+from .reference import POSTERIORS, SOFTPLUS_BETA
 from .runtime import check_device_name
 
 # Autocast dtype of each --precision (None: plain fp32). fp16 also gets a gradient scaler in the trainer.
@@ -117,6 +118,14 @@ FIELDS: dict[str, Field] = {
                                  valid=_POSITIVE),
     "no_bias_above": Field(64, "learned initial decoder states at resolutions up to this one; zeros above",
                            valid=_at_least(0)),
+    # the stochastic layers' Gaussians (Efficient-VDVAE, NVAE, Ladder VAE); the defaults are VDVAE's
+    "gradient_smoothing": Field(False, "Efficient-VDVAE's gradient smoothing of the latent scales: sigma = "
+                                "softplus_beta(raw) instead of exp(raw)"),
+    "gradient_smoothing_beta": Field(SOFTPLUS_BETA, "the softplus sharpness beta of gradient smoothing (ln 2: a "
+                                     "raw value of 0 gives sigma = 1, as exp does)", valid=_POSITIVE),
+    "posterior": Field("direct", "the posterior's form: direct (VDVAE), residual (NVAE's residual normal: "
+                       "mu_q = mu_p + delta_mu, sigma_q = sigma_p * delta_sigma) or precision_weighted (the Ladder "
+                       "VAE's precision-weighted merge of the bottom-up and prior Gaussians)", choices=POSTERIORS),
     "num_mixtures": Field(10, "components of the discretized mixture of logistics (DMoL) output layer",
                           valid=_at_least(1)),
     # data

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
+from . import ops, reference
 from .hparams import GRAD_CHECKPOINT_MODES, Hyperparams, check_layer_strings, parse_layer_string, resolution_widths
 
 Temperature = float | Sequence[float] | None
@@ -146,6 +146,12 @@ class DecBlock(nn.Module):
         self.mixin = mixin
         self.width = width
         self.zdim = H.zdim
+        # How raw outputs become Gaussians: gradient smoothing (Efficient-VDVAE) and the posterior form.
+        self.parametrization = {
+            "scale": "softplus" if H.get("gradient_smoothing", False) else "exp",
+            "beta": H.get("gradient_smoothing_beta", reference.SOFTPLUS_BETA),
+        }
+        self.posterior = H.get("posterior", "direct")
         middle = int(width * H.bottleneck_multiple)
         use_3x3 = res > 2
         self.enc = Block(width * 2, middle, H.zdim * 2, use_3x3=use_3x3)
@@ -165,22 +171,59 @@ class DecBlock(nn.Module):
         features = self.prior(x)
         return features[:, : self.zdim], features[:, self.zdim : 2 * self.zdim], features[:, 2 * self.zdim :]
 
-    def forward(
-        self, x: Tensor | None, acts: Tensor, upper: Tensor | None, backend: str
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Posterior pass. x: the state at this resolution (None above no_bias_above: zeros; a learned
-        bias of batch 1 is broadcast). Returns the new state, z and KL(q||p) per image (float32)."""
+    def _gaussians(self, x: Tensor | None, acts: Tensor, upper: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        """The state with the prior's features added, and the raw Gaussian parameters: the posterior network's
+        pair, then the prior's (mu_p, raw sigma_p), in one dtype."""
         if x is None:
             x = torch.zeros_like(acts)
         elif x.shape[0] != acts.shape[0]:
             x = x.expand_as(acts)
         x = self._mix(x, upper)
-        mu_q, logsigma_q = self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
+        posterior = self.enc(torch.cat([x, acts], dim=1)).chunk(2, dim=1)
         mu_p, logsigma_p, features = self._prior(x)
-        x = x + features
-        z, kl = ops.sample_and_kl(*_same_dtype(mu_q, logsigma_q, mu_p, logsigma_p), backend=backend)
+        return x + features, _same_dtype(*posterior, mu_p, logsigma_p)
+
+    def forward(
+        self,
+        x: Tensor | None,
+        acts: Tensor,
+        upper: Tensor | None,
+        backend: str,
+        kl_estimator: str = "analytic",
+        keep: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """Posterior pass. x: the state at this resolution (None above no_bias_above: zeros; a learned
+        bias of batch 1 is broadcast). Returns the new state, z, KL(q||p) per image (float32) — or
+        log q(z) - log p(z) at z with kl_estimator="sampled" — and the raw Gaussian parameters.
+
+        keep (bool, broadcastable to z): the latent dimensions that keep their posterior; the others take a
+        draw from the prior and add nothing to the KL (latent pruning)."""
+        x, params = self._gaussians(x, acts, upper)
+        options = {**self.parametrization, "posterior": self.posterior, "kl_estimator": kl_estimator}
+        z, kl = ops.sample_and_kl(*params, **options, backend=backend)
+        if keep is not None:
+            z, kl = self._prune(z, params, keep, backend, kl_estimator)
         x = x + self.z_proj(z)
-        return self.resnet(x), z, kl
+        return self.resnet(x), z, kl, params
+
+    def _prune(
+        self, z: Tensor, params: list[Tensor], keep: Tensor, backend: str, kl_estimator: str
+    ) -> tuple[Tensor, Tensor]:
+        """z with the dimensions outside `keep` drawn from the prior, and the KL of the kept dimensions."""
+        if kl_estimator != "analytic":
+            raise ValueError("latent pruning sums the analytic KL of the kept dimensions; use kl_estimator='analytic'")
+        keep = keep.to(device=z.device, dtype=torch.bool)
+        prior_z = ops.sample_gaussian(params[2], params[3], **self.parametrization, backend=backend)
+        kl = ops.gaussian_kl(*params, **self.parametrization, posterior=self.posterior, backend=backend)
+        kl = torch.where(keep, kl, torch.zeros_like(kl))
+        return torch.where(keep, z, prior_z.to(z.dtype)), kl.flatten(1).sum(1)
+
+    def gaussians(self, params: list[Tensor]) -> dict[str, Tensor]:
+        """The layer's posterior and prior as means and standard deviations (float32), from its raw parameters."""
+        mu_q, sigma_q, _, mu_p, sigma_p, _ = reference.posterior_and_prior(
+            *params, **self.parametrization, posterior=self.posterior
+        )
+        return {"mu_q": mu_q, "sigma_q": sigma_q, "mu_p": mu_p, "sigma_p": sigma_p}
 
     def forward_uncond(
         self, x: Tensor, upper: Tensor | None, t: float | None, z: Tensor | None, backend: str
@@ -191,7 +234,9 @@ class DecBlock(nn.Module):
         x = x + features
         if z is None:
             temperature = 1.0 if t is None else float(t)
-            z = ops.sample_gaussian(*_same_dtype(mu_p, logsigma_p), temperature=temperature, backend=backend)
+            z = ops.sample_gaussian(
+                *_same_dtype(mu_p, logsigma_p), temperature=temperature, **self.parametrization, backend=backend
+            )
         x = x + self.z_proj(z)
         return self.resnet(x)
 
@@ -241,17 +286,33 @@ class Decoder(nn.Module):
         return x * self.gain + self.bias
 
     def forward(
-        self, activations: dict[int, Tensor], backend: str, get_latents: bool = False
+        self,
+        activations: dict[int, Tensor],
+        backend: str,
+        get_latents: bool = False,
+        kl_estimator: str = "analytic",
+        keep: Sequence[Tensor | None] | None = None,
     ) -> tuple[Tensor, list[dict[str, Tensor]]]:
         """Posterior pass over all layers: the features px_z for the output layer and, per layer, the
-        KL per image (and z if get_latents)."""
+        KL per image (with get_latents also z and the posterior and prior means and standard deviations,
+        detached). kl_estimator and keep (one mask or None per layer) as for DecBlock.forward."""
+        if keep is not None and len(keep) != len(self.dec_blocks):
+            raise ValueError(f"got {len(keep)} keep masks for {len(self.dec_blocks)} stochastic layers")
         xs: dict[int, Tensor] = {bias.shape[2]: bias for bias in self.bias_xs}
         stats = []
-        for block in self.dec_blocks:
+        for index, block in enumerate(self.dec_blocks):
             upper = None if block.mixin is None else xs[block.mixin]
-            x, z, kl = _run(block, self.grad_checkpoint, xs.get(block.base), activations[block.base], upper, backend)
+            layer_keep = None if keep is None else keep[index]
+            x, z, kl, params = _run(
+                block, self.grad_checkpoint, xs.get(block.base), activations[block.base], upper, backend,
+                kl_estimator, layer_keep,
+            )  # fmt: skip
             xs[block.base] = x
-            stats.append({"z": z.detach(), "kl": kl} if get_latents else {"kl": kl})
+            if get_latents:
+                gaussians = {name: t.detach() for name, t in block.gaussians([p.detach() for p in params]).items()}
+                stats.append({"z": z.detach(), "kl": kl, **gaussians})
+            else:
+                stats.append({"kl": kl})
         return self.final_fn(xs[self.image_size]), stats
 
     def forward_uncond(

@@ -375,6 +375,39 @@ def _check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _check_beta(beta: float) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not (math.isfinite(beta) and beta > 0.0):
+        raise ValueError(f"beta (the softplus sharpness of gradient smoothing) must be finite and > 0, got {beta!r}")
+    return float(beta)
+
+
+def _parametrization(scale: str, beta: float, **choices: str) -> dict[str, Any]:
+    """The checked Gaussian parametrization as the reference's keyword arguments (see reference.SCALES,
+    POSTERIORS, KL_ESTIMATORS)."""
+    known = {"posterior": reference.POSTERIORS, "kl_estimator": reference.KL_ESTIMATORS}
+    checked = {name: _check_choice(name, value, known[name]) for name, value in choices.items()}
+    return {"scale": _check_choice("scale", scale, reference.SCALES), "beta": _check_beta(beta), **checked}
+
+
+_DEFAULT_PARAMETRIZATION = {"scale": "exp", "posterior": "direct", "kl_estimator": "analytic"}
+
+
+def _kernels_cover(parametrization: dict[str, Any]) -> None:
+    """The compiled kernels compute VDVAE's parametrization only, so far."""
+    other = {
+        k: v for k, v in parametrization.items() if k in _DEFAULT_PARAMETRIZATION and v != _DEFAULT_PARAMETRIZATION[k]
+    }
+    if other:
+        listed = ", ".join(f"{k}={v!r}" for k, v in other.items())
+        raise NotImplementedError(f"{listed} runs on the reference and original backends only, so far")
+
+
 def _seed_tensor(seed: int | None, backend: str) -> Tensor | None:
     """The seed as a 0-d int64 CPU tensor (drawn from torch's generator when None); None for the original backend."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
@@ -527,13 +560,24 @@ def gaussian_kl(
     mu_p: Tensor,
     logsigma_p: Tensor,
     *,
+    scale: str = "exp",
+    beta: float = reference.SOFTPLUS_BETA,
+    posterior: str = "direct",
     backend: str = "auto",
 ) -> Tensor:
-    """KL(q‖p) of diagonal Gaussians, elementwise (float32), differentiable in all four parameters."""
+    """KL(q‖p) of diagonal Gaussians, elementwise (float32), differentiable in all four parameters.
+
+    With the defaults the inputs are (μq, log σq, μp, log σp). scale="softplus" takes σ = softplus_β(raw)
+    (Efficient-VDVAE's gradient smoothing); posterior="residual" (NVAE) or "precision_weighted" (Ladder VAE)
+    reads the first two inputs as the posterior network's output combined with the prior
+    (reference.posterior_and_prior).
+    """
     device = _check_gaussians(mu_q=mu_q, logsigma_q=logsigma_q, mu_p=mu_p, logsigma_p=logsigma_p)
+    parametrization = _parametrization(scale, beta, posterior=posterior)
     backend = resolve_backend(backend, device, mu_q.dtype, op="gaussian_kl", layout=layout_of(mu_q))
     if backend in EAGER_BACKENDS:
-        return reference.gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p)
+        return reference.gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p, **parametrization)
+    _kernels_cover(parametrization)
     return _GAUSSIAN_KL[backend](*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p))
 
 
@@ -578,19 +622,29 @@ def sample_and_kl(
     mu_p: Tensor,
     logsigma_p: Tensor,
     *,
+    scale: str = "exp",
+    beta: float = reference.SOFTPLUS_BETA,
+    posterior: str = "direct",
+    kl_estimator: str = "analytic",
     seed: int | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """One stochastic layer: z = μq + σq·ε (input dtype) and Σ KL(q‖p) per image (float32, shape (B,)).
 
-    One fused kernel forward and one backward; ε is regenerated from the seed, never stored.
+    One fused kernel forward and one backward; ε is regenerated from the seed, never stored. scale, beta and
+    posterior as for gaussian_kl; kl_estimator="sampled" returns Σ log q(z) − log p(z) at the drawn z instead of
+    the analytic KL (what an importance-weighted likelihood needs).
     """
     device = _check_gaussians(mu_q=mu_q, logsigma_q=logsigma_q, mu_p=mu_p, logsigma_p=logsigma_p)
     _check_counters(mu_q.numel(), "elements")
+    parametrization = _parametrization(scale, beta, posterior=posterior, kl_estimator=kl_estimator)
     backend = resolve_backend(backend, device, mu_q.dtype, op="sample_and_kl", layout=layout_of(mu_q))
     seed_t = _seed_tensor(seed, backend)
     if backend in EAGER_BACKENDS:
-        return reference.sample_and_kl(mu_q, logsigma_q, mu_p, logsigma_p, seed=seed_t, backend=backend)
+        return reference.sample_and_kl(
+            mu_q, logsigma_q, mu_p, logsigma_p, **parametrization, seed=seed_t, backend=backend
+        )
+    _kernels_cover(parametrization)
     return _SAMPLE_AND_KL[backend](*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p), seed_t)
 
 
@@ -631,20 +685,27 @@ def sample_gaussian(
     logsigma: Tensor,
     *,
     temperature: float = 1.0,
+    scale: str = "exp",
+    beta: float = reference.SOFTPLUS_BETA,
     seed: int | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """z = μ + t·σ·ε for prior sampling at temperature t (VDVAE adds log t to logσ); input dtype.
 
     t must be a finite real number >= 0: an infinite one would give infinite z, a silent all-black image.
+    σ = exp(logσ), or softplus_β(logσ) with scale="softplus" (gradient smoothing).
     """
     device = _check_gaussians(mu=mu, logsigma=logsigma)
     temperature = _check_temperature(temperature)
+    parametrization = _parametrization(scale, beta)
     _check_counters(mu.numel(), "elements")
     backend = resolve_backend(backend, device, mu.dtype, op="sample_gaussian", layout=layout_of(mu))
     seed_t = _seed_tensor(seed, backend)
     if backend in EAGER_BACKENDS:
-        return reference.sample_gaussian(mu, logsigma, temperature=temperature, seed=seed_t, backend=backend)
+        return reference.sample_gaussian(
+            mu, logsigma, temperature=temperature, **parametrization, seed=seed_t, backend=backend
+        )
+    _kernels_cover(parametrization)
     return _SAMPLE_GAUSSIAN[backend](*_dense_layout(mu, logsigma), temperature, seed_t)
 
 

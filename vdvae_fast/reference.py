@@ -22,6 +22,19 @@ import torch.nn.functional as F
 from . import philox
 
 LOG_SCALE_MIN = -7.0
+# How a raw network output becomes a standard deviation: VDVAE's exp, or Efficient-VDVAE's gradient smoothing,
+# sigma = softplus_beta(raw) = log(1 + exp(beta * raw)) / beta, whose gradient stays bounded for large raw values.
+SCALES = ("exp", "softplus")
+SOFTPLUS_BETA = math.log(2.0)  # softplus_beta(0) = 1, as exp(0)
+# How the posterior's two outputs combine with the prior: VDVAE's direct (mu_q, sigma_q); NVAE's residual normal
+# (mu_q = mu_p + delta_mu, sigma_q = sigma_p * delta_sigma); the Ladder VAE's precision weighting of the bottom-up
+# Gaussian with the prior (its eq. 21).
+POSTERIORS = ("direct", "residual", "precision_weighted")
+# What sample_and_kl returns per image: the analytic KL(q||p), or log q(z) - log p(z) at the drawn z (the
+# single-sample estimate that importance weighting needs).
+KL_ESTIMATORS = ("analytic", "sampled")
+# Below this beta * raw, log softplus(t) = t to float64 precision: the stable branch of log sigma.
+SOFTPLUS_LOG_LINEAR_BELOW = -20.0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -126,16 +139,72 @@ def dmol_sample(
     return torch.stack([x0, x1, x2], dim=1).contiguous(memory_format=memory_format)
 
 
+def scale_and_log(
+    raw: torch.Tensor, scale: str = "exp", beta: float = SOFTPLUS_BETA
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma, log sigma) of a raw network output under `scale` (see SCALES). log softplus is taken linearly
+    below SOFTPLUS_LOG_LINEAR_BELOW so that a very negative raw value gives a finite log sigma."""
+    if scale == "exp":
+        return raw.exp(), raw
+    t = beta * raw
+    softplus = F.softplus(t)
+    log_softplus = torch.where(t < SOFTPLUS_LOG_LINEAR_BELOW, t, softplus.log())
+    return softplus / beta, log_softplus - math.log(beta)
+
+
+def posterior_and_prior(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    mu_p: torch.Tensor,
+    raw_p: torch.Tensor,
+    *,
+    scale: str = "exp",
+    beta: float = SOFTPLUS_BETA,
+    posterior: str = "direct",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mu_q, sigma_q, log sigma_q, mu_p, sigma_p, log sigma_p) in the compute dtype from the ops' four inputs.
+
+    (a, b) is the posterior network's output: (mu_q, raw sigma_q) for "direct", (delta_mu, raw delta_sigma) for
+    "residual", the bottom-up (mu, raw sigma) for "precision_weighted"."""
+    dtype = compute_dtype(a.dtype)
+    a, b, mu_p, raw_p = (t.to(dtype) for t in (a, b, mu_p, raw_p))
+    sigma_p, log_sigma_p = scale_and_log(raw_p, scale, beta)
+    sigma_b, log_sigma_b = scale_and_log(b, scale, beta)
+    if posterior == "direct":
+        return a, sigma_b, log_sigma_b, mu_p, sigma_p, log_sigma_p
+    if posterior == "residual":
+        return mu_p + a, sigma_p * sigma_b, log_sigma_p + log_sigma_b, mu_p, sigma_p, log_sigma_p
+    # precision weighting: 1/sigma_q^2 = 1/sigma_b^2 + 1/sigma_p^2, mu_q the precision-weighted mean
+    var_b, var_p = sigma_b**2, sigma_p**2
+    total = var_b + var_p
+    mu_q = (a * var_p + mu_p * var_b) / total
+    log_sigma_q = log_sigma_b + log_sigma_p - 0.5 * total.log()
+    return mu_q, log_sigma_q.exp(), log_sigma_q, mu_p, sigma_p, log_sigma_p
+
+
 def gaussian_kl(
     mu_q: torch.Tensor,
     logsigma_q: torch.Tensor,
     mu_p: torch.Tensor,
     logsigma_p: torch.Tensor,
+    *,
+    scale: str = "exp",
+    beta: float = SOFTPLUS_BETA,
+    posterior: str = "direct",
 ) -> torch.Tensor:
-    """KL(q‖p) between diagonal Gaussians, elementwise, float32 (float64 for float64 inputs)."""
-    dtype = compute_dtype(mu_q.dtype)
-    mu_q, logsigma_q, mu_p, logsigma_p = (t.to(dtype) for t in (mu_q, logsigma_q, mu_p, logsigma_p))
-    return -0.5 + logsigma_p - logsigma_q + 0.5 * (logsigma_q.exp() ** 2 + (mu_q - mu_p) ** 2) / (logsigma_p.exp() ** 2)
+    """KL(q‖p) between diagonal Gaussians, elementwise, float32 (float64 for float64 inputs). With the defaults the
+    inputs are (mu_q, log sigma_q, mu_p, log sigma_p); see posterior_and_prior for the other parametrizations."""
+    mu_q, sigma_q, log_sigma_q, mu_p, sigma_p, log_sigma_p = posterior_and_prior(
+        mu_q, logsigma_q, mu_p, logsigma_p, scale=scale, beta=beta, posterior=posterior
+    )
+    return -0.5 + log_sigma_p - log_sigma_q + 0.5 * (sigma_q**2 + (mu_q - mu_p) ** 2) / sigma_p**2
+
+
+def _noise(like: torch.Tensor, seed: int | torch.Tensor | None, backend: str, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normals of like's shape: Philox (reference) or torch's generator (original)."""
+    if _torch_noise(backend):
+        return torch.randn(like.shape, device=like.device, dtype=dtype)
+    return philox.normal(_seed_or_draw(seed), like.shape, like.device).to(dtype)
 
 
 def sample_gaussian(
@@ -143,16 +212,16 @@ def sample_gaussian(
     logsigma: torch.Tensor,
     *,
     temperature: float = 1.0,
+    scale: str = "exp",
+    beta: float = SOFTPLUS_BETA,
     seed: int | torch.Tensor | None = None,
     backend: str = "reference",
 ) -> torch.Tensor:
-    """z = μ + t·exp(logσ)·ε in the input dtype, ε from the shared counter-based generator."""
+    """z = μ + t·σ·ε in the input dtype, σ = exp(logσ) (or softplus_β), ε from the shared counter-based generator."""
     dtype = compute_dtype(mu.dtype)
-    if _torch_noise(backend):
-        eps = torch.randn(mu.shape, device=mu.device, dtype=dtype)
-    else:
-        eps = philox.normal(_seed_or_draw(seed), mu.shape, mu.device)
-    z = mu.to(dtype) + temperature * torch.exp(logsigma.to(dtype)) * eps
+    eps = _noise(mu, seed, backend, dtype)
+    sigma, _ = scale_and_log(logsigma.to(dtype), scale, beta)
+    z = mu.to(dtype) + temperature * sigma * eps
     return z.to(mu.dtype)
 
 
@@ -162,13 +231,26 @@ def sample_and_kl(
     mu_p: torch.Tensor,
     logsigma_p: torch.Tensor,
     *,
+    scale: str = "exp",
+    beta: float = SOFTPLUS_BETA,
+    posterior: str = "direct",
+    kl_estimator: str = "analytic",
     seed: int | torch.Tensor | None = None,
     backend: str = "reference",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The posterior sample z and KL(q‖p) summed over all but the batch dimension (float32, shape (B,))."""
-    z = sample_gaussian(mu_q, logsigma_q, seed=seed, backend=backend)
-    kl = gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p)
-    return z, kl.reshape(kl.shape[0], math.prod(kl.shape[1:])).sum(1)  # -1 cannot be inferred when B = 0
+    """The posterior sample z = μq + σq·ε (input dtype) and, summed over all but the batch dimension (float32,
+    shape (B,)), KL(q‖p) ("analytic") or log q(z) − log p(z) at that z ("sampled")."""
+    dtype = mu_q.dtype
+    mu_q, sigma_q, log_sigma_q, mu_p, sigma_p, log_sigma_p = posterior_and_prior(
+        mu_q, logsigma_q, mu_p, logsigma_p, scale=scale, beta=beta, posterior=posterior
+    )
+    eps = _noise(mu_q, seed, backend, mu_q.dtype)
+    z = mu_q + sigma_q * eps
+    if kl_estimator == "analytic":
+        kl = -0.5 + log_sigma_p - log_sigma_q + 0.5 * (sigma_q**2 + (mu_q - mu_p) ** 2) / sigma_p**2
+    else:
+        kl = log_sigma_p - log_sigma_q + 0.5 * ((z - mu_p) / sigma_p) ** 2 - 0.5 * eps**2
+    return z.to(dtype), kl.reshape(kl.shape[0], math.prod(kl.shape[1:])).sum(1)  # B = 0: no -1
 
 
 def _torch_noise(backend: str) -> bool:
