@@ -316,15 +316,21 @@ class Decoder(nn.Module):
         return self.final_fn(xs[self.image_size]), stats
 
     def forward_uncond(
-        self, n: int, t: Temperature = None, latents: Sequence[Tensor] | None = None, backend: str = "auto"
+        self,
+        n: int,
+        t: Temperature = None,
+        y: None = None,
+        latents: Sequence[Tensor | None] | None = None,
+        backend: str = "auto",
     ) -> Tensor:
-        """Prior pass for n images: layer i takes latents[i] when given, else samples at temperature t
-        (one value, or one per layer)."""
+        """openai/vdvae's prior pass for n images: the features px_z for the output layer. Layer i takes
+        latents[i] when given and not None, else samples at temperature t: one value for every layer, or one
+        per layer (None: 1). y is openai/vdvae's unused class-label argument and must stay None."""
+        if y is not None:
+            raise ValueError("y (a class label) is not used by VDVAE's unconditional decoder; leave it None")
         if isinstance(t, Sequence) and len(t) != len(self.dec_blocks):
             raise ValueError(f"got {len(t)} temperatures for {len(self.dec_blocks)} stochastic layers")
-        latents = list(latents or [])
-        if len(latents) > len(self.dec_blocks):
-            raise ValueError(f"got {len(latents)} latents for {len(self.dec_blocks)} stochastic layers")
+        latents = self._check_latents(n, latents or [])
         xs: dict[int, Tensor] = {bias.shape[2]: bias.expand(n, -1, -1, -1) for bias in self.bias_xs}
         for index, block in enumerate(self.dec_blocks):
             x = xs.get(block.base)
@@ -335,6 +341,32 @@ class Decoder(nn.Module):
             z = latents[index] if index < len(latents) else None
             xs[block.base] = block.forward_uncond(x, upper, temperature, z, backend)
         return self.final_fn(xs[self.image_size])
+
+    def forward_manual_latents(
+        self, n: int, latents: Sequence[Tensor | None], t: Temperature = None, backend: str = "auto"
+    ) -> Tensor:
+        """openai/vdvae's decoding of given latents: the first len(latents) layers take them (a None entry
+        is sampled), the later layers sample at temperature t (one value, or one per layer: an extension of
+        openai/vdvae's single value). Returns px_z for the output layer, like forward_uncond."""
+        return self.forward_uncond(n, t, latents=latents, backend=backend)
+
+    def _check_latents(self, n: int, latents: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """The given latents as tensors on the decoder's device and dtype, each (n, zdim, res, res) for its layer."""
+        if len(latents) > len(self.dec_blocks):
+            raise ValueError(f"got {len(latents)} latents for {len(self.dec_blocks)} stochastic layers")
+        checked: list[Tensor | None] = []
+        for index, (z, block) in enumerate(zip(latents, self.dec_blocks, strict=False)):
+            if z is not None:
+                z = torch.as_tensor(z, device=self.gain.device)
+                expected = (n, block.zdim, block.base, block.base)
+                if tuple(z.shape) != expected or not z.is_floating_point():
+                    raise ValueError(
+                        f"latent {index} is {z.dtype} of shape {tuple(z.shape)}, but layer {index} of this decoder "
+                        f"takes floating-point z of shape {expected} (n, zdim, resolution, resolution)"
+                    )
+                z = z.to(self.gain.dtype)
+            checked.append(z)
+        return checked
 
 
 class VAE(nn.Module):
@@ -417,25 +449,32 @@ class VAE(nn.Module):
         }
 
     def forward_get_latents(self, x: Tensor, backend: str | None = None) -> list[dict[str, Tensor]]:
-        """The posterior latents of a batch: per layer, z (detached) and the KL per image."""
+        """openai/vdvae's encoding: for the preprocessed input x (B, H, W, C), one dict per stochastic layer, top
+        (1x1) first, holding z (B, zdim, res, res), drawn from the posterior with seeds from torch's default
+        generator, and kl. Unlike openai/vdvae, kl is per image (B,) in nats, not elementwise: openai/vdvae's
+        kl.sum(dim=(1, 2, 3)). Each dict also holds the layer's posterior and prior means and standard deviations
+        mu_q, sigma_q, mu_p, sigma_p, shaped like z. Everything but kl is detached."""
         self._check_images(x=x)
         activations = self.encoder(x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format))
         return self.decoder(activations, self._backend(backend), get_latents=True)[1]
 
     @torch.no_grad()
     def forward_uncond_samples(self, n_batch: int, t: Temperature = None, backend: str | None = None) -> Tensor:
-        """n_batch unconditional samples at temperature t (one value or one per layer), uint8 (B, H, W, 3)."""
+        """openai/vdvae's n_batch unconditional samples at temperature t (one value, or one per layer: an
+        extension), as uint8 (B, H, W, 3) on the model's device. openai/vdvae returns a numpy array; ours is a
+        tensor (``.cpu().numpy()`` gives theirs)."""
         backend = self._backend(backend)
         return self.decoder.out_net.sample(self.decoder.forward_uncond(n_batch, t, backend=backend), backend)
 
     @torch.no_grad()
     def forward_samples_set_latents(
-        self, n_batch: int, latents: Sequence[Tensor], t: Temperature = None, backend: str | None = None
+        self, n_batch: int, latents: Sequence[Tensor | None], t: Temperature = None, backend: str | None = None
     ) -> Tensor:
-        """Samples whose first len(latents) layers take the given z (e.g. from forward_get_latents: a
-        reconstruction from partial latents); later layers sample at temperature t. uint8 (B, H, W, 3)."""
+        """openai/vdvae's samples whose first len(latents) layers take the given z (e.g. from
+        forward_get_latents: a reconstruction from partial latents); later layers sample at temperature t.
+        uint8 (B, H, W, 3) tensor, as forward_uncond_samples returns."""
         backend = self._backend(backend)
-        px_z = self.decoder.forward_uncond(n_batch, t, latents=latents, backend=backend)
+        px_z = self.decoder.forward_manual_latents(n_batch, latents, t=t, backend=backend)
         return self.decoder.out_net.sample(px_z, backend)
 
 

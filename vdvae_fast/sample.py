@@ -5,6 +5,10 @@ Command line (our checkpoints and openai/vdvae's released ``*-model-ema.th`` fil
     python -m vdvae_fast.sample --restore_ema_path saved_models/demo/latest.pt --n 16 --temperature 0.9
     # -> saved_models/demo/samples-latest-t0.9-seed0.png
     python -m vdvae_fast.sample --restore_ema_path imagenet64-iter-1600000-model-ema.th --hps imagenet64 --out s.png
+    python -m vdvae_fast.sample --restore_ema_path saved_models/demo --temperature linear:1.0:0.6  # per layer
+
+--temperature is one value for every stochastic layer, one comma-separated value per layer (top, 1x1, first),
+or a schedule over depth, ``linear:START:END`` (Efficient-VDVAE's temperature settings offer the same three).
 
 The trainer's grid follows VDVAE's write_images: one row of validation images; rows of reconstructions that
 keep the first k posterior latents and sample the remaining layers at temperature 0.1, for a few k spread over
@@ -20,6 +24,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +40,15 @@ from .runtime import check_device_name, resolve_device
 __all__ = [
     "CELL_PIXELS",
     "GAP_PIXELS",
+    "TEMPERATURE_SCHEDULES",
+    "LayerTemperatures",
     "UNCONDITIONAL_TEMPERATURES",
     "RECONSTRUCTION_TEMPERATURE",
+    "check_writable",
+    "load_model",
     "main",
     "output_path",
+    "parse_temperature",
     "reconstruction_rows",
     "save_png",
     "stack_rows",
@@ -50,6 +60,74 @@ UNCONDITIONAL_TEMPERATURES = (1.0, 0.9, 0.8, 0.7)
 RECONSTRUCTION_TEMPERATURE = 0.1
 CELL_PIXELS = 64  # grids upscale each image to at least this many pixels a side
 GAP_PIXELS = 4  # white pixels between neighbouring images of a grid
+TEMPERATURE_SCHEDULES = ("linear",)
+
+
+# --------------------------------------------------------------------------------------------
+# Temperatures per layer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerTemperatures:
+    """The prior temperature of every stochastic layer, as the user wrote it: one value for all layers, one
+    value per layer (top, 1x1, first), or a schedule over depth whose values are known once the layer count is."""
+
+    text: str
+    values: tuple[float, ...]
+    schedule: str | None = None
+    flag: str = "--temperature"
+
+    def for_layers(self, n_layers: int) -> float | list[float]:
+        """The temperature argument of the model's sampling methods: one float, or one value per layer.
+
+        ``linear:START:END`` runs from START at the first (top) layer to END at the last, both included
+        (Efficient-VDVAE's linear setting steps by (END - START) / n_layers and stops one step short of END)."""
+        if self.schedule == "linear":
+            start, end = self.values
+            if n_layers == 1:
+                return [start]
+            return [start + (end - start) * i / (n_layers - 1) for i in range(n_layers)]
+        if len(self.values) == 1:
+            return self.values[0]
+        if len(self.values) != n_layers:
+            raise ValueError(
+                f"{self.flag} lists {len(self.values)} values but the model has {n_layers} stochastic layers: give "
+                f"one value, {n_layers} comma-separated values (top layer first) or a schedule such as linear:1.0:0.6"
+            )
+        return list(self.values)
+
+    def label(self) -> str:
+        """A short name for file names: the value, linearSTART-END, or per-layer."""
+        if self.schedule is not None:
+            return f"{self.schedule}{self.values[0]:g}-{self.values[1]:g}"
+        return f"{self.values[0]:g}" if len(self.values) == 1 else "per-layer"
+
+
+def parse_temperature(text: str, flag: str = "--temperature") -> LayerTemperatures:
+    """Read a temperature setting: ``0.9``, ``1.0,0.9,...`` (one per layer) or ``linear:1.0:0.6``. Every value
+    must be a finite number at least 0; `flag` names the setting in error messages."""
+    text = str(text).strip()
+    forms = "a number, comma-separated numbers (one per layer) or a schedule linear:START:END"
+    schedule, values_text = None, text.split(",")
+    if ":" in text:
+        schedule, *values_text = text.split(":")
+        if schedule not in TEMPERATURE_SCHEDULES:
+            raise ValueError(
+                f"{flag} {text!r}: unknown schedule {schedule!r}; schedules: {', '.join(TEMPERATURE_SCHEDULES)} "
+                "(e.g. linear:1.0:0.6, from the top layer to the last)"
+            )
+        if len(values_text) != 2:
+            raise ValueError(f"{flag} {text!r}: the {schedule} schedule takes START:END, e.g. {schedule}:1.0:0.6")
+    try:
+        values = tuple(float(value) for value in values_text)
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} is not {forms}") from None
+    for index, value in enumerate(values):
+        if not (math.isfinite(value) and value >= 0):
+            which = "" if len(values) == 1 and schedule is None else f" (value {index + 1} of {text!r})"
+            raise ValueError(f"{flag} must be a finite number at least 0{which}, got {value}")
+    return LayerTemperatures(text, values, schedule, flag)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,9 +238,9 @@ def _build_parser(prog: str = "python -m vdvae_fast.sample") -> argparse.Argumen
     parser.add_argument("--n", type=int, default=16, help="number of samples, at least 1 (default 16)")
     parser.add_argument(
         "--temperature",
-        type=float,
-        default=1.0,
-        help="prior temperature, a finite number at least 0: sigma scaled by t (default 1.0)",
+        default="1.0",
+        help="prior temperature, sigma scaled by t: one value for every layer, one comma-separated value per "
+        "stochastic layer (top first), or linear:START:END over depth; finite numbers at least 0 (default 1.0)",
     )
     parser.add_argument(
         "--out",
@@ -185,8 +263,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag, value in (("n", args.n), ("n_batch", args.n_batch), ("columns", args.columns)):
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be at least 1, got {value}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ValueError(f"--temperature must be a finite number at least 0, got {args.temperature}")
+    parse_temperature(args.temperature)
     if args.seed < 0:
         raise ValueError(f"--seed must be at least 0, got {args.seed}")
     check_device_name(args.device)
@@ -198,13 +275,14 @@ def output_path(args: argparse.Namespace) -> Path:
         return Path(args.out).expanduser()
     weights = Path(args.path).expanduser()
     folder, stem = (weights, "latest") if weights.is_dir() else (weights.parent, weights.stem)
-    return folder / f"samples-{stem}-t{args.temperature:g}-seed{args.seed}.png"
+    return folder / f"samples-{stem}-t{parse_temperature(args.temperature).label()}-seed{args.seed}.png"
 
 
-def _check_writable(out: Path) -> None:
-    """Prove that `out` can be written before any sampling: not a directory, its folder creatable and writable."""
+def check_writable(out: Path, what: str = ".png file") -> None:
+    """Prove that `out` can be written before any sampling: not a directory, its folder creatable and writable.
+    `what` says in the error what --out should name."""
     if out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a directory: give the path of the .png file to write")
+        raise ValueError(f"--out {str(out)!r} is a directory: give the path of the {what} to write")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".write-test-"):
@@ -215,31 +293,34 @@ def _check_writable(out: Path) -> None:
         ) from err
 
 
-def _load_model(args: argparse.Namespace) -> VAE:
-    """The VAE of args.path's weights: our checkpoint carries its hyperparameters, an official file needs --hps."""
-    weights, checkpoint = read_weights(args.path, prefer_ema=True)
-    if args.hps is not None:
-        H = preset(args.hps)
+def load_model(path: str | os.PathLike, hps: str | None = None, backend: str | None = None) -> VAE:
+    """The VAE of the weights at `path` (its EMA weights for our checkpoints): our checkpoint carries its
+    hyperparameters, an official openai/vdvae file needs its preset `hps`. `backend`: the ops backend (default:
+    the hyperparameters')."""
+    weights, checkpoint = read_weights(path, prefer_ema=True)
+    if hps is not None:
+        H = preset(hps)
     elif checkpoint is not None:
         H = saved_hparams(checkpoint)
     else:
-        raise ValueError(f"{args.path} is an official VDVAE state dict: name its preset with --hps")
-    model = VAE(H, backend=args.backend)
-    load_module_state(model, weights, str(args.path), "the weights")
+        raise ValueError(f"{path} is an official VDVAE state dict: name its preset with --hps")
+    model = VAE(H, backend=backend)
+    load_module_state(model, weights, str(path), "the weights")
     return model
 
 
 def sample(args: argparse.Namespace) -> Path:
-    """Check the arguments and the output, load the weights, draw args.n samples at args.temperature and write
-    the grid; returns the PNG path."""
+    """Check the arguments and the output, load the weights, draw args.n samples at args.temperature (one value
+    or per layer) and write the grid; returns the PNG path."""
     _check_args(args)
     out = output_path(args)
-    _check_writable(out)
+    check_writable(out)
     device = resolve_device(args.device)
-    model = _load_model(args).to(device).eval()
+    model = load_model(args.path, args.hps, args.backend).to(device).eval()
+    t = parse_temperature(args.temperature).for_layers(len(model.decoder.dec_blocks))
     torch.manual_seed(args.seed)
     per_pass = args.n_batch or args.n
-    images = [model.forward_uncond_samples(min(per_pass, args.n - i), t=args.temperature).cpu()
+    images = [model.forward_uncond_samples(min(per_pass, args.n - i), t=t).cpu()
               for i in range(0, args.n, per_pass)]  # fmt: skip
     return save_png(tile(torch.cat(images), args.columns), out)
 
