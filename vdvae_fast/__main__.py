@@ -2,6 +2,7 @@
 
     vdvae-fast train --hps demo                        # python train.py --hps demo
     vdvae-fast sample --restore_ema_path saved_models/demo/latest.pt
+    vdvae-fast latents encode --restore_ema_path saved_models/demo --images photos/ --out z.npz
     vdvae-fast hparams                                 # every flag with its default and valid values
     vdvae-fast bench --suite ops --quick               # from a source checkout: python -m benchmarks
 
@@ -28,6 +29,12 @@ def _sample(argv: Sequence[str]) -> int:
     from .sample import main as sample_main
 
     return sample_main(list(argv), prog="vdvae-fast sample")
+
+
+def _latents(argv: Sequence[str]) -> int:
+    from .latents import main as latents_main
+
+    return latents_main(list(argv), prog="vdvae-fast latents")
 
 
 def _hparams(argv: Sequence[str]) -> int:
@@ -58,6 +65,7 @@ def _bench(argv: Sequence[str]) -> int:
 COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "train": ("train a VDVAE, or evaluate one with --test_eval (python train.py)", _train),
     "sample": ("draw samples from a checkpoint into a PNG grid (python -m vdvae_fast.sample)", _sample),
+    "latents": ("encode, decode, reconstruct or interpolate images (python -m vdvae_fast.latents)", _latents),
     "hparams": ("print every hyperparameter flag: default, valid values, meaning", _hparams),
     "bench": ("benchmark the ops, sampling and training steps (source checkout: python -m benchmarks)", _bench),
 }
