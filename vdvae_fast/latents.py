@@ -141,10 +141,13 @@ def load_latents(path: str | os.PathLike) -> Latents:
     if not path.is_file():
         raise FileNotFoundError(f"latent file {str(path)!r} does not exist (write one with the encode command)")
     try:
-        with np.load(path, allow_pickle=False) as arrays:
-            stored = {key: arrays[key] for key in arrays.files}
+        arrays = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is not a latent .npz file: {err}") from err
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not a latent .npz file: it holds a single array (write latents with encode)")
+    with arrays:
+        stored = {key: arrays[key] for key in arrays.files}
     missing = [key for key in ("format_version", "preset", "n_layers", "hparams") if key not in stored]
     if missing:
         raise ValueError(f"{path} is not a latent file of this format: it lacks {', '.join(missing)} (docs/latents.md)")
@@ -249,8 +252,9 @@ def _batches(n: int, batch: int) -> list[slice]:
 def encode(
     model: VAE, images: np.ndarray, names: Sequence[str] | None = None, batch: int = 32, preset_name: str | None = None
 ) -> Latents:
-    """The posterior latents of uint8 (N, H, W, 3) images, drawn with seeds from torch's default generator
-    (torch.manual_seed makes them reproducible). `preset_name` is recorded (default: preset_of(model.H))."""
+    """The posterior latents of uint8 (N, H, W, 3) images, drawn with seeds from torch's default generator, one
+    per layer and batch (torch.manual_seed and the same batch size reproduce them). `preset_name` is recorded
+    (default: preset_of(model.H))."""
     device = model.decoder.gain.device
     per_layer: dict[str, list[list[np.ndarray]]] = {"z": [], "mu_q": [], "sigma_q": []}
     for part in _batches(len(images), batch):
@@ -303,15 +307,18 @@ def decode(
     t: Temperature = None,
     output: str = "mean",
     batch: int = 32,
+    n: int | None = None,
 ) -> np.ndarray:
     """uint8 (N, H, W, 3) images whose first len(latents) layers take the given z (N images each); the later
-    layers sample from the prior at temperature t (one value or one per layer; None: 1). With output "sample"
-    the images are draws from the DMoL, with seeds from torch's default generator."""
+    layers sample from the prior at temperature t (one value or one per layer; None: 1). With no latents, n
+    says how many images to draw. With output "sample" the images are draws from the DMoL; all draws take
+    their seeds from torch's default generator."""
     _check_output(output)
-    if not latents:
-        raise ValueError("no latents given: decode needs z of at least the first layer")
+    if n is None:
+        if not latents:
+            raise ValueError("no latents given: give z of at least the first layer, or the number of images n")
+        n = len(latents[0])
     device = model.decoder.gain.device
-    n = len(latents[0])
     images = []
     for part in _batches(n, batch):
         z = [torch.as_tensor(layer[part]).to(device) for layer in latents]
@@ -353,7 +360,7 @@ def reconstruction_rows(
     _check_layer_counts(layer_counts, n_layers)
     _check_output(output)
     z = encode(model, images, batch=batch).z
-    return [np.asarray(images)] + [decode(model, z[:k], t, output, batch) for k in layer_counts]
+    return [np.asarray(images)] + [decode(model, z[:k], t, output, batch, len(images)) for k in layer_counts]
 
 
 def slerp(a: np.ndarray, b: np.ndarray, weights: Sequence[float]) -> np.ndarray:
@@ -468,10 +475,11 @@ def _checked_out(args: argparse.Namespace) -> Path:
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    for flag in ("n_batch", "n", "steps"):
+    for flag, least in (("n_batch", 1), ("n", 1), ("steps", 2)):
         value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {value}")
+        if value is not None and value < least:
+            ends = " (the two ends)" if flag == "steps" else ""
+            raise ValueError(f"--{flag} must be at least {least}{ends}, got {value}")
     if args.seed < 0:
         raise ValueError(f"--seed must be at least 0, got {args.seed}")
 
