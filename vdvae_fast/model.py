@@ -288,7 +288,7 @@ class Decoder(nn.Module):
     def forward(
         self,
         activations: dict[int, Tensor],
-        backend: str,
+        backend: str = "auto",
         get_latents: bool = False,
         kl_estimator: str = "analytic",
         keep: Sequence[Tensor | None] | None = None,
