@@ -345,32 +345,25 @@ class Trainer:
     def _act_on_skips(self, stats: dict[str, float]) -> None:
         """The skip watchdog fired: record it, warn, and take its action."""
         count, threshold, p = self.watchdog.consecutive, self.rule.skip_threshold, self.position
-        action = self.watchdog.action
         if self.window:
             self._log_window()
         self.progress.clear()
         self.log(
-            type="skip_watchdog", step=p.step, consecutive_skips=count, skip_threshold=threshold, action=action,
-            grad_norm=stats["grad_norm"], quiet=True,
+            type="skip_watchdog", step=p.step, consecutive_skips=count, skip_threshold=threshold,
+            action=self.watchdog.action, grad_norm=stats["grad_norm"], quiet=True,
         )  # fmt: skip
         why = f"skip_threshold {threshold:g}, the last gradient norm {stats['grad_norm']:.4g}"
         if stats["distortion_nans"] or stats["rate_nans"]:
             why += ", a non-finite loss"
         self.log(f"warning: the last {count} updates were all skipped (step {p.step}; {why})")
-        if action == "raise_threshold":
+        if self.watchdog.action == "raise_threshold":
             self._raise_skip_threshold(threshold)
-        elif action == "lower_lr":
+        elif self.watchdog.action == "lower_lr":
             scale_learning_rate(self.learner, self.watchdog.lr_factor)
             lr = self.learner.optimizer.param_groups[0]["lr"]
             self.log(f"skip watchdog: learning rate times {self.watchdog.lr_factor:g} from now on ({lr:.4g} next)")
-        elif action == "stop":
-            self.save(LATEST)
-            raise StalledRunError(
-                f"stopped after {count} consecutive skipped updates at step {p.step} ({why}); saved "
-                f"{self.directory / LATEST}. Try a higher --skip_threshold (log.jsonl's grad_norm shows the usual "
-                "range), a lower --lr, --optimizer adamax, or --skip_watchdog_action raise_threshold or lower_lr, "
-                f"and continue with --restore_path {self.directory}"
-            )
+        elif self.watchdog.action == "stop":
+            self._stop_stalled(f"after {count} consecutive skipped updates at step {p.step} ({why})")
 
     def _raise_skip_threshold(self, threshold: float) -> None:
         if threshold == -1:
@@ -378,6 +371,15 @@ class Trainer:
             return
         self.rule = replace(self.rule, skip_threshold=threshold * self.watchdog.threshold_factor)
         self.log(f"skip watchdog: skip_threshold raised from {threshold:g} to {self.rule.skip_threshold:g}")
+
+    def _stop_stalled(self, why: str) -> None:
+        """Save latest.pt, then end the run with StalledRunError saying what to try."""
+        self.save(LATEST)
+        raise StalledRunError(
+            f"stopped {why}; saved {self.directory / LATEST}. Try a higher --skip_threshold (log.jsonl's grad_norm "
+            "shows the usual range), a lower --lr, --optimizer adamax, or --skip_watchdog_action raise_threshold or "
+            f"lower_lr, and continue with --restore_path {self.directory}"
+        )
 
     def _end_epoch(self) -> bool:
         """At the end of a complete epoch: evaluate every epochs_per_eval epochs, and move to the next. False if
