@@ -92,23 +92,39 @@ def test_a_schedule_whose_fields_disagree_is_refused(changes, message):
 # --------------------------------------------------------------------------------------------
 
 
-def test_adamax_is_torchs_and_updates_as_its_rule_says():
-    H = preset("tiny")
-    H.update(optimizer="adamax", lr=0.01, adam_beta1=0.9, adam_beta2=0.999, wd=0.1)
-    start = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+def adamax_steps(optimizer_for, grads, start):
     param = torch.nn.Parameter(start.clone())
-    optimizer = make_optimizer([param], H, CPU)
-    assert type(optimizer) is torch.optim.Adamax
-    grads = [torch.tensor(g, dtype=torch.float64) for g in ([1.0, -3.0, 0.0], [-2.0, 0.5, 4.0], [0.1, 0.2, -0.3])]
-    p, m, u = start.clone(), torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    for t, grad in enumerate(grads, start=1):
+    optimizer = optimizer_for([param])
+    trajectory = []
+    for grad in grads:
         param.grad = grad.clone()
         optimizer.step()
-        g = grad + 0.1 * p  # torch's Adamax: weight decay as an L2 term of the gradient
+        trajectory.append(param.detach().clone())
+    return optimizer, trajectory
+
+
+ADAMAX_GRADS = [torch.tensor(g, dtype=torch.float64) for g in ([1.0, -3.0, 0.0], [-2.0, 0.5, 4.0], [0.1, 0.2, -0.3])]
+ADAMAX_START = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+
+
+def test_adamax_without_weight_decay_is_torchs_own():
+    H = preset("tiny")
+    H.update(optimizer="adamax", lr=0.01, adam_beta1=0.9, adam_beta2=0.999, wd=0.0)
+    mine, ours = adamax_steps(lambda p: make_optimizer(p, H, CPU), ADAMAX_GRADS, ADAMAX_START)
+    torchs = adamax_steps(lambda p: torch.optim.Adamax(p, lr=0.01, betas=(0.9, 0.999)), ADAMAX_GRADS, ADAMAX_START)[1]
+    assert isinstance(mine, torch.optim.Adamax) and all(torch.equal(a, b) for a, b in zip(ours, torchs, strict=True))
+
+
+def test_adamax_decays_the_weights_decoupled_and_steps_as_its_rule_says():
+    H = preset("tiny")
+    H.update(optimizer="adamax", lr=0.01, adam_beta1=0.9, adam_beta2=0.999, wd=0.1)
+    trajectory = adamax_steps(lambda p: make_optimizer(p, H, CPU), ADAMAX_GRADS, ADAMAX_START)[1]
+    p, m, u = ADAMAX_START.clone(), torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for t, (g, got) in enumerate(zip(ADAMAX_GRADS, trajectory, strict=True), start=1):
         m = 0.9 * m + 0.1 * g
         u = torch.maximum(0.999 * u, g.abs() + 1e-8)
-        p = p - 0.01 / (1 - 0.9**t) * m / u
-        torch.testing.assert_close(param.detach(), p, rtol=1e-12, atol=1e-15)
+        p = p * (1 - 0.01 * 0.1) - 0.01 / (1 - 0.9**t) * m / u  # Efficient-VDVAE: the decay after the direction
+        torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-15)
 
 
 def test_the_default_optimizer_stays_adamw():

@@ -148,8 +148,8 @@ FIELDS: dict[str, Field] = {
     "ema_rate": Field(0.999, "decay of the exponential moving average (EMA) of the weights that evaluation and "
                       "samples use", valid=_FRACTION),
     # training switches of Efficient-VDVAE, NVAE and the Ladder VAE, and the skip watchdog (off by default)
-    "optimizer": Field("adamw", "adamw (VDVAE's, decoupled weight decay wd) or adamax (Efficient-VDVAE's: torch's "
-                       "Adamax, the same betas and eps 1e-8, wd as an L2 term of the gradient); a resume keeps the "
+    "optimizer": Field("adamw", "adamw (VDVAE's) or adamax (Efficient-VDVAE's: torch's Adamax with the same betas, "
+                       "eps 1e-8 and wd decoupled as in AdamW; Efficient-VDVAE uses beta2 0.999); a resume needs the "
                        "checkpoint's", choices=("adamw", "adamax")),
     "lr_schedule": Field("linear_warmup", "linear_warmup (VDVAE's: warm-up over warmup_iters, then lr), cosine "
                          "(Efficient-VDVAE's: warm-up, lr until lr_decay_start, cosine decay to lr_min over "
@@ -169,8 +169,9 @@ FIELDS: dict[str, Field] = {
                              "evaluation reports the true ELBO", valid=_at_least(0)),
     "kl_warmup_start": Field(0.0, "KL warm-up: beta at the first update (Ladder VAE: 0; NVAE: 1e-4)",
                              valid=Range(0.0, 1.0)),
-    "spectral_reg": Field(0.0, "NVAE's spectral regularization: the training loss adds this times the sum of the "
-                          "largest singular value of every conv weight (0: off)", valid=_NON_NEGATIVE),
+    "spectral_reg": Field(0.0, "NVAE's spectral regularization: the training loss (nats per dimension) adds this "
+                          "times the sum of the largest singular value of every conv weight (0: off); NVAE's "
+                          "lambda, on a loss per image, is this times H*W*3", valid=_NON_NEGATIVE),
     "spectral_power_iters": Field(4, "spectral_reg: power iterations per update (NVAE: 4; the first update does "
                                   "10 times as many)", valid=_at_least(1)),
     "skip_watchdog_iters": Field(0, "after this many consecutive skipped updates (and every as many more) warn and "

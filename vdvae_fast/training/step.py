@@ -29,6 +29,7 @@ from torch import Tensor
 from ..hparams import PRECISIONS, Hyperparams
 from ..model import VAE
 from ..runtime import Runtime, all_reduce_sum
+from .adamax import DecoupledAdamax
 from .schedules import linear_warmup, schedule_factor
 from .spectral import SpectralNorms
 
@@ -47,11 +48,11 @@ __all__ = [
 def make_optimizer(params: Iterable[torch.nn.Parameter], H: Hyperparams, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with VDVAE's betas and weight decay. On CUDA torch's fused kernel (one launch per step); NVIDIA
     apex's FusedAdam only if torch's is unavailable and apex happens to be installed. With H.optimizer
-    "adamax", torch's Adamax (Efficient-VDVAE's optimizer) with the same betas, eps and wd (an L2 term there)."""
+    "adamax", Efficient-VDVAE's: torch's Adamax with the same betas and eps, and wd decoupled as in AdamW."""
     params = list(params)
     kwargs = dict(lr=H.lr, betas=(H.adam_beta1, H.adam_beta2), weight_decay=H.wd, eps=1e-8)
     if H.get("optimizer", "adamw") == "adamax":
-        return torch.optim.Adamax(params, foreach=True, **kwargs)
+        return DecoupledAdamax(params, foreach=True, **kwargs)
     if device.type == "cuda":
         try:
             return torch.optim.AdamW(params, fused=True, **kwargs)
