@@ -55,6 +55,18 @@ REFUSED = [
     ("eval_max_images", -1, "an integer at least 0"),
     ("no_bias_above", -1, "an integer at least 0"),
     ("gradient_smoothing_beta", 0.0, "a finite number above 0"),
+    # the training switches
+    ("lr_decay_start", -1, "an integer at least 0"),
+    ("lr_decay_steps", 0, "an integer at least 1"),
+    ("lr_decay_rate", 1.0, "a number in (0, 1)"),
+    ("lr_min", -1e-4, "a finite number at least 0"),
+    ("kl_warmup_iters", 2.5, "an integer at least 0"),
+    ("kl_warmup_start", 1.5, "a number in [0, 1]"),
+    ("spectral_reg", INF, "a finite number at least 0"),
+    ("spectral_power_iters", 0, "an integer at least 1"),
+    ("skip_watchdog_iters", -1, "an integer at least 0"),
+    ("skip_watchdog_threshold_factor", 1.0, "a finite number above 1"),
+    ("skip_watchdog_lr_factor", 0.0, "a number in (0, 1)"),
 ]
 
 

@@ -10,6 +10,8 @@ strings and containers only: loading one never runs code)::
     skipped_updates      updates skipped so far (gradient norm above the skip threshold, or a NaN rate/distortion)
     rng                  one entry per rank: torch CPU and CUDA, numpy and python generator states
     hparams              the run's hyperparameters, as a plain dict
+    trainer_state        what the trainer keeps beyond the parts above (the skip watchdog's count and threshold,
+                         the spectral regularization's vectors): a dict, {} when there is nothing (optional)
     checksums            SHA-256 of every tensor above (dtype, shape and bytes), keyed by its place in the dict
 
 Loading verifies the checksums (a bit flipped on disk or in a copy is named, not trained on), the fields a
@@ -110,7 +112,11 @@ class TrainingParts(Protocol):
 
 
 def make_checkpoint(
-    parts: TrainingParts, position: Position, rng: list[dict[str, Any]], hparams: Mapping[str, Any]
+    parts: TrainingParts,
+    position: Position,
+    rng: list[dict[str, Any]],
+    hparams: Mapping[str, Any],
+    trainer_state: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint of a run (the schema above), its tensors on the CPU and sealed with their checksums;
     `rng` holds one capture_rng_state per rank."""
@@ -129,6 +135,7 @@ def make_checkpoint(
         "rng": rng,
         "world_size": len(rng),
         "hparams": dict(hparams),
+        "trainer_state": dict(trainer_state or {}),
     })  # fmt: skip
     state["checksums"] = tensor_checksums(state)
     return state
@@ -384,6 +391,9 @@ def _check_fields(state: dict[str, Any], path: Path) -> None:
     hparams = state["hparams"]
     if not isinstance(hparams, dict) or not all(isinstance(key, str) for key in hparams):
         raise _field_error(path, "hparams", f"must be a dict of hyperparameters, got a {type(hparams).__name__}")
+    trainer_state = state.get("trainer_state", {})
+    if not isinstance(trainer_state, dict):
+        raise _field_error(path, "trainer_state", f"must be a dict, got a {type(trainer_state).__name__}")
     rng = state["rng"]
     world_size = state.get("world_size", len(rng) if isinstance(rng, list) else 1)
     if not isinstance(rng, list) or not rng or len(rng) != world_size:

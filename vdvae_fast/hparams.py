@@ -156,6 +156,43 @@ FIELDS: dict[str, Field] = {
                             valid=Range(0.0, low_open=True, high_open=True, also=(-1,))),
     "ema_rate": Field(0.999, "decay of the exponential moving average (EMA) of the weights that evaluation and "
                       "samples use", valid=_FRACTION),
+    # training switches of Efficient-VDVAE, NVAE and the Ladder VAE, and the skip watchdog (off by default)
+    "optimizer": Field("adamw", "adamw (VDVAE's) or adamax (Efficient-VDVAE's: torch's Adamax with the same betas, "
+                       "eps 1e-8 and wd decoupled as in AdamW; Efficient-VDVAE uses beta2 0.999); a resume needs the "
+                       "checkpoint's", choices=("adamw", "adamax")),
+    "lr_schedule": Field("linear_warmup", "linear_warmup (VDVAE's: warm-up over warmup_iters, then lr), cosine "
+                         "(Efficient-VDVAE's: warm-up, lr until lr_decay_start, cosine decay to lr_min over "
+                         "lr_decay_steps), exponential (warm-up, then lr * lr_decay_rate ** ((step - lr_decay_start) "
+                         "/ lr_decay_steps), at least lr_min) or noam (lr * sqrt(W) * min(step ** -0.5, step * "
+                         "W ** -1.5), W = warmup_iters)", choices=("linear_warmup", "cosine", "exponential", "noam")),
+    "lr_decay_start": Field(0, "cosine and exponential: the update at which the decay starts (Efficient-VDVAE: "
+                            "50000; at least warmup_iters)", valid=_at_least(0)),
+    "lr_decay_steps": Field(750000, "cosine: updates from lr to lr_min (Efficient-VDVAE: 750000); exponential: "
+                            "updates per factor lr_decay_rate", valid=_at_least(1)),
+    "lr_decay_rate": Field(0.5, "exponential: the factor of the learning rate every lr_decay_steps updates",
+                           valid=Range(0.0, 1.0, low_open=True, high_open=True)),
+    "lr_min": Field(0.0, "cosine and exponential: the floor of the decay, at most lr (Efficient-VDVAE: 2e-4 for "
+                    "lr 1e-3)", valid=_NON_NEGATIVE),
+    "kl_warmup_iters": Field(0, "KL warm-up (NVAE, Ladder VAE): the training loss is distortion + beta * rate with "
+                             "beta rising linearly from kl_warmup_start to 1 over this many updates (0: off); "
+                             "evaluation reports the true ELBO", valid=_at_least(0)),
+    "kl_warmup_start": Field(0.0, "KL warm-up: beta at the first update (Ladder VAE: 0; NVAE: 1e-4)",
+                             valid=Range(0.0, 1.0)),
+    "spectral_reg": Field(0.0, "NVAE's spectral regularization: the training loss (nats per dimension) adds this "
+                          "times the sum of the largest singular value of every conv weight (0: off); NVAE's "
+                          "lambda, on a loss per image, is this times H*W*3", valid=_NON_NEGATIVE),
+    "spectral_power_iters": Field(4, "spectral_reg: power iterations per update (NVAE: 4; the first update does "
+                                  "10 times as many)", valid=_at_least(1)),
+    "skip_watchdog_iters": Field(0, "after this many consecutive skipped updates (and every as many more) warn and "
+                                 "take skip_watchdog_action (0: off)", valid=_at_least(0)),
+    "skip_watchdog_action": Field("warn", "warn only; raise_threshold (skip_threshold times "
+                                  "skip_watchdog_threshold_factor); lower_lr (the learning rate times "
+                                  "skip_watchdog_lr_factor); or stop (save latest.pt and stop with a message)",
+                                  choices=("warn", "raise_threshold", "lower_lr", "stop")),
+    "skip_watchdog_threshold_factor": Field(2.0, "raise_threshold: the factor of skip_threshold",
+                                            valid=Range(1.0, low_open=True, high_open=True)),
+    "skip_watchdog_lr_factor": Field(0.5, "lower_lr: the factor of the learning rate",
+                                     valid=Range(0.0, 1.0, low_open=True, high_open=True)),
     "n_batch": Field(32, "images per update in each process (the global batch is n_batch times the number of "
                      "processes)", valid=_at_least(1)),
     "num_epochs": Field(10000, "passes over the training split", valid=_at_least(1)),
@@ -640,12 +677,33 @@ def _check_block_widths(H: Hyperparams) -> None:
         )
 
 
+def _check_training_switches(H: Hyperparams) -> None:
+    """The learning-rate schedule's fields agree: noam needs a warm-up, a decay starts after the warm-up and
+    ends above its floor."""
+    schedule = H.get("lr_schedule", "linear_warmup")
+    if schedule == "noam" and H.warmup_iters <= 0:
+        raise ValueError("--lr_schedule noam peaks at update warmup_iters: give --warmup_iters above 0")
+    if schedule not in ("cosine", "exponential"):
+        return
+    if H.warmup_iters > H.lr_decay_start:
+        raise ValueError(
+            f"--lr_schedule {schedule} decays from --lr_decay_start {H.lr_decay_start}, which must not come before "
+            f"the end of the warm-up: use --lr_decay_start {math.ceil(H.warmup_iters)} or more, or a shorter "
+            "--warmup_iters"
+        )
+    if H.lr_min > H.lr:
+        raise ValueError(
+            f"--lr_min {H.lr_min:g} is the floor the learning rate decays to: it must be at most --lr {H.lr:g}"
+        )
+
+
 def validate(H: Hyperparams) -> None:
     """Every check of values and across flags, before any work starts: raise ValueError naming the flag and
     what would be valid."""
     _check_choices(H)
     _check_ranges(H)
     _check_block_widths(H)
+    _check_training_switches(H)
     check_device_name(H.device)
     if H.restore_path is None and H.restore_ema_path is None and H.test_eval:
         raise ValueError("--test_eval evaluates trained weights: give --restore_ema_path or --restore_path")

@@ -1,7 +1,11 @@
 """The training program, one concern per module.
 
 runtime (vdvae_fast.runtime)  the process: device, rank, named collectives
-step        one update (loss, backward, clip, skip rule, AdamW, EMA) as a plain function
+step        one update (loss, backward, clip, skip rule, optimizer, EMA) as a plain function
+schedules   the learning-rate schedules (linear warm-up; Efficient-VDVAE's cosine, exponential, noam)
+adamax      Efficient-VDVAE's optimizer: Adamax with decoupled weight decay
+spectral    NVAE's spectral regularization by power iteration
+watchdog    the skip watchdog: what to do after many skipped updates in a row
 evaluate    a model's ELBO over a split
 log         log.jsonl/log.txt and the progress line
 signals     stopping on SIGINT/SIGTERM

@@ -32,11 +32,12 @@ from .errors import OutputError, SetupError
 from .log import RunLog
 from .run_folder import RunFolder, prepare_run_directory, run_directory
 from .trainer import Restored, Trainer, with_data_properties
+from .watchdog import StalledRunError
 
 __all__ = ["USAGE_ERROR", "build_parser", "main", "parse_args", "resume_command", "run"]
 
 USAGE_ERROR = 2  # argparse's status for a bad command line; the same for every error a user can fix
-USER_ERRORS = (SetupError, CheckpointError, OutputError, FileNotFoundError, ValueError)
+USER_ERRORS = (SetupError, CheckpointError, OutputError, StalledRunError, FileNotFoundError, ValueError)
 
 _EPILOG = """\
 examples:

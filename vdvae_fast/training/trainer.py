@@ -5,6 +5,7 @@ format vdvae_fast.checkpoint's; the trainer decides only what happens when: ever
 train_loss record, every iters_per_images a sample grid, every iters_per_save latest.pt, every iters_per_ckpt
 iter-N.pt, every epochs_per_eval epochs an evaluation of the EMA weights, and at the end all of them.
 A write that fails (a full disk) ends the run with an OutputError naming the file and the last good checkpoint.
+After skip_watchdog_iters consecutive skipped updates the skip watchdog (training.watchdog) warns and acts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import random
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import ops
 from ..checkpoint import (
     LATEST,
+    CheckpointError,
     Position,
     capture_rng_state,
     load_module_state,
@@ -45,6 +48,7 @@ from .evaluate import evaluate, evaluation_subset
 from .log import LN2, Progress, RunLog, status_line, summarize, throughput
 from .signals import StopRequest
 from .step import UpdateRule, make_learner, update_step
+from .watchdog import SkipWatchdog, StalledRunError, scale_learning_rate
 
 __all__ = ["Restored", "Trainer", "with_data_properties"]
 
@@ -92,6 +96,7 @@ class Trainer:
         self._rng_to_restore: dict[str, Any] | None = None
         self.backend = ops.resolve_backend(H.backend, self.device)
         self.rule = UpdateRule.from_hparams(H)
+        self.watchdog = SkipWatchdog.from_hparams(H)
         self._build_learner(restored)
         self._build_loaders()
         self.progress = Progress(enabled=runtime.is_main)
@@ -162,6 +167,12 @@ class Trainer:
 
     def _resume(self, checkpoint: dict[str, Any]) -> None:
         path = checkpoint["path"]
+        saved_optimizer = checkpoint["hparams"].get("optimizer", "adamw")
+        if saved_optimizer != self.H.optimizer:
+            raise CheckpointError(
+                f"{path} was trained with --optimizer {saved_optimizer} and holds its state (moment estimates): it "
+                f"cannot continue as --optimizer {self.H.optimizer}; resume with --optimizer {saved_optimizer}"
+            )
         architecture, others = changed_since(checkpoint["hparams"], self.H)
         if architecture:
             details = ", ".join(f"{key} {old!r} in the file, {new!r} now" for key, (old, new) in architecture.items())
@@ -169,6 +180,7 @@ class Trainer:
         if not checkpoint["verified"]:
             self.log(f"note: {path} was written before checkpoints carried checksums: its tensors are not verified")
         self.position = restore_training(checkpoint, self.learner)
+        self._restore_trainer_state(checkpoint)
         self.last_good = (Path(path), self.position.step)
         if checkpoint.get("world_size", 1) != self.runtime.world_size:
             self.log(
@@ -184,6 +196,33 @@ class Trainer:
             )
         p = self.position
         self.log(f"resuming from {path} at step {p.step} (epoch {p.epoch}, batch {p.batch_in_epoch})")
+
+    def _trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the trainer itself: the skip watchdog's count, the skip threshold in force
+        (the watchdog may have raised it) and the spectral regularization's vectors."""
+        state: dict[str, Any] = {
+            "consecutive_skips": self.watchdog.consecutive,
+            "skip_threshold": self.rule.skip_threshold,
+        }
+        if self.learner.spectral is not None:
+            state["spectral"] = self.learner.spectral.state_dict()
+        return state
+
+    def _restore_trainer_state(self, checkpoint: dict[str, Any]) -> None:
+        """Put back _trainer_state (absent from older checkpoints: then nothing changes). A threshold the
+        watchdog raised is kept unless this run gives another --skip_threshold than the checkpoint's run."""
+        state, path = checkpoint.get("trainer_state", {}), checkpoint["path"]
+        self.watchdog.consecutive = int(state.get("consecutive_skips", 0))
+        threshold = state.get("skip_threshold", self.rule.skip_threshold)
+        same_flag = checkpoint["hparams"].get("skip_threshold") == self.H.skip_threshold
+        if threshold != self.rule.skip_threshold and same_flag:
+            self.rule = replace(self.rule, skip_threshold=float(threshold))
+            self.log(f"skip threshold {threshold:g}, as the skip watchdog had raised it before {path}")
+        if self.learner.spectral is not None and "spectral" in state:
+            try:
+                self.learner.spectral.load_state_dict(state["spectral"])
+            except ValueError as err:
+                raise CheckpointError(f"the spectral regularization state in {path!r} does not match: {err}") from err
 
     def _set_check_inputs(self, enabled: bool) -> None:
         """The loss checks that targets lie in [-1, 1] (a GPU sync per step); once the data pipeline has passed
@@ -280,7 +319,7 @@ class Trainer:
         return stats
 
     def _after_update(self, stats: dict[str, float]) -> None:
-        """Count the update, then the periodic actions due at this step."""
+        """Count the update, then the periodic actions due at this step, then the skip watchdog's."""
         H, p = self.H, self.position
         first = p.step + 1 == self._first_step
         if first:
@@ -288,6 +327,7 @@ class Trainer:
         p.step += 1
         p.batch_in_epoch += 1
         p.skipped_updates += int(stats["skipped_updates"])
+        stalled = self.watchdog.observe(bool(stats["skipped_updates"]))
         self.window.append(stats)
         if p.step % H.iters_per_print == 0 or first:
             self._log_window()
@@ -299,6 +339,47 @@ class Trainer:
             self.save(LATEST)
         if p.step % H.iters_per_ckpt == 0:
             self.save(f"iter-{p.step}.pt")
+        if stalled:
+            self._act_on_skips(stats)
+
+    def _act_on_skips(self, stats: dict[str, float]) -> None:
+        """The skip watchdog fired: record it, warn, and take its action."""
+        count, threshold, p = self.watchdog.consecutive, self.rule.skip_threshold, self.position
+        if self.window:
+            self._log_window()
+        self.progress.clear()
+        self.log(
+            type="skip_watchdog", step=p.step, consecutive_skips=count, skip_threshold=threshold,
+            action=self.watchdog.action, grad_norm=stats["grad_norm"], quiet=True,
+        )  # fmt: skip
+        why = f"skip_threshold {threshold:g}, the last gradient norm {stats['grad_norm']:.4g}"
+        if stats["distortion_nans"] or stats["rate_nans"]:
+            why += ", a non-finite loss"
+        self.log(f"warning: the last {count} updates were all skipped (step {p.step}; {why})")
+        if self.watchdog.action == "raise_threshold":
+            self._raise_skip_threshold(threshold)
+        elif self.watchdog.action == "lower_lr":
+            scale_learning_rate(self.learner, self.watchdog.lr_factor)
+            lr = self.learner.optimizer.param_groups[0]["lr"]
+            self.log(f"skip watchdog: learning rate times {self.watchdog.lr_factor:g} from now on ({lr:.4g} next)")
+        elif self.watchdog.action == "stop":
+            self._stop_stalled(f"after {count} consecutive skipped updates at step {p.step} ({why})")
+
+    def _raise_skip_threshold(self, threshold: float) -> None:
+        if threshold == -1:
+            self.log("skip watchdog: skip_threshold -1 already skips only non-finite gradients; nothing to raise")
+            return
+        self.rule = replace(self.rule, skip_threshold=threshold * self.watchdog.threshold_factor)
+        self.log(f"skip watchdog: skip_threshold raised from {threshold:g} to {self.rule.skip_threshold:g}")
+
+    def _stop_stalled(self, why: str) -> None:
+        """Save latest.pt, then end the run with StalledRunError saying what to try."""
+        self.save(LATEST)
+        raise StalledRunError(
+            f"stopped {why}; saved {self.directory / LATEST}. Try a higher --skip_threshold (log.jsonl's grad_norm "
+            "shows the usual range), a lower --lr, --optimizer adamax, or --skip_watchdog_action raise_threshold or "
+            f"lower_lr, and continue with --restore_path {self.directory}"
+        )
 
     def _end_epoch(self) -> bool:
         """At the end of a complete epoch: evaluate every epochs_per_eval epochs, and move to the next. False if
@@ -348,7 +429,8 @@ class Trainer:
         p = self.position
         self.log(
             model=self.H.desc, type="train_loss", lr=lr, epoch=p.epoch, step=p.step, images_per_sec=images_per_sec,
-            skipped_total=p.skipped_updates, quiet=True, **stats,
+            skipped_total=p.skipped_updates, consecutive_skips=self.watchdog.consecutive,
+            skip_threshold=self.rule.skip_threshold, quiet=True, **stats,
         )  # fmt: skip
         self.progress.show(line, permanent=True)
         self.window = []
@@ -409,7 +491,8 @@ class Trainer:
             return None
         target = self.directory / name
         try:
-            path = save_checkpoint(make_checkpoint(self.learner, self.position, rng, self.H), target)
+            state = make_checkpoint(self.learner, self.position, rng, self.H, self._trainer_state())
+            path = save_checkpoint(state, target)
         except OSError as err:
             raise self._write_failure(target, err) from err
         self.last_checkpoint = self.directory / LATEST if name == LATEST else path
