@@ -114,6 +114,19 @@ FIELDS: dict[str, Field] = {
     "zdim": Field(16, "channels of each stochastic layer's latent z", valid=_at_least(1)),
     "width": Field(512, "channels of the residual stream", valid=_at_least(1)),
     "custom_width_str": Field("", "per-resolution widths, e.g. 32:64,16:128 (empty: width everywhere)"),
+    "width_change": Field("pad", "how the stream changes resolution: pad (VDVAE: average pooling, channels a wider "
+                          "resolution adds start at zero; the decoder upsamples the first channels of the coarser "
+                          "state) or conv (Efficient-VDVAE: a KxK convolution of stride K and a leaky ReLU pool by "
+                          "K; a 1x1 convolution and a leaky ReLU come before the nearest upsampling)",
+                          choices=("pad", "conv")),
+    "custom_bottleneck_str": Field("", "per-resolution bottleneck_multiple, e.g. 32:1.0,16:0.5 (empty: "
+                                   "bottleneck_multiple everywhere; Efficient-VDVAE widens the blocks at the "
+                                   "narrow high resolutions)"),
+    "skip_projection": Field(False, "a 1x1 convolution projects the encoder's activation at each resolution before "
+                             "the posteriors read it (Efficient-VDVAE's bottom-up skip)"),
+    "gaussian_heads": Field(False, "the posterior and prior blocks end in stream-width features and a 1x1 "
+                            "convolution maps them to the mean and scale of z (Efficient-VDVAE); off: the blocks "
+                            "emit them directly (VDVAE)"),
     "bottleneck_multiple": Field(0.25, "width inside each residual block, as a fraction of the stream's width",
                                  valid=_POSITIVE),
     "no_bias_above": Field(64, "learned initial decoder states at resolutions up to this one; zeros above",
@@ -456,16 +469,131 @@ _PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
             "dec_blocks": "1x1,4m1,4x2,8m4,8x2",
         },
     ),
+    # Efficient-VDVAE (Hazami et al. 2022), from Rayhane-mamah/Efficient-VDVAE's egs/<dataset>_C1.cfg and
+    # egs/<dataset>_baseline.cfg: its layer distribution (paper Table 6), widths, bottlenecks, latent sizes, batch
+    # sizes and optimization. n_batch is its global batch (1, 2 and 4 GPUs shared it: divide by the processes).
+    # Its encoder and decoder blocks are linked once per resolution here, as in VDVAE (its configs link every
+    # encoder block to a decoder block, with one skip projection each: 6-8% more parameters; the paper's C.2
+    # found no difference in NLL). Its gradient norms are never clipped: grad_clip = skip_threshold clips no
+    # update that is applied. Its KL warm-up, (step - 21) / 5021 clamped to [1e-4, 1], is nearly linear over 5042
+    # updates; its per-layer KL balancing (NVAE's gamma) and SiLU activations are not reproduced.
+    "effvdvae_cifar10": (
+        None,
+        {
+            "dataset": "cifar10",
+            "image_size": 32,
+            "width": 48,
+            "custom_width_str": "16:96,8:192,4:384,1:384",
+            "custom_bottleneck_str": "32:1.0,16:0.5",
+            "width_change": "conv",
+            "skip_projection": True,
+            "gaussian_heads": True,
+            "zdim": 16,
+            "enc_blocks": "32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3",
+            "dec_blocks": "1x3,4m1,4x3,8m4,8x6,16m8,16x10,32m16,32x21",
+            "n_batch": 32,
+            "optimizer": "adamax",
+            "lr": 0.001,
+            "adam_beta2": 0.999,
+            "wd": 0.01,
+            "warmup_iters": 100,
+            "lr_schedule": "cosine",
+            "lr_decay_start": 50000,
+            "lr_decay_steps": 750000,
+            "lr_min": 0.0002,
+            "grad_clip": 800.0,
+            "skip_threshold": 800.0,
+            "ema_rate": 0.9999,
+            "max_iters": 800000,
+            "gradient_smoothing": True,
+            "gradient_smoothing_beta": math.log(2.0),
+            "dmol_gradient_smoothing": True,
+            "dmol_log_scale_min": -250.0,
+            "kl_warmup_start": 0.0001,
+            "kl_warmup_iters": 5042,
+        },
+    ),
+    "effvdvae_imagenet32": (
+        "effvdvae_cifar10",
+        {
+            "dataset": "imagenet32",
+            "width": 64,
+            "custom_width_str": "16:128,8:256,4:512,1:512",
+            "zdim": 48,
+            "enc_blocks": "32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6",
+            "dec_blocks": "1x6,4m1,4x6,8m4,8x18,16m8,16x24,32m16,32x15",
+            "n_batch": 64,
+            "wd": 0.0,
+            "dmol_gradient_smoothing": False,  # its output layer keeps exp scales (logstd, beta 1)
+            "epochs_per_eval": 1,
+        },
+    ),
+    "effvdvae_imagenet64": (
+        "effvdvae_imagenet32",
+        {
+            "dataset": "imagenet64",
+            "image_size": 64,
+            "custom_width_str": "16:256,8:256,4:512,1:512",
+            "custom_bottleneck_str": "64:1.0,32:0.5",
+            "zdim": 64,
+            "enc_blocks": "64x4,64d2,32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6",
+            "dec_blocks": "1x6,4m1,4x6,8m4,8x18,16m8,16x24,32m16,32x15,64m32,64x10",
+            "n_batch": 32,
+        },
+    ),
+    "effvdvae_cifar10_baseline": (
+        "effvdvae_cifar10",
+        {"width": 384, "custom_width_str": "", "custom_bottleneck_str": "", "zdim": 32},
+    ),
+    "effvdvae_imagenet32_baseline": (
+        "effvdvae_imagenet32",
+        {
+            "width": 512,
+            "custom_width_str": "",
+            "custom_bottleneck_str": "",
+            "zdim": 32,
+            "dmol_gradient_smoothing": True,
+        },
+    ),
+    "effvdvae_imagenet64_baseline": (
+        "effvdvae_imagenet64",
+        {
+            "width": 512,
+            "custom_width_str": "",
+            "custom_bottleneck_str": "",
+            "zdim": 32,
+            "dmol_gradient_smoothing": True,
+        },
+    ),
 }
+# Fields that Efficient-VDVAE's presets set and that belong to its optimization and gradient-smoothing options:
+# while FIELDS has no row for one of them, preset() leaves it out. Delete this tuple once all of them are rows.
+_FIELDS_OF_OTHER_OPTIONS = (
+    "optimizer", "lr_schedule", "lr_decay_start", "lr_decay_steps", "lr_min", "kl_warmup_start", "kl_warmup_iters",
+    "gradient_smoothing", "gradient_smoothing_beta", "dmol_gradient_smoothing", "dmol_log_scale_min",
+)  # fmt: skip
 
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
-# What the presets that are not VDVAE's releases are for, for --hps's help. Durations: `time python train.py
+# What the presets that are not VDVAE's releases are for, for --hps's help; the parameter counts are printed by
+# `python -m vdvae_fast.hparams --params NAME` (tests/test_presets.py checks them). Durations: `time python train.py
 # --hps tiny --max_iters 20` took 15-17 s (4.5 s of CPU time) on a 2-core CPU shared with other jobs (load 16),
 # once the trainer evaluates eval_max_images; README: Train measures demo.
 PRESET_NOTES: dict[str, str] = {
     "demo": "a 154k-parameter VAE on 16x16 patches of built-in photographs that visibly learns on a CPU in "
     "minutes (README: Train)",
     "tiny": "an 8x8 model for tests and smoke runs: --max_iters 20 takes about 15 s on a busy 2-core CPU",
+    "effvdvae_cifar10": "Efficient-VDVAE's C1 for CIFAR-10 (egs/cifar10_C1.cfg): widths 48 to 384, 47 stochastic "
+    "layers, Adamax with cosine decay; 17.1M parameters",
+    "effvdvae_imagenet32": "Efficient-VDVAE's C1 for ImageNet 32x32 (egs/imagenet32_C1.cfg): widths 64 to 512, 73 "
+    "layers; 48.7M parameters",
+    "effvdvae_imagenet64": "Efficient-VDVAE's C1 for ImageNet 64x64 (egs/imagenet64_C1.cfg): widths 64 to 512, 84 "
+    "layers; 52.9M parameters",
+    "effvdvae_cifar10_baseline": "effvdvae_cifar10 at width 384 everywhere, 32 latents per layer "
+    "(egs/cifar10_baseline.cfg); 52.5M parameters",
+    "effvdvae_imagenet32_baseline": "effvdvae_imagenet32 at width 512 everywhere, 32 latents per layer "
+    "(egs/imagenet32_baseline.cfg); 133.8M parameters",
+    "effvdvae_imagenet64_baseline": "effvdvae_imagenet64 at width 512 everywhere, 32 latents per layer "
+    "(egs/imagenet64_baseline.cfg); 156.0M parameters",
 }
 
 
@@ -480,7 +608,7 @@ def preset(name: str) -> Hyperparams:
         name = parent
     H = Hyperparams(DEFAULTS)
     for changes in reversed(chain):
-        H.update(changes)
+        H.update({key: value for key, value in changes.items() if key in FIELDS or key not in _FIELDS_OF_OTHER_OPTIONS})
     return H
 
 
@@ -551,29 +679,67 @@ def parse_layer_string(s: str, kind: str | None = None) -> list[tuple[int, int |
     return layers
 
 
+def _parse_per_resolution(
+    s: str, pattern: str, parse: Callable[[str], Any], letter: str, name: str, bound: str
+) -> dict[int, Any]:
+    """{resolution: parse(V)} of a string ``"R:V,R:V"``, V matching `pattern` and above 0; errors call V
+    `letter`, a `name` that must be `bound` (e.g. W, width, ">= 1")."""
+    values: dict[int, Any] = {}
+    if not s:
+        return values
+    for position, offset, token in _tokens(s):
+        match = re.fullmatch(rf"(\d+):({pattern})", token.strip())
+        if match is None or int(match[1]) < 1 or not parse(match[2]) > 0:
+            expected = f"expected R:{letter} with a resolution R >= 1 and a {name} {letter} {bound}"
+            raise _bad_token(s, position, offset, token, expected)
+        if int(match[1]) in values:
+            raise _bad_token(s, position, offset, token, f"resolution {match[1]} already has a {name}")
+        values[int(match[1])] = parse(match[2])
+    return values
+
+
 def parse_channel_string(s: str) -> dict[int, int]:
     """Parse custom_width_str ``"32:64,16:128"`` into {resolution: width}; "" means every resolution
     uses `width`."""
-    widths: dict[int, int] = {}
-    if not s:
-        return widths
-    for position, offset, token in _tokens(s):
-        match = re.fullmatch(r"(\d+):(\d+)", token.strip())
-        if match is None or int(match[1]) < 1 or int(match[2]) < 1:
-            raise _bad_token(s, position, offset, token, "expected R:W with a resolution R and a width W, both >= 1")
-        if int(match[1]) in widths:
-            raise _bad_token(s, position, offset, token, f"resolution {match[1]} already has a width")
-        widths[int(match[1])] = int(match[2])
-    return widths
+    return _parse_per_resolution(s, r"\d+", int, "W", "width", ">= 1")
+
+
+def parse_bottleneck_string(s: str) -> dict[int, float]:
+    """Parse custom_bottleneck_str ``"32:1.0,16:0.5"`` into {resolution: bottleneck multiple}; "" means every
+    resolution uses `bottleneck_multiple`."""
+    pattern = r"\d*\.?\d+(?:[eE][-+]?\d+)?"
+    return _parse_per_resolution(s, pattern, float, "B", "bottleneck multiple", "above 0")
+
+
+def _resolutions(H: Hyperparams) -> list[int]:
+    """Every resolution the layer strings use, ascending."""
+    encoder = parse_layer_string(H.enc_blocks, "encoder")
+    resolutions = {res for res, _ in encoder} | {res // rate for res, rate in encoder if rate}
+    resolutions |= {res for res, _ in parse_layer_string(H.dec_blocks, "decoder")}
+    return sorted(resolutions)
 
 
 def resolution_widths(H: Hyperparams) -> dict[int, int]:
     """The channel width at every resolution the layer strings use: custom_width_str, else `width`."""
     custom = parse_channel_string(H.custom_width_str)
-    encoder = parse_layer_string(H.enc_blocks, "encoder")
-    resolutions = {res for res, _ in encoder} | {res // rate for res, rate in encoder if rate}
-    resolutions |= {res for res, _ in parse_layer_string(H.dec_blocks, "decoder")}
-    return {res: custom.get(res, H.width) for res in sorted(resolutions)}
+    return {res: custom.get(res, H.width) for res in _resolutions(H)}
+
+
+def middle_widths(H: Hyperparams) -> dict[int, int]:
+    """The width inside the residual blocks at every resolution: int(width * multiple), the multiple from
+    custom_bottleneck_str, else bottleneck_multiple. Raises ValueError where that leaves no channel."""
+    custom = parse_bottleneck_string(H.get("custom_bottleneck_str", ""))
+    middles = {}
+    for res, width in resolution_widths(H).items():
+        multiple = custom.get(res, H.bottleneck_multiple)
+        if int(width * multiple) < 1:
+            raise ValueError(
+                f"the blocks at resolution {res} have width {width} and bottleneck multiple {multiple:g}, which "
+                f"leaves no channel inside them (int(width * multiple) is 0): use a multiple of at least "
+                f"{1 / width:g} there (custom_bottleneck_str, bottleneck_multiple)"
+            )
+        middles[res] = int(width * multiple)
+    return middles
 
 
 def check_layer_strings(H: Hyperparams) -> None:
@@ -712,7 +878,8 @@ def validate(H: Hyperparams) -> None:
 # Keys that shape the network: a checkpoint trained with other values cannot be loaded.
 ARCHITECTURE_KEYS = (
     "enc_blocks", "dec_blocks", "width", "zdim", "custom_width_str", "bottleneck_multiple", "no_bias_above",
-    "num_mixtures", "image_size", "image_channels",
+    "num_mixtures", "image_size", "image_channels", "width_change", "custom_bottleneck_str", "skip_projection",
+    "gaussian_heads",
 )  # fmt: skip
 # Keys that only say where an invocation runs or what it restores: never reported as changed on resume.
 INVOCATION_KEYS = (
@@ -744,5 +911,31 @@ def reference_table() -> str:
     return "\n".join(lines)
 
 
+def parameter_count(H: Hyperparams) -> int:
+    """The number of parameters of the VAE that H describes (built on the meta device: no memory, no time)."""
+    from .model import VAE  # the model reads this module: import it only when counting
+
+    with torch.device("meta"):
+        vae = VAE(H)
+    return sum(parameter.numel() for parameter in vae.parameters())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the hyperparameter table, or with --params the parameter count of each named preset."""
+    parser = argparse.ArgumentParser(
+        prog="python -m vdvae_fast.hparams",
+        description="Print every hyperparameter (flag, default, valid values, meaning) as a Markdown table.",
+    )
+    parser.add_argument("--params", nargs="+", choices=PRESETS, metavar="PRESET",
+                        help=f"print the parameter count of each preset instead ({', '.join(PRESETS)})")  # fmt: skip
+    args = parser.parse_args(argv)
+    if not args.params:
+        print(reference_table())
+        return
+    for name in args.params:
+        count = parameter_count(preset(name))
+        print(f"{name:<{max(map(len, args.params))}}  {count:>13,} parameters ({count / 1e6:.1f}M)")
+
+
 if __name__ == "__main__":
-    print(reference_table())
+    main()

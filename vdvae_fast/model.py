@@ -22,7 +22,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ops, reference
-from .hparams import GRAD_CHECKPOINT_MODES, Hyperparams, check_layer_strings, parse_layer_string, resolution_widths
+from .hparams import (
+    GRAD_CHECKPOINT_MODES,
+    Hyperparams,
+    check_layer_strings,
+    middle_widths,
+    parse_layer_string,
+    resolution_widths,
+)
 
 Temperature = float | Sequence[float] | None
 
@@ -68,9 +75,20 @@ def _same_dtype(*tensors: Tensor) -> list[Tensor]:
     return [t.to(dtype) for t in tensors]
 
 
+# Negative slope of the leaky ReLU after Efficient-VDVAE's pooling and unpooling convolutions (width_change conv).
+LEAKY_SLOPE = 0.1
+
+
 class Block(nn.Module):
     """Bottleneck residual block: GELU before each of 1x1 -> 3x3 -> 3x3 -> 1x1 (the 3x3s are 1x1 at
-    resolutions <= 2), optionally residual, optionally followed by average pooling."""
+    resolutions <= 2), optionally residual, optionally followed by pooling by down_rate: average pooling, or,
+    given pool_width, Efficient-VDVAE's down_rate x down_rate convolution of that stride to pool_width
+    channels and a leaky ReLU.
+
+    head (n_in, n_out): a 1x1 convolution maps the last n_in output channels to n_out channels that come
+    first, before the remaining ones (Efficient-VDVAE's Gaussian layer: z's mean and scale, then any features
+    the block also emits).
+    """
 
     def __init__(
         self,
@@ -81,6 +99,8 @@ class Block(nn.Module):
         residual: bool = False,
         use_3x3: bool = True,
         zero_last: bool = False,
+        pool_width: int | None = None,
+        head: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.down_rate = down_rate
@@ -90,6 +110,12 @@ class Block(nn.Module):
         self.c2 = _conv(middle_width, middle_width, kernel)
         self.c3 = _conv(middle_width, middle_width, kernel)
         self.c4 = _conv(middle_width, out_width, 1, zero_weights=zero_last)
+        self.head = None if head is None else _conv(*head, 1)
+        self.pool = None
+        if pool_width is not None:
+            self.pool = nn.Conv2d(out_width, pool_width, down_rate, stride=down_rate)
+            with torch.no_grad():
+                self.pool.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.c1(F.gelu(x))
@@ -97,27 +123,43 @@ class Block(nn.Module):
         h = self.c3(F.gelu(h))
         h = self.c4(F.gelu(h))
         out = x + h if self.residual else h
-        if self.down_rate is not None:
+        if self.head is not None:
+            kept = out.shape[1] - self.head.in_channels
+            out = torch.cat([self.head(out[:, kept:]), out[:, :kept]], dim=1)
+        if self.pool is not None:
+            out = F.leaky_relu(self.pool(out), LEAKY_SLOPE)
+        elif self.down_rate is not None:
             out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
         return out
 
 
 class Encoder(nn.Module):
-    """The bottom-up pass: a 3x3 input conv, then residual Blocks with average pooling between
-    resolutions. Returns the last activation at each resolution, which the decoder's posteriors read."""
+    """The bottom-up pass: a 3x3 input conv, then residual Blocks with pooling between resolutions
+    (width_change). Returns the last activation at each resolution, which the decoder's posteriors read,
+    through a 1x1 projection if skip_projection."""
 
     def __init__(self, H: Hyperparams) -> None:
         super().__init__()
         self.widths = resolution_widths(H)
+        middles = middle_widths(H)
+        pool_by_conv = H.get("width_change", "pad") == "conv"
         self.in_conv = _conv(H.image_channels, H.width, 3)
         layers = parse_layer_string(H.enc_blocks, "encoder")
         blocks = []
         for res, down_rate in layers:
             width = self.widths[res]
-            middle = int(width * H.bottleneck_multiple)
-            blocks.append(Block(width, middle, width, down_rate=down_rate, residual=True, use_3x3=res > 2))
+            pool_width = self.widths[res // down_rate] if pool_by_conv and down_rate else None
+            blocks.append(
+                Block(width, middles[res], width, down_rate, residual=True, use_3x3=res > 2, pool_width=pool_width)
+            )
             _scale_by_depth(blocks[-1].c4, len(layers))
         self.enc_blocks = nn.ModuleList(blocks)
+        self.skip_projections = None
+        if H.get("skip_projection", False):
+            read = sorted({res for res, _ in parse_layer_string(H.dec_blocks, "decoder")})
+            self.skip_projections = nn.ModuleDict(
+                {str(res): _conv(self.widths[res], self.widths[res], 1) for res in read}
+            )
         self.grad_checkpoint = False
 
     def forward(self, x: Tensor) -> dict[int, Tensor]:
@@ -129,6 +171,8 @@ class Encoder(nn.Module):
             if x.shape[1] < self.widths[res]:  # widths grow after pooling (custom_width_str): zero channels
                 x = F.pad(x, (0, 0, 0, 0, 0, self.widths[res] - x.shape[1]))
             activations[res] = x
+        if self.skip_projections is not None:
+            activations = {int(res): project(activations[int(res)]) for res, project in self.skip_projections.items()}
         return activations
 
 
@@ -140,11 +184,13 @@ class DecBlock(nn.Module):
     layer starts as the identity). z enters the state through a 1x1 projection, then a residual Block.
     """
 
-    def __init__(self, H: Hyperparams, res: int, mixin: int | None, n_blocks: int, width: int) -> None:
+    def __init__(
+        self, H: Hyperparams, res: int, mixin: int | None, n_blocks: int, widths: dict[int, int], middle: int
+    ) -> None:
         super().__init__()
         self.base = res
         self.mixin = mixin
-        self.width = width
+        self.width = width = widths[res]
         self.zdim = H.zdim
         # How raw outputs become Gaussians: gradient smoothing (Efficient-VDVAE) and the posterior form.
         self.parametrization = {
@@ -152,19 +198,28 @@ class DecBlock(nn.Module):
             "beta": H.get("gradient_smoothing_beta", reference.SOFTPLUS_BETA),
         }
         self.posterior = H.get("posterior", "direct")
-        middle = int(width * H.bottleneck_multiple)
         use_3x3 = res > 2
-        self.enc = Block(width * 2, middle, H.zdim * 2, use_3x3=use_3x3)
-        self.prior = Block(width, middle, H.zdim * 2 + width, use_3x3=use_3x3, zero_last=True)
+        if H.get("gaussian_heads", False):  # stream-width features, then a 1x1 conv to z's mean and scale
+            self.enc = Block(width * 2, middle, width, use_3x3=use_3x3, head=(width, H.zdim * 2))
+            self.prior = Block(width, middle, width * 2, use_3x3=use_3x3, zero_last=True, head=(width, H.zdim * 2))
+        else:
+            self.enc = Block(width * 2, middle, H.zdim * 2, use_3x3=use_3x3)
+            self.prior = Block(width, middle, H.zdim * 2 + width, use_3x3=use_3x3, zero_last=True)
         self.z_proj = _conv(H.zdim, width, 1)
         self.resnet = Block(width, middle, width, residual=True, use_3x3=use_3x3)
+        self.unpool = None
+        if mixin is not None and H.get("width_change", "pad") == "conv":
+            self.unpool = _conv(widths[mixin], width, 1)
         _scale_by_depth(self.z_proj, n_blocks)
         _scale_by_depth(self.resnet.c4, n_blocks)
 
     def _mix(self, x: Tensor, upper: Tensor | None) -> Tensor:
-        """Add the nearest-upsampled state of the mixin resolution ("m" in the layer string)."""
+        """Add the nearest-upsampled state of the mixin resolution ("m" in the layer string): its first
+        channels (width_change pad), or a 1x1 conv of it and a leaky ReLU (conv)."""
         if upper is None:
             return x
+        if self.unpool is not None:
+            return x + _upsample_nearest(F.leaky_relu(self.unpool(upper), LEAKY_SLOPE), self.base // self.mixin)
         return x + _upsample_nearest(upper[:, : x.shape[1]], self.base // self.mixin)
 
     def _prior(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -270,9 +325,11 @@ class Decoder(nn.Module):
     def __init__(self, H: Hyperparams) -> None:
         super().__init__()
         self.image_size = H.image_size
-        widths = resolution_widths(H)
+        widths, middles = resolution_widths(H), middle_widths(H)
         layers = parse_layer_string(H.dec_blocks, "decoder")
-        self.dec_blocks = nn.ModuleList(DecBlock(H, res, mixin, len(layers), widths[res]) for res, mixin in layers)
+        self.dec_blocks = nn.ModuleList(
+            DecBlock(H, res, mixin, len(layers), widths, middles[res]) for res, mixin in layers
+        )
         resolutions = sorted({res for res, _ in layers})
         self.bias_xs = nn.ParameterList(
             nn.Parameter(torch.zeros(1, widths[res], res, res)) for res in resolutions if res <= H.no_bias_above
