@@ -1,0 +1,377 @@
+"""Efficient-VDVAE's architecture switches and presets: parameter counts against the papers and a closed-form
+count of its layer structure, the switches' layers, and VDVAE's model unchanged while they are off."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vdvae_fast.hparams import (
+    _FIELDS_OF_OTHER_OPTIONS,
+    _PRESETS,
+    ARCHITECTURE_KEYS,
+    FIELDS,
+    Hyperparams,
+    middle_widths,
+    parameter_count,
+    parse_bottleneck_string,
+    preset,
+    validate,
+)
+from vdvae_fast.model import VAE
+
+# VDVAE paper (shared/papers/vdvae-very-deep-vaes.md), Table 2 "Params", quoted in whole millions.
+VDVAE_PAPER_PARAMS_M = {"cifar10": 39, "imagenet32": 119, "imagenet64": 125, "ffhq256": 115}
+
+# Efficient-VDVAE's layer structure per resolution (finest first), transcribed from Rayhane-mamah/Efficient-VDVAE
+# egs/<dataset>_C1.cfg and egs/<dataset>_baseline.cfg: encoder blocks (up_strides; the pooling block counted at
+# the finer resolution), decoder blocks (down_strides + down_n_blocks_per_res; paper Table 6), widths
+# (up_filters/down_filters), bottleneck ratios (*_mid_filters_ratio) and latents (down_latent_variates).
+# "paper": Table 3 "Parameters" of the Efficient-VDVAE paper (shared/papers/efficient-vdvae.md) for C1, and for
+# imagenet64_baseline its C2 (C2 is C1 at constant width; the released cifar10 and imagenet32 baselines also
+# change the latents, 32 instead of 16 and 48, so Table 3 holds no count for them).
+EFFICIENT_VDVAE = {
+    "effvdvae_cifar10": dict(
+        res=(32, 16, 8, 4, 1), enc=(12, 7, 7, 4, 3), dec=(22, 11, 7, 4, 3), width=(48, 96, 192, 384, 384),
+        ratio=(1.0, 0.5, 0.25, 0.25, 0.25), zdim=16, paper=18e6,
+    ),
+    "effvdvae_imagenet32": dict(
+        res=(32, 16, 8, 4, 1), enc=(16, 10, 9, 7, 6), dec=(16, 25, 19, 7, 6), width=(64, 128, 256, 512, 512),
+        ratio=(1.0, 0.5, 0.25, 0.25, 0.25), zdim=48, paper=52e6,
+    ),
+    "effvdvae_imagenet64": dict(
+        res=(64, 32, 16, 8, 4, 1), enc=(5, 16, 10, 9, 7, 6), dec=(11, 16, 25, 19, 7, 6),
+        width=(64, 64, 256, 256, 512, 512), ratio=(1.0, 0.5, 0.25, 0.25, 0.25, 0.25), zdim=64, paper=57e6,
+    ),
+    "effvdvae_cifar10_baseline": dict(
+        res=(32, 16, 8, 4, 1), enc=(12, 7, 7, 4, 3), dec=(22, 11, 7, 4, 3), width=(384,) * 5, ratio=(0.25,) * 5,
+        zdim=32, paper=None,
+    ),
+    "effvdvae_imagenet32_baseline": dict(
+        res=(32, 16, 8, 4, 1), enc=(16, 10, 9, 7, 6), dec=(16, 25, 19, 7, 6), width=(512,) * 5, ratio=(0.25,) * 5,
+        zdim=32, paper=None,
+    ),
+    "effvdvae_imagenet64_baseline": dict(
+        res=(64, 32, 16, 8, 4, 1), enc=(5, 16, 10, 9, 7, 6), dec=(11, 16, 25, 19, 7, 6), width=(512,) * 6,
+        ratio=(0.25,) * 6, zdim=32, paper=168e6,
+    ),
+}  # fmt: skip
+NUM_MIXTURES = 10
+
+
+def _conv(c_in: int, c_out: int, kernel: int = 1) -> int:
+    return c_in * c_out * kernel * kernel + c_out
+
+
+def _cell(c_in: int, ratio: float, kernel: int, out_ratio: float = 1.0) -> int:
+    """Efficient-VDVAE's residual bottleneck cell: 1x1, two KxK, 1x1 (layers.py ResidualConvCell)."""
+    middle, out = int(c_in * ratio), int(c_in * out_ratio)
+    return _conv(c_in, middle) + 2 * _conv(middle, middle, kernel) + _conv(middle, out)
+
+
+def efficient_vdvae_count(config: dict, skips: str) -> int:
+    """Parameters of Efficient-VDVAE's torch model for `config`, counted from its layers' shapes. skips: "every
+    block" (its released configs: each encoder block projects a skip for one decoder block) or "per resolution"
+    (encoder and decoder linked once per resolution, as VDVAE)."""
+    res, widths, ratios, z = config["res"], config["width"], config["ratio"], config["zdim"]
+    total = _conv(3, widths[0])  # its 1x1 input convolution
+    for i, (r, w, ratio, n_enc) in enumerate(zip(res, widths, ratios, config["enc"], strict=True)):
+        kernel = 3 if r > 2 else 1
+        total += n_enc * _cell(w, ratio, kernel)
+        total += (n_enc if skips == "every block" else 1) * _conv(w, w)  # skip projections
+        if i + 1 < len(res):  # the pooling convolution: kernel = stride
+            total += _conv(w, widths[i + 1], r // res[i + 1])
+    for i, (r, w, ratio, n_dec) in enumerate(zip(res, widths, ratios, config["dec"], strict=True)):
+        kernel = 3 if r > 2 else 1
+        total += w * r * r  # trainable_h at the coarsest resolution, the unpooling's scale_bias elsewhere
+        if i + 1 < len(res):
+            total += _conv(widths[i + 1], w)  # the unpooling's 1x1 convolution
+        per_layer = _cell(w, ratio, kernel) + _cell(2 * w, ratio * 0.5, kernel, 0.5) + _cell(w, ratio, kernel, 2.0)
+        per_layer += 2 * _conv(w, 2 * z) + _conv(z, w)  # posterior and prior Gaussian layers, z projection
+        total += n_dec * per_layer
+    return total + _conv(widths[0], 10 * NUM_MIXTURES)
+
+
+def _architecture(name: str) -> Hyperparams:
+    """The preset's architecture keys, the rest defaults: builds the model whatever other fields exist."""
+    H = preset(name)
+    return Hyperparams({**preset("tiny"), **{key: H[key] for key in ARCHITECTURE_KEYS}, "dataset": H.dataset})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameter counts
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(VDVAE_PAPER_PARAMS_M))
+def test_vdvae_presets_keep_the_paper_parameter_counts(name):
+    assert round(parameter_count(preset(name)) / 1e6) == VDVAE_PAPER_PARAMS_M[name]
+
+
+@pytest.mark.parametrize("name", [name for name, config in EFFICIENT_VDVAE.items() if config["paper"]])
+def test_the_closed_form_count_of_efficient_vdvae_matches_its_paper(name):
+    """The oracle below counts Efficient-VDVAE's own model: within 5% of the paper's Table 3 (all within 1%)."""
+    config = EFFICIENT_VDVAE[name]
+    assert efficient_vdvae_count(config, "every block") == pytest.approx(config["paper"], rel=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(EFFICIENT_VDVAE))
+def test_effvdvae_presets_build_its_layers_linked_once_per_resolution(name):
+    """The preset's model is Efficient-VDVAE's, linked once per resolution, plus VDVAE's 3x3 (not 1x1) input
+    convolution and its final per-channel gain and bias. The released configs link every encoder block: their
+    extra skip projections are the whole gap to the paper's count."""
+    config = EFFICIENT_VDVAE[name]
+    width = config["width"][0]
+    vdvae_parts = 3 * width * (9 - 1) + 2 * width
+    count = parameter_count(_architecture(name))
+    assert count == efficient_vdvae_count(config, "per resolution") + vdvae_parts
+    if config["paper"]:
+        missing = efficient_vdvae_count(config, "every block") - efficient_vdvae_count(config, "per resolution")
+        assert count + missing - vdvae_parts == pytest.approx(config["paper"], rel=0.05)
+
+
+def test_parameter_counts_print_on_the_command_line():
+    names = ["cifar10", "effvdvae_cifar10"]
+    result = subprocess.run(
+        [sys.executable, "-m", "vdvae_fast.hparams", "--params", *names], capture_output=True, text=True, check=True
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    for name, line in zip(names, lines, strict=True):
+        assert line.split()[0] == name
+        assert f"{parameter_count(_architecture(name)):,} parameters" in line
+    bad = subprocess.run(
+        [sys.executable, "-m", "vdvae_fast.hparams", "--params", "nope"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(EFFICIENT_VDVAE))
+def test_effvdvae_presets_hold_its_layer_counts_widths_and_latents(name):
+    config, H = EFFICIENT_VDVAE[name], preset(name)
+    vae_depth = sum(config["dec"])
+    with torch.device("meta"):
+        vae = VAE(_architecture(name))
+    assert len(vae.decoder.dec_blocks) == vae_depth and len(vae.encoder.enc_blocks) == sum(config["enc"])
+    for r, w, n_dec in zip(config["res"], config["width"], config["dec"], strict=True):
+        blocks = [block for block in vae.decoder.dec_blocks if block.base == r]
+        assert len(blocks) == n_dec and {block.width for block in blocks} == {w}
+    assert H.zdim == config["zdim"] and H.image_size == config["res"][0]
+    middles = middle_widths(H)
+    assert [middles[r] for r in config["res"]] == [
+        int(w * q) for w, q in zip(config["width"], config["ratio"], strict=True)
+    ]
+    validate(_architecture(name))
+
+
+# Efficient-VDVAE's optimization in its configs ([optimizer], [loss], [model] gradient smoothing, [train]).
+EFFICIENT_TRAINING = {
+    "optimizer": "adamax", "lr": 1e-3, "adam_beta1": 0.9, "adam_beta2": 0.999, "warmup_iters": 100,
+    "lr_schedule": "cosine", "lr_decay_start": 50000, "lr_decay_steps": 750000, "lr_min": 2e-4,
+    "skip_threshold": 800.0, "ema_rate": 0.9999, "max_iters": 800000, "gradient_smoothing": True,
+    "gradient_smoothing_beta": math.log(2.0), "dmol_log_scale_min": -250.0, "kl_warmup_start": 1e-4,
+    "kl_warmup_iters": 5042,
+}  # fmt: skip
+# Its batch sizes ([train] batch_size), weight decay and output-layer scales per config.
+EFFICIENT_PER_CONFIG = {
+    "effvdvae_cifar10": {"n_batch": 32, "wd": 0.01, "dmol_gradient_smoothing": True},
+    "effvdvae_imagenet32": {"n_batch": 64, "wd": 0.0, "dmol_gradient_smoothing": False},
+    "effvdvae_imagenet64": {"n_batch": 32, "wd": 0.0, "dmol_gradient_smoothing": False},
+    "effvdvae_cifar10_baseline": {"n_batch": 32, "wd": 0.01, "dmol_gradient_smoothing": True},
+    "effvdvae_imagenet32_baseline": {"n_batch": 64, "wd": 0.0, "dmol_gradient_smoothing": True},
+    "effvdvae_imagenet64_baseline": {"n_batch": 32, "wd": 0.0, "dmol_gradient_smoothing": True},
+}
+
+
+def _preset_data(name: str) -> dict:
+    """Every value the preset names, its parents' first, including fields this build may not have yet."""
+    parent, changes = _PRESETS[name]
+    return {**(_preset_data(parent) if parent else {}), **changes}
+
+
+@pytest.mark.parametrize("name", sorted(EFFICIENT_PER_CONFIG))
+def test_effvdvae_presets_hold_its_optimization(name):
+    data, H = _preset_data(name), preset(name)
+    for key, value in {**EFFICIENT_TRAINING, **EFFICIENT_PER_CONFIG[name]}.items():
+        assert (data[key] if key in data else FIELDS[key].default) == value, key
+        if key in FIELDS:  # fields of other options reach H once they are rows of FIELDS
+            assert H[key] == value, key
+    assert {key for key in data if key not in FIELDS} <= set(_FIELDS_OF_OTHER_OPTIONS)  # no misspelt key
+
+
+# ----------------------------------------------------------------------------------------------------
+# The switches
+# ----------------------------------------------------------------------------------------------------
+
+
+def _tiny(**changes) -> Hyperparams:
+    H = preset("tiny")
+    H.update({"backend": "reference", **changes})
+    return H
+
+
+def _batch(size=8):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, size, size, 3, generator=gen)
+    x_target = torch.randint(0, 256, (2, size, size, 3), generator=gen).float() / 127.5 - 1.0
+    return x, x_target
+
+
+EFFICIENT_SWITCHES = {
+    "width_change": "conv",
+    "skip_projection": True,
+    "gaussian_heads": True,
+    "custom_width_str": "4:24,1:32",
+    "custom_bottleneck_str": "8:1.0,4:0.5",
+}
+
+
+def test_conv_width_change_pools_and_unpools_with_convolutions():
+    with torch.device("meta"):
+        vae = VAE(_tiny(**EFFICIENT_SWITCHES))
+    shapes = {key: tuple(value.shape) for key, value in vae.state_dict().items()}
+    # tiny: encoder 8x2,8d2,4x2,4d4,1x1 (widths 16, 24, 32), decoder 1x1,4m1,4x2,8m4,8x2
+    assert shapes["encoder.enc_blocks.2.pool.weight"] == (24, 16, 2, 2)
+    assert shapes["encoder.enc_blocks.5.pool.weight"] == (32, 24, 4, 4)
+    assert shapes["decoder.dec_blocks.1.unpool.weight"] == (24, 32, 1, 1)
+    assert shapes["decoder.dec_blocks.4.unpool.weight"] == (16, 24, 1, 1)
+    assert {key for key in shapes if ".pool." in key} == {
+        f"encoder.enc_blocks.{i}.pool.{p}" for i in (2, 5) for p in ("weight", "bias")
+    }
+    assert {key for key in shapes if "skip_projections" in key} == {
+        f"encoder.skip_projections.{r}.{p}" for r in (1, 4, 8) for p in ("weight", "bias")
+    }
+    assert shapes["decoder.dec_blocks.3.enc.c4.weight"] == (24, 12, 1, 1)  # posterior: stream-width features
+    assert shapes["decoder.dec_blocks.3.enc.head.weight"] == (8, 24, 1, 1)  # then mean and scale of 4 latents
+    assert shapes["decoder.dec_blocks.3.prior.c4.weight"] == (48, 12, 1, 1)  # prior: features and head input
+    assert shapes["decoder.dec_blocks.3.prior.head.weight"] == (8, 24, 1, 1)
+    assert shapes["decoder.dec_blocks.5.enc.c1.weight"] == (16, 32, 1, 1)  # bottleneck multiple 1.0 at 8x8
+
+
+def test_conv_pooling_and_unpooling_compute_what_they_say():
+    torch.manual_seed(0)
+    vae = VAE(_tiny(**EFFICIENT_SWITCHES))
+    block = vae.encoder.enc_blocks[2]
+    x = torch.randn(2, 16, 8, 8)
+    residual = x + block.c4(torch.nn.functional.gelu(block.c3(torch.nn.functional.gelu(
+        block.c2(torch.nn.functional.gelu(block.c1(torch.nn.functional.gelu(x))))))))  # fmt: skip
+    # The pooling convolution by hand: each output pixel sums its 2x2 patch against the weights.
+    patches = residual.unfold(2, 2, 2).unfold(3, 2, 2)  # (B, C, 4, 4, 2, 2)
+    pooled = torch.einsum("bchwij,ocij->bohw", patches, block.pool.weight) + block.pool.bias[:, None, None]
+    torch.testing.assert_close(block(x), torch.where(pooled > 0, pooled, 0.1 * pooled))
+
+    dec = vae.decoder.dec_blocks[4]  # 8m4
+    state, upper = torch.randn(2, 16, 8, 8), torch.randn(2, 24, 4, 4)
+    projected = torch.einsum("bchw,oc->bohw", upper, dec.unpool.weight[:, :, 0, 0]) + dec.unpool.bias[:, None, None]
+    projected = torch.where(projected > 0, projected, 0.1 * projected)
+    expected = state + projected.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    torch.testing.assert_close(dec._mix(state, upper), expected)
+
+
+def test_gaussian_heads_put_the_mean_and_scale_first():
+    torch.manual_seed(0)
+    vae = VAE(_tiny(**EFFICIENT_SWITCHES))
+    prior = vae.decoder.dec_blocks[3].prior
+    torch.nn.init.normal_(prior.c4.weight)  # undo the zero start, so that both halves carry values
+    x = torch.randn(2, 24, 4, 4)
+    h = prior.c4(torch.nn.functional.gelu(prior.c3(torch.nn.functional.gelu(
+        prior.c2(torch.nn.functional.gelu(prior.c1(torch.nn.functional.gelu(x))))))))  # fmt: skip
+    out = prior(x)
+    assert out.shape == (2, 8 + 24, 4, 4)
+    torch.testing.assert_close(out[:, :8], prior.head(h[:, 24:]))
+    torch.testing.assert_close(out[:, 8:], h[:, :24])
+
+
+def test_every_switch_trains_and_samples():
+    torch.manual_seed(0)
+    vae = VAE(_tiny(**EFFICIENT_SWITCHES))
+    out = vae(*_batch())
+    out["elbo"].backward()
+    assert torch.isfinite(out["elbo"])
+    grads = {name: p.grad for name, p in vae.named_parameters()}
+    for name in ("encoder.enc_blocks.2.pool.weight", "encoder.skip_projections.8.weight",
+                 "decoder.dec_blocks.4.unpool.weight", "decoder.dec_blocks.3.enc.head.weight"):  # fmt: skip
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    assert vae.forward_uncond_samples(2, t=0.5).shape == (2, 8, 8, 3)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"custom_bottleneck_str": "8:0.01"}, "resolution 8 have width 16 and bottleneck multiple 0.01"),
+        ({"custom_bottleneck_str": "8:1,x"}, "bad token 'x' at position 2"),
+        ({"custom_bottleneck_str": "8:1,8:2"}, "resolution 8 already has a bottleneck multiple"),
+        ({"width_change": "slice"}, "--width_change must be one of pad, conv"),
+    ],
+)
+def test_bad_architecture_values_are_refused_clearly(changes, message):
+    with pytest.raises(ValueError, match=message):
+        validate(_tiny(**changes))
+        VAE(_tiny(**changes))
+
+
+def test_parse_bottleneck_string():
+    assert parse_bottleneck_string("") == {}
+    assert parse_bottleneck_string("32:1.0,16:.5,8:2e-1") == {32: 1.0, 16: 0.5, 8: 0.2}
+    for text in ("32:0", "32:-1", "0:1", "32"):
+        with pytest.raises(ValueError, match="expected R:B with a resolution R >= 1 and a bottleneck multiple B"):
+            parse_bottleneck_string(text)
+
+
+def test_the_switches_are_architecture_keys_and_off_by_default():
+    for key, default in [("width_change", "pad"), ("custom_bottleneck_str", ""), ("skip_projection", False),
+                         ("gaussian_heads", False)]:  # fmt: skip
+        assert key in ARCHITECTURE_KEYS and FIELDS[key].default == default
+
+
+# ----------------------------------------------------------------------------------------------------
+# VDVAE unchanged
+# ----------------------------------------------------------------------------------------------------
+
+# Computed by the model before these switches existed (commit cf67460) on this repository's development CPU:
+# the SHA-256 of the initial state dict (keys and float32 bytes) at torch.manual_seed(0), and, with one thread,
+# the ELBO, distortion and rate (float.hex) and the SHA-256 of kl_per_layer's bytes (first 16 hex digits) of a
+# forward pass on the fixed batch of _batch() after torch.manual_seed(2), reference backend. The same code as
+# _fingerprint, run on that commit.
+BEFORE_THE_SWITCHES = {
+    "tiny": ("0cc88a67b9b6151570843d9ef3d13483eb9020e22784a29b5a2f15fe0426ac06",
+             ("0x1.91d3600000000p+2", "0x1.91d2420000000p+2", "0x1.1d3d400000000p-14"), "e0ab97c757d7352d"),
+    "demo": ("c130dde9447dae4c799da81ed7fef4b5675cf91a7267c5e05faf0f23033254ef",
+             ("0x1.9367a80000000p+2", "0x1.9362500000000p+2", "0x1.55ffe60000000p-12"), "434c188e765d7e83"),
+}  # fmt: skip
+
+
+def _fingerprint(name: str):
+    H = preset(name)
+    H.backend = "reference"
+    torch.manual_seed(0)
+    vae = VAE(H)
+    digest = hashlib.sha256()
+    for key, value in vae.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.numpy().tobytes())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(2)
+        out = vae(*_batch(H.image_size))
+    finally:
+        torch.set_num_threads(threads)
+    losses = tuple(out[key].item().hex() for key in ("elbo", "distortion", "rate"))
+    kl = hashlib.sha256(out["kl_per_layer"].detach().numpy().tobytes()).hexdigest()[:16]
+    return digest.hexdigest(), losses, kl
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE_THE_SWITCHES))
+def test_with_the_switches_off_the_model_is_bit_identical_to_before(name):
+    assert _fingerprint(name) == BEFORE_THE_SWITCHES[name]
