@@ -375,3 +375,12 @@ def _fingerprint(name: str):
 @pytest.mark.parametrize("name", sorted(BEFORE_THE_SWITCHES))
 def test_with_the_switches_off_the_model_is_bit_identical_to_before(name):
     assert _fingerprint(name) == BEFORE_THE_SWITCHES[name]
+
+
+def test_hyperparameters_saved_before_the_switches_build_vdvae():
+    """Checkpoints written before these fields existed carry no value for them: the model reads the defaults."""
+    new = ("width_change", "custom_bottleneck_str", "skip_projection", "gaussian_heads")
+    saved = Hyperparams({key: value for key, value in _tiny().items() if key not in new})
+    with torch.device("meta"):
+        before, now = VAE(saved), VAE(_tiny())
+    assert {k: v.shape for k, v in before.state_dict().items()} == {k: v.shape for k, v in now.state_dict().items()}
