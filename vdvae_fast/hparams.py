@@ -473,7 +473,7 @@ _PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
     # egs/<dataset>_baseline.cfg: its layer distribution (paper Table 6), widths, bottlenecks, latent sizes, batch
     # sizes and optimization. n_batch is its global batch (1, 2 and 4 GPUs shared it: divide by the processes).
     # Its encoder and decoder blocks are linked once per resolution here, as in VDVAE (its configs link every
-    # encoder block to a decoder block, with one skip projection each: 6-8% more parameters; the paper's C.2
+    # encoder block to a decoder block, with one skip projection each: 6-9% more parameters; the paper's C.2
     # found no difference in NLL). Its gradient norms are never clipped: grad_clip = skip_threshold clips no
     # update that is applied. Its KL warm-up, (step - 21) / 5021 clamped to [1e-4, 1], is nearly linear over 5042
     # updates; its per-layer KL balancing (NVAE's gamma) and SiLU activations are not reproduced.
@@ -506,7 +506,7 @@ _PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
             "ema_rate": 0.9999,
             "max_iters": 800000,
             "gradient_smoothing": True,
-            "gradient_smoothing_beta": math.log(2.0),
+            "gradient_smoothing_beta": SOFTPLUS_BETA,
             "dmol_gradient_smoothing": True,
             "dmol_log_scale_min": -250.0,
             "kl_warmup_start": 0.0001,
