@@ -167,6 +167,7 @@ def test_effvdvae_presets_hold_its_layer_counts_widths_and_latents(name):
         blocks = [block for block in vae.decoder.dec_blocks if block.base == r]
         assert len(blocks) == n_dec and {block.width for block in blocks} == {w}
     assert H.zdim == config["zdim"] and H.image_size == config["res"][0]
+    assert (H.width_change, H.skip_projection, H.gaussian_heads, H.activation) == ("conv", True, True, "silu")
     middles = middle_widths(H)
     assert [middles[r] for r in config["res"]] == [
         int(w * q) for w, q in zip(config["width"], config["ratio"], strict=True)
@@ -233,6 +234,7 @@ EFFICIENT_SWITCHES = {
     "gaussian_heads": True,
     "custom_width_str": "4:24,1:32",
     "custom_bottleneck_str": "8:1.0,4:0.5",
+    "activation": "silu",
 }
 
 
@@ -258,13 +260,19 @@ def test_conv_width_change_pools_and_unpools_with_convolutions():
     assert shapes["decoder.dec_blocks.5.enc.c1.weight"] == (16, 32, 1, 1)  # bottleneck multiple 1.0 at 8x8
 
 
+def _convs_after_silu(block, x):
+    """c4(silu(c3(silu(c2(silu(c1(silu(x)))))))): the block's convolutions with activation silu."""
+    for conv in (block.c1, block.c2, block.c3, block.c4):
+        x = conv(torch.nn.functional.silu(x))
+    return x
+
+
 def test_conv_pooling_and_unpooling_compute_what_they_say():
     torch.manual_seed(0)
     vae = VAE(_tiny(**EFFICIENT_SWITCHES))
     block = vae.encoder.enc_blocks[2]
     x = torch.randn(2, 16, 8, 8)
-    residual = x + block.c4(torch.nn.functional.gelu(block.c3(torch.nn.functional.gelu(
-        block.c2(torch.nn.functional.gelu(block.c1(torch.nn.functional.gelu(x))))))))  # fmt: skip
+    residual = x + _convs_after_silu(block, x)
     # The pooling convolution by hand: each output pixel sums its 2x2 patch against the weights.
     patches = residual.unfold(2, 2, 2).unfold(3, 2, 2)  # (B, C, 4, 4, 2, 2)
     pooled = torch.einsum("bchwij,ocij->bohw", patches, block.pool.weight) + block.pool.bias[:, None, None]
@@ -284,8 +292,7 @@ def test_gaussian_heads_put_the_mean_and_scale_first():
     prior = vae.decoder.dec_blocks[3].prior
     torch.nn.init.normal_(prior.c4.weight)  # undo the zero start, so that both halves carry values
     x = torch.randn(2, 24, 4, 4)
-    h = prior.c4(torch.nn.functional.gelu(prior.c3(torch.nn.functional.gelu(
-        prior.c2(torch.nn.functional.gelu(prior.c1(torch.nn.functional.gelu(x))))))))  # fmt: skip
+    h = _convs_after_silu(prior, x)
     out = prior(x)
     assert out.shape == (2, 8 + 24, 4, 4)
     torch.testing.assert_close(out[:, :8], prior.head(h[:, 24:]))
@@ -330,7 +337,7 @@ def test_parse_bottleneck_string():
 
 def test_the_switches_are_architecture_keys_and_off_by_default():
     for key, default in [("width_change", "pad"), ("custom_bottleneck_str", ""), ("skip_projection", False),
-                         ("gaussian_heads", False)]:  # fmt: skip
+                         ("gaussian_heads", False), ("activation", "gelu")]:  # fmt: skip
         assert key in ARCHITECTURE_KEYS and FIELDS[key].default == default
 
 
@@ -379,7 +386,7 @@ def test_with_the_switches_off_the_model_is_bit_identical_to_before(name):
 
 def test_hyperparameters_saved_before_the_switches_build_vdvae():
     """Checkpoints written before these fields existed carry no value for them: the model reads the defaults."""
-    new = ("width_change", "custom_bottleneck_str", "skip_projection", "gaussian_heads")
+    new = ("width_change", "custom_bottleneck_str", "skip_projection", "gaussian_heads", "activation")
     saved = Hyperparams({key: value for key, value in _tiny().items() if key not in new})
     with torch.device("meta"):
         before, now = VAE(saved), VAE(_tiny())

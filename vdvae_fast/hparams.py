@@ -127,6 +127,8 @@ FIELDS: dict[str, Field] = {
     "gaussian_heads": Field(False, "the posterior and prior blocks end in stream-width features and a 1x1 "
                             "convolution maps them to the mean and scale of z (Efficient-VDVAE); off: the blocks "
                             "emit them directly (VDVAE)"),
+    "activation": Field("gelu", "the nonlinearity before each convolution of the residual blocks: gelu (VDVAE) or "
+                        "silu (Efficient-VDVAE)", choices=("gelu", "silu")),
     "bottleneck_multiple": Field(0.25, "width inside each residual block, as a fraction of the stream's width",
                                  valid=_POSITIVE),
     "no_bias_above": Field(64, "learned initial decoder states at resolutions up to this one; zeros above",
@@ -476,7 +478,7 @@ _PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
     # encoder block to a decoder block, with one skip projection each: 6-9% more parameters; the paper's C.2
     # found no difference in NLL). Its gradient norms are never clipped: grad_clip = skip_threshold clips no
     # update that is applied. Its KL warm-up, (step - 21) / 5021 clamped to [1e-4, 1], is nearly linear over 5042
-    # updates; its per-layer KL balancing (NVAE's gamma) and SiLU activations are not reproduced.
+    # updates; its per-layer KL balancing (NVAE's gamma) is not reproduced.
     "effvdvae_cifar10": (
         None,
         {
@@ -488,6 +490,7 @@ _PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
             "width_change": "conv",
             "skip_projection": True,
             "gaussian_heads": True,
+            "activation": "silu",
             "zdim": 16,
             "enc_blocks": "32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3",
             "dec_blocks": "1x3,4m1,4x3,8m4,8x6,16m8,16x10,32m16,32x21",
@@ -879,7 +882,7 @@ def validate(H: Hyperparams) -> None:
 ARCHITECTURE_KEYS = (
     "enc_blocks", "dec_blocks", "width", "zdim", "custom_width_str", "bottleneck_multiple", "no_bias_above",
     "num_mixtures", "image_size", "image_channels", "width_change", "custom_bottleneck_str", "skip_projection",
-    "gaussian_heads",
+    "gaussian_heads", "activation",
 )  # fmt: skip
 # Keys that only say where an invocation runs or what it restores: never reported as changed on resume.
 INVOCATION_KEYS = (

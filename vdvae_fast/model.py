@@ -77,11 +77,13 @@ def _same_dtype(*tensors: Tensor) -> list[Tensor]:
 
 # Negative slope of the leaky ReLU after Efficient-VDVAE's pooling and unpooling convolutions (width_change conv).
 LEAKY_SLOPE = 0.1
+# The nonlinearity before each convolution of a Block (hyperparameter activation): VDVAE's, Efficient-VDVAE's.
+ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}
 
 
 class Block(nn.Module):
-    """Bottleneck residual block: GELU before each of 1x1 -> 3x3 -> 3x3 -> 1x1 (the 3x3s are 1x1 at
-    resolutions <= 2), optionally residual, optionally followed by pooling by down_rate: average pooling, or,
+    """Bottleneck residual block: GELU (or another of ACTIVATIONS) before each of 1x1 -> 3x3 -> 3x3 -> 1x1
+    (the 3x3s are 1x1 at resolutions <= 2), optionally residual, optionally followed by pooling by down_rate: average pooling, or,
     given pool_width, Efficient-VDVAE's down_rate x down_rate convolution of that stride to pool_width
     channels and a leaky ReLU.
 
@@ -101,10 +103,12 @@ class Block(nn.Module):
         zero_last: bool = False,
         pool_width: int | None = None,
         head: tuple[int, int] | None = None,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         self.down_rate = down_rate
         self.residual = residual
+        self.activation = ACTIVATIONS[activation]
         kernel = 3 if use_3x3 else 1
         self.c1 = _conv(in_width, middle_width, 1)
         self.c2 = _conv(middle_width, middle_width, kernel)
@@ -118,10 +122,10 @@ class Block(nn.Module):
                 self.pool.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.c1(F.gelu(x))
-        h = self.c2(F.gelu(h))
-        h = self.c3(F.gelu(h))
-        h = self.c4(F.gelu(h))
+        h = self.c1(self.activation(x))
+        h = self.c2(self.activation(h))
+        h = self.c3(self.activation(h))
+        h = self.c4(self.activation(h))
         out = x + h if self.residual else h
         if self.head is not None:
             kept = out.shape[1] - self.head.in_channels
@@ -143,15 +147,14 @@ class Encoder(nn.Module):
         self.widths = resolution_widths(H)
         middles = middle_widths(H)
         pool_by_conv = H.get("width_change", "pad") == "conv"
+        block = functools.partial(Block, residual=True, activation=H.get("activation", "gelu"))
         self.in_conv = _conv(H.image_channels, H.width, 3)
         layers = parse_layer_string(H.enc_blocks, "encoder")
         blocks = []
         for res, down_rate in layers:
             width = self.widths[res]
             pool_width = self.widths[res // down_rate] if pool_by_conv and down_rate else None
-            blocks.append(
-                Block(width, middles[res], width, down_rate, residual=True, use_3x3=res > 2, pool_width=pool_width)
-            )
+            blocks.append(block(width, middles[res], width, down_rate, use_3x3=res > 2, pool_width=pool_width))
             _scale_by_depth(blocks[-1].c4, len(layers))
         self.enc_blocks = nn.ModuleList(blocks)
         self.skip_projections = None
@@ -198,15 +201,15 @@ class DecBlock(nn.Module):
             "beta": H.get("gradient_smoothing_beta", reference.SOFTPLUS_BETA),
         }
         self.posterior = H.get("posterior", "direct")
-        use_3x3 = res > 2
+        block = functools.partial(Block, use_3x3=res > 2, activation=H.get("activation", "gelu"))
         if H.get("gaussian_heads", False):  # stream-width features, then a 1x1 conv to z's mean and scale
-            self.enc = Block(width * 2, middle, width, use_3x3=use_3x3, head=(width, H.zdim * 2))
-            self.prior = Block(width, middle, width * 2, use_3x3=use_3x3, zero_last=True, head=(width, H.zdim * 2))
+            self.enc = block(width * 2, middle, width, head=(width, H.zdim * 2))
+            self.prior = block(width, middle, width * 2, zero_last=True, head=(width, H.zdim * 2))
         else:
-            self.enc = Block(width * 2, middle, H.zdim * 2, use_3x3=use_3x3)
-            self.prior = Block(width, middle, H.zdim * 2 + width, use_3x3=use_3x3, zero_last=True)
+            self.enc = block(width * 2, middle, H.zdim * 2)
+            self.prior = block(width, middle, H.zdim * 2 + width, zero_last=True)
         self.z_proj = _conv(H.zdim, width, 1)
-        self.resnet = Block(width, middle, width, residual=True, use_3x3=use_3x3)
+        self.resnet = block(width, middle, width, residual=True)
         self.unpool = None
         if mixin is not None and H.get("width_change", "pad") == "conv":
             self.unpool = _conv(widths[mixin], width, 1)
