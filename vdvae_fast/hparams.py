@@ -13,6 +13,7 @@ import argparse
 import math
 import numbers
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -923,22 +924,23 @@ def parameter_count(H: Hyperparams) -> int:
     return sum(parameter.numel() for parameter in vae.parameters())
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Print the hyperparameter table, or with --params the parameter count of each named preset."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m vdvae_fast.hparams") -> int:
+    """Print the hyperparameter table, or with --params the parameter count of each named preset; returns the
+    exit status (argparse exits with 2 for a bad flag)."""
     parser = argparse.ArgumentParser(
-        prog="python -m vdvae_fast.hparams",
-        description="Print every hyperparameter (flag, default, valid values, meaning) as a Markdown table.",
+        prog=prog, description="Print every hyperparameter (flag, default, valid values, meaning) as a Markdown table."
     )
     parser.add_argument("--params", nargs="+", choices=PRESETS, metavar="PRESET",
                         help=f"print the parameter count of each preset instead ({', '.join(PRESETS)})")  # fmt: skip
     args = parser.parse_args(argv)
     if not args.params:
         print(reference_table())
-        return
+        return 0
     for name in args.params:
         count = parameter_count(preset(name))
         print(f"{name:<{max(map(len, args.params))}}  {count:>13,} parameters ({count / 1e6:.1f}M)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
