@@ -243,12 +243,12 @@ def test_conv_width_change_pools_and_unpools_with_convolutions():
         vae = VAE(_tiny(**EFFICIENT_SWITCHES))
     shapes = {key: tuple(value.shape) for key, value in vae.state_dict().items()}
     # tiny: encoder 8x2,8d2,4x2,4d4,1x1 (widths 16, 24, 32), decoder 1x1,4m1,4x2,8m4,8x2
-    assert shapes["encoder.enc_blocks.2.pool.weight"] == (24, 16, 2, 2)
-    assert shapes["encoder.enc_blocks.5.pool.weight"] == (32, 24, 4, 4)
+    assert shapes["encoder.pools.2.weight"] == (24, 16, 2, 2)
+    assert shapes["encoder.pools.5.weight"] == (32, 24, 4, 4)
     assert shapes["decoder.dec_blocks.1.unpool.weight"] == (24, 32, 1, 1)
     assert shapes["decoder.dec_blocks.4.unpool.weight"] == (16, 24, 1, 1)
-    assert {key for key in shapes if ".pool." in key} == {
-        f"encoder.enc_blocks.{i}.pool.{p}" for i in (2, 5) for p in ("weight", "bias")
+    assert {key for key in shapes if "pool" in key and "unpool" not in key} == {
+        f"encoder.pools.{i}.{p}" for i in (2, 5) for p in ("weight", "bias")
     }
     assert {key for key in shapes if "skip_projections" in key} == {
         f"encoder.skip_projections.{r}.{p}" for r in (1, 4, 8) for p in ("weight", "bias")
@@ -270,13 +270,21 @@ def _convs_after_silu(block, x):
 def test_conv_pooling_and_unpooling_compute_what_they_say():
     torch.manual_seed(0)
     vae = VAE(_tiny(**EFFICIENT_SWITCHES))
-    block = vae.encoder.enc_blocks[2]
-    x = torch.randn(2, 16, 8, 8)
-    residual = x + _convs_after_silu(block, x)
+    encoder, seen = vae.encoder, {}
+    encoder.enc_blocks[2].register_forward_hook(lambda module, args, out: seen.update(block_2=(args[0], out)))
+    encoder.enc_blocks[3].register_forward_pre_hook(lambda module, args: seen.update(block_3=args[0]))
+    activations = encoder(_batch()[0].permute(0, 3, 1, 2))
+    x, out = seen["block_2"]  # 8d2: the last block at 8x8, then the pooling to 4x4
+    torch.testing.assert_close(out, x + _convs_after_silu(encoder.enc_blocks[2], x))
     # The pooling convolution by hand: each output pixel sums its 2x2 patch against the weights.
-    patches = residual.unfold(2, 2, 2).unfold(3, 2, 2)  # (B, C, 4, 4, 2, 2)
-    pooled = torch.einsum("bchwij,ocij->bohw", patches, block.pool.weight) + block.pool.bias[:, None, None]
-    torch.testing.assert_close(block(x), torch.where(pooled > 0, pooled, 0.1 * pooled))
+    pool = encoder.pools["2"]
+    patches = out.unfold(2, 2, 2).unfold(3, 2, 2)  # (B, C, 4, 4, 2, 2)
+    pooled = torch.einsum("bchwij,ocij->bohw", patches, pool.weight) + pool.bias[:, None, None]
+    torch.testing.assert_close(seen["block_3"], torch.where(pooled > 0, pooled, 0.1 * pooled))
+    # The posteriors at 8x8 read the pooling block's own output (before pooling), projected.
+    projection = encoder.skip_projections["8"]
+    expected = torch.einsum("bchw,oc->bohw", out, projection.weight[:, :, 0, 0]) + projection.bias[:, None, None]
+    torch.testing.assert_close(activations[8], expected)
 
     dec = vae.decoder.dec_blocks[4]  # 8m4
     state, upper = torch.randn(2, 16, 8, 8), torch.randn(2, 24, 4, 4)
@@ -306,7 +314,7 @@ def test_every_switch_trains_and_samples():
     out["elbo"].backward()
     assert torch.isfinite(out["elbo"])
     grads = {name: p.grad for name, p in vae.named_parameters()}
-    for name in ("encoder.enc_blocks.2.pool.weight", "encoder.skip_projections.8.weight",
+    for name in ("encoder.pools.2.weight", "encoder.skip_projections.8.weight",
                  "decoder.dec_blocks.4.unpool.weight", "decoder.dec_blocks.3.enc.head.weight"):  # fmt: skip
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     assert vae.forward_uncond_samples(2, t=0.5).shape == (2, 8, 8, 3)

@@ -83,9 +83,7 @@ ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}
 
 class Block(nn.Module):
     """Bottleneck residual block: GELU (or another of ACTIVATIONS) before each of 1x1 -> 3x3 -> 3x3 -> 1x1
-    (the 3x3s are 1x1 at resolutions <= 2), optionally residual, optionally followed by pooling by down_rate: average pooling, or,
-    given pool_width, Efficient-VDVAE's down_rate x down_rate convolution of that stride to pool_width
-    channels and a leaky ReLU.
+    (the 3x3s are 1x1 at resolutions <= 2), optionally residual, optionally followed by average pooling.
 
     head (n_in, n_out): a 1x1 convolution maps the last n_in output channels to n_out channels that come
     first, before the remaining ones (Efficient-VDVAE's Gaussian layer: z's mean and scale, then any features
@@ -101,7 +99,6 @@ class Block(nn.Module):
         residual: bool = False,
         use_3x3: bool = True,
         zero_last: bool = False,
-        pool_width: int | None = None,
         head: tuple[int, int] | None = None,
         activation: str = "gelu",
     ) -> None:
@@ -115,11 +112,6 @@ class Block(nn.Module):
         self.c3 = _conv(middle_width, middle_width, kernel)
         self.c4 = _conv(middle_width, out_width, 1, zero_weights=zero_last)
         self.head = None if head is None else _conv(*head, 1)
-        self.pool = None
-        if pool_width is not None:
-            self.pool = nn.Conv2d(out_width, pool_width, down_rate, stride=down_rate)
-            with torch.no_grad():
-                self.pool.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.c1(self.activation(x))
@@ -130,17 +122,21 @@ class Block(nn.Module):
         if self.head is not None:
             kept = out.shape[1] - self.head.in_channels
             out = torch.cat([self.head(out[:, kept:]), out[:, :kept]], dim=1)
-        if self.pool is not None:
-            out = F.leaky_relu(self.pool(out), LEAKY_SLOPE)
-        elif self.down_rate is not None:
+        if self.down_rate is not None:
             out = F.avg_pool2d(out, kernel_size=self.down_rate, stride=self.down_rate)
         return out
 
 
 class Encoder(nn.Module):
-    """The bottom-up pass: a 3x3 input conv, then residual Blocks with pooling between resolutions
-    (width_change). Returns the last activation at each resolution, which the decoder's posteriors read,
-    through a 1x1 projection if skip_projection."""
+    """The bottom-up pass: a 3x3 input conv, then residual Blocks with pooling between resolutions. Returns
+    the last activation at each resolution, which the decoder's posteriors read, through a 1x1 projection if
+    skip_projection.
+
+    width_change pad (VDVAE): a block that pools ("RdK") averages its output, and the activation read at its
+    resolution is the previous block's. conv (Efficient-VDVAE): that block's output is read, then pooled by a
+    KxK convolution of stride K to the next resolution's width (pools, keyed by the block's index) and a
+    leaky ReLU.
+    """
 
     def __init__(self, H: Hyperparams) -> None:
         super().__init__()
@@ -150,13 +146,17 @@ class Encoder(nn.Module):
         block = functools.partial(Block, residual=True, activation=H.get("activation", "gelu"))
         self.in_conv = _conv(H.image_channels, H.width, 3)
         layers = parse_layer_string(H.enc_blocks, "encoder")
-        blocks = []
-        for res, down_rate in layers:
+        blocks, pools = [], {}
+        for index, (res, down_rate) in enumerate(layers):
             width = self.widths[res]
-            pool_width = self.widths[res // down_rate] if pool_by_conv and down_rate else None
-            blocks.append(block(width, middles[res], width, down_rate, use_3x3=res > 2, pool_width=pool_width))
+            blocks.append(block(width, middles[res], width, None if pool_by_conv else down_rate, use_3x3=res > 2))
             _scale_by_depth(blocks[-1].c4, len(layers))
+            if pool_by_conv and down_rate:
+                pools[str(index)] = nn.Conv2d(width, self.widths[res // down_rate], down_rate, stride=down_rate)
+                with torch.no_grad():
+                    pools[str(index)].bias.zero_()
         self.enc_blocks = nn.ModuleList(blocks)
+        self.pools = nn.ModuleDict(pools) if pool_by_conv else None
         self.skip_projections = None
         if H.get("skip_projection", False):
             read = sorted({res for res, _ in parse_layer_string(H.dec_blocks, "decoder")})
@@ -168,12 +168,15 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> dict[int, Tensor]:
         x = self.in_conv(x)
         activations = {x.shape[2]: x}
-        for block in self.enc_blocks:
+        for index, block in enumerate(self.enc_blocks):
             x = _run(block, self.grad_checkpoint, x)
             res = x.shape[2]
             if x.shape[1] < self.widths[res]:  # widths grow after pooling (custom_width_str): zero channels
                 x = F.pad(x, (0, 0, 0, 0, 0, self.widths[res] - x.shape[1]))
             activations[res] = x
+            if self.pools is not None and str(index) in self.pools:
+                x = F.leaky_relu(self.pools[str(index)](x), LEAKY_SLOPE)
+                activations[x.shape[2]] = x
         if self.skip_projections is not None:
             activations = {int(res): project(activations[int(res)]) for res, project in self.skip_projections.items()}
         return activations
