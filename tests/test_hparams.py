@@ -272,3 +272,11 @@ def test_changed_since_separates_architecture_from_the_rest():
     architecture, others = changed_since(saved, now)
     assert architecture == {"width": (16, 32)}
     assert others == {"lr": (saved.lr, 0.1)}  # max_iters and device say where this invocation runs
+
+
+def test_a_key_a_checkpoint_predates_counts_as_its_default():
+    current = preset("tiny")
+    saved = {key: value for key, value in current.items() if key not in ("width_change", "gradient_smoothing")}
+    assert changed_since(saved, current) == ({}, {})
+    current["width_change"] = "conv"
+    assert changed_since(saved, current)[0] == {"width_change": ("pad", "conv")}

@@ -38,13 +38,9 @@ def _latents(argv: Sequence[str]) -> int:
 
 
 def _hparams(argv: Sequence[str]) -> int:
-    from .hparams import reference_table
+    from .hparams import main as hparams_main
 
-    if argv:
-        print(f"vdvae-fast hparams: error: takes no arguments, got {' '.join(argv)}", file=sys.stderr)
-        return USAGE_ERROR
-    print(reference_table())
-    return 0
+    return hparams_main(list(argv), prog="vdvae-fast hparams")
 
 
 def _bench(argv: Sequence[str]) -> int:
@@ -66,7 +62,10 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "train": ("train a VDVAE, or evaluate one with --test_eval (python train.py)", _train),
     "sample": ("draw samples from a checkpoint into a PNG grid (python -m vdvae_fast.sample)", _sample),
     "latents": ("encode, decode, reconstruct or interpolate images (python -m vdvae_fast.latents)", _latents),
-    "hparams": ("print every hyperparameter flag: default, valid values, meaning", _hparams),
+    "hparams": (
+        "print every hyperparameter flag (default, valid values, meaning), or --params PRESET: parameter counts",
+        _hparams,
+    ),
     "bench": ("benchmark the ops, sampling and training steps (source checkout: python -m benchmarks)", _bench),
 }
 

@@ -845,6 +845,8 @@ def _check_block_widths(H: Hyperparams) -> None:
             f"--bottleneck_multiple {H.bottleneck_multiple} leaves no channel inside the blocks of width {narrowest} "
             f"(int(width * bottleneck_multiple) is 0): use at least {1 / narrowest:g}"
         )
+    if H.get("custom_bottleneck_str") and H.enc_blocks and H.dec_blocks:
+        middle_widths(H)  # the per-resolution multiples
 
 
 def _check_training_switches(H: Hyperparams) -> None:
@@ -896,6 +898,8 @@ def changed_since(
 ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
     """What differs between a checkpoint's hyperparameters and this run's, as {key: (saved, now)}: the
     architecture keys, then the others (invocation keys left out)."""
+    # A key a checkpoint predates held its default then.
+    saved = {**{key: DEFAULTS[key] for key in current if key in DEFAULTS}, **saved}
     changed = {
         key: (saved.get(key), current.get(key))
         for key in sorted(set(saved) | set(current))
