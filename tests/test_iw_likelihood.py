@@ -1,18 +1,28 @@
 """VAE.iw_log_likelihood, the importance-weighted estimate of log p(x), against its oracles: the exact log p(x)
 of a two-latent model integrated on a grid, the ELBO it must never fall below on average (and equals in
 expectation with one sample), and its growth with the number of samples. Statistical checks compare means of
-independent repeats with a margin of four standard errors (a false failure about once in 30,000 runs)."""
+independent repeats with a margin of four standard errors (a false failure about once in 30,000 runs). The
+training program's evaluation records carry the estimate (--iw_samples) and the per-layer KL."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from vdvae_fast import ops
+from vdvae_fast import ops, train
+from vdvae_fast.data import preprocessing_for
 from vdvae_fast.hparams import preset
 from vdvae_fast.model import VAE
+from vdvae_fast.runtime import Runtime
+from vdvae_fast.training import evaluate
+
+CPU_RUNTIME = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 MARGIN_SE = 4.0  # standard errors of a mean that a statistical check allows
 GRID_HALF_WIDTH = 7.0  # standard deviations of the prior a quadrature grid spans on each side
@@ -187,3 +197,61 @@ def test_images_of_the_wrong_size_are_refused(tiny_vae_and_batch):
     vae, x, x_target = tiny_vae_and_batch
     with pytest.raises(ValueError, match="takes 8x8 images"):
         vae.iw_log_likelihood(x[:, :4], x_target[:, :4], 2)
+
+
+# --------------------------------------------------------------------------------------------
+# The training program: --iw_samples and the per-layer KL in the evaluation records
+# --------------------------------------------------------------------------------------------
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [record for record in lines if record.get("type") == kind]
+
+
+def _png_folder(root: Path, count: int = 12, size: int = 8) -> Path:
+    rng = np.random.RandomState(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    return root
+
+
+def _tiny_run(tmp_path: Path, desc: str, *extra: str) -> dict:
+    """The tiny preset on 12 random 8x8 PNGs (8 training images: 2 batches of 4; 4 validation images)."""
+    argv = ["--hps", "tiny", "--dataset", "folder", "--image_size", "8", "--data_root", str(_png_folder(tmp_path / "pngs")),
+            "--valid_holdout", "4", "--save_dir", str(tmp_path / "runs"), "--desc", desc, "--device", "cpu",
+            "--backend", "reference", "--iters_per_images", "100000", "--iters_per_save", "100000", *extra]  # fmt: skip
+    return train.run(train.parse_args(argv))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_each_evaluation_record_holds_the_per_layer_kl_and_the_iw_estimate(tmp_path):
+    """The eval_loss records of log.jsonl carry kl_per_layer (nats/dim, one float per stochastic layer, summing
+    to the rate) and, with --iw_samples, the importance-weighted -log p(x) in nats/dim and bits/dim."""
+    _tiny_run(tmp_path, "iw", "--max_iters", "2", "--iw_samples", "3")
+    (record,) = _records(tmp_path / "runs" / "iw", "eval_loss")
+    n_layers = len(VAE(preset("tiny")).decoder.dec_blocks)
+    assert isinstance(record["kl_per_layer"], list) and len(record["kl_per_layer"]) == n_layers
+    assert all(isinstance(kl, float) and kl >= 0 for kl in record["kl_per_layer"])
+    assert math.isclose(sum(record["kl_per_layer"]), record["rate"], rel_tol=1e-5)  # float32 sums
+    assert record["iw_samples"] == 3 and record["iw_images"] == record["n_images"] == 4
+    assert math.isclose(record["iw_bpd"], record["iw_nll"] / math.log(2), rel_tol=1e-12)
+    assert math.isfinite(record["iw_nll"]) and record["iw_nll"] > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_iw_samples_zero_leaves_the_estimate_out_and_test_eval_reports_it(tmp_path):
+    _tiny_run(tmp_path, "plain", "--max_iters", "1")
+    (record,) = _records(tmp_path / "runs" / "plain", "eval_loss")
+    assert "iw_nll" not in record and len(record["kl_per_layer"]) == len(VAE(preset("tiny")).decoder.dec_blocks)
+    _tiny_run(tmp_path, "test", "--restore_ema_path", str(tmp_path / "runs" / "plain" / "latest.pt"), "--test_eval",
+              "--iw_samples", "2")  # fmt: skip
+    (record,) = _records(tmp_path / "runs" / "test", "test_loss")
+    assert record["iw_samples"] == 2 and math.isfinite(record["iw_bpd"]) and len(record["kl_per_layer"]) > 0
+
+
+def test_evaluate_refuses_a_negative_sample_count(tiny_vae_and_batch):
+    vae = tiny_vae_and_batch[0]
+    with pytest.raises(ValueError, match="iw_samples must be an integer at least 0"):
+        evaluate(vae, [], preprocessing_for("builtin"), CPU_RUNTIME, "fp32", 0, iw_samples=-1)
