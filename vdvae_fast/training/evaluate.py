@@ -45,9 +45,17 @@ IW_SAMPLES_PER_PASS = 8
 
 
 def _batch_sums(
-    model: VAE, batch: torch.Tensor, preprocessing: Preprocessing, runtime: Runtime, precision: str, iw_samples: int
+    model: VAE,
+    batch: torch.Tensor,
+    preprocessing: Preprocessing,
+    runtime: Runtime,
+    precision: str,
+    iw_samples: int,
+    iw_seed: int,
 ) -> dict[str, float]:
-    """One batch's contribution to the split's sums (per-layer KL as kl_per_layer.<index>)."""
+    """One batch's contribution to the split's sums (per-layer KL as kl_per_layer.<index>). The importance
+    weighting draws its noise from iw_seed, apart from the ELBO's stream, so the ELBO is the same with or without
+    it."""
     x, target = preprocessing(batch, runtime.device)
     with autocast_for(runtime.device, precision):
         stats = model(x, target)
@@ -60,8 +68,10 @@ def _batch_sums(
         sums.update(finite_images=n, finite_elbo=elbo * n, distortion=distortion * n, rate=rate * n)
         sums.update({f"kl_per_layer.{i}": kl * n for i, kl in enumerate(kl_per_layer)})
     if iw_samples and finite:
-        with autocast_for(runtime.device, precision):
-            log_px = model.iw_log_likelihood(x, target, iw_samples, min(iw_samples, IW_SAMPLES_PER_PASS))
+        with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
+            torch.manual_seed(iw_seed)
+            with autocast_for(runtime.device, precision):
+                log_px = model.iw_log_likelihood(x, target, iw_samples, min(iw_samples, IW_SAMPLES_PER_PASS))
         nll = -log_px[torch.isfinite(log_px)] / x[0].numel()
         sums.update(iw_images=float(len(nll)), iw_nll=nll.sum().item())
     return sums
@@ -96,11 +106,12 @@ def evaluate(
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + 1000 + runtime.rank)
-        for batch in loader:
+        for index, batch in enumerate(loader):
             if stop_requested() is not None:
                 stopped = True
                 break
-            for key, value in _batch_sums(model, batch, preprocessing, runtime, precision, iw_samples).items():
+            iw_seed = int(np.random.SeedSequence([seed, runtime.rank, index]).generate_state(1)[0])
+            for key, value in _batch_sums(model, batch, preprocessing, runtime, precision, iw_samples, iw_seed).items():
                 sums[key] += value
     total = all_reduce_sum({**sums, "stopped": float(stopped)}, runtime)
     if total["images"] == 0 and not total["stopped"]:
