@@ -218,33 +218,36 @@ def report(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """Three panels in one PNG: rate per layer (coloured by resolution), active units per layer, pruning curve."""
+    """Three panels in one PNG: rate per layer (coloured by resolution), active units per layer, and the pruning
+    curve (ELBO on the left axis, the rate kept on the right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     layers = result["layers"]
     index = [layer["index"] for layer in layers]
     resolutions = sorted({layer["resolution"] for layer in layers})
-    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, len(resolutions)))
-    colour = [colours[resolutions.index(layer["resolution"])] for layer in layers]
+    colours = dict(zip(resolutions, plt.get_cmap("viridis")(np.linspace(0.0, 0.85, len(resolutions))), strict=True))
+    colour = [colours[layer["resolution"]] for layer in layers]
     figure, (rate_axis, active_axis, prune_axis) = plt.subplots(1, 3, figsize=(13, 3.6))
     rate_axis.bar(index, [layer["rate_bpd"] for layer in layers], color=colour)
     rate_axis.set(xlabel="stochastic layer (top-down)", ylabel="rate (bits/dim)", title="rate per layer")
-    for res, c in zip(resolutions, colours, strict=True):
-        rate_axis.bar([], [], color=c, label=f"{res}x{res}")
-    rate_axis.legend(fontsize=8, title="resolution", title_fontsize=8)
+    legend = [Patch(color=c, label=f"{res}x{res}") for res, c in colours.items()]
+    rate_axis.legend(handles=legend, fontsize=8, title="resolution", title_fontsize=8)
     active_axis.bar(index, [100.0 * layer["active_fraction"] for layer in layers], color=colour)
     active_axis.set(xlabel="stochastic layer (top-down)", ylabel="active units (%)", ylim=(0, 100),
                     title=f"active units (average KL > {result['active_kl_nats']} nats)")  # fmt: skip
     percents = [point["percent"] for point in result["pruning"]]
-    prune_axis.plot(percents, [point["elbo_bpd"] for point in result["pruning"]], "o-", label="elbo")
-    prune_axis.plot(percents, [point["rate_bpd"] for point in result["pruning"]], "s--", label="rate")
-    prune_axis.set(xscale="log", xlabel="latent dimensions kept (%, highest KL first)", ylabel="bits/dim",
-                   title="pruning the others to the prior")  # fmt: skip
+    prune_axis.plot(percents, [point["elbo_bpd"] for point in result["pruning"]], "o-", color="C0")
+    prune_axis.set(xscale="log", xlabel="latent dimensions kept (%, highest KL first)", title="pruning the others "
+                   "to the prior")  # fmt: skip
+    prune_axis.set_ylabel("elbo (bits/dim)", color="C0")
     prune_axis.set_xticks(percents, [f"{p:g}" for p in percents])
-    prune_axis.legend(fontsize=8)
+    kept_rate_axis = prune_axis.twinx()
+    kept_rate_axis.plot(percents, [point["rate_bpd"] for point in result["pruning"]], "s--", color="C1")
+    kept_rate_axis.set_ylabel("rate kept (bits/dim)", color="C1")
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
@@ -331,7 +334,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(report(result))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, png_path, title=f"{Path(args.path).name}, {H.dataset} {args.split} ({result['n_images']} images)")
+    weights = Path(args.path)
+    plot(
+        result,
+        png_path,
+        title=f"{weights.parent.name}/{weights.name}: {H.dataset} {args.split}, {result['n_images']} images",
+    )
     print(f"wrote {json_path} and {png_path}")
     return result
 
