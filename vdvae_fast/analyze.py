@@ -9,10 +9,11 @@ Over the images of a split it measures:
 
 - the rate of each stochastic layer and of each resolution, in bits per image dimension (they sum to the
   model's rate);
-- active units: the latent dimensions whose KL(q||p), averaged over the images, exceeds 0.01 nats (the
-  threshold of the Ladder VAE, Sønderby et al. 2016, applied to the KL as Efficient-VDVAE does);
+- active units: the latent dimensions whose KL(q||p), averaged over the images, exceeds 0.01 nats (the Ladder
+  VAE's criterion, Sønderby et al. 2016, Table 2);
 - the pruning curve: the ELBO when only the p% of latent dimensions with the highest average KL keep their
-  posterior and all others take a draw from the prior and add no rate, for p in PRUNE_PERCENTS. At 100% it is
+  posterior and all others take a draw from the prior and add no rate, for p in PRUNE_PERCENTS (Efficient-VDVAE
+  found about 3% of the dimensions enough to reconstruct its inputs). At 100% it is
   the model's ELBO: the noise is seeded as training.evaluate seeds it, so the numbers match an evaluation of
   the same images in the same batches.
 """

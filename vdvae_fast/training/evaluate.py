@@ -38,9 +38,10 @@ def evaluation_subset(split: Dataset, max_images: int) -> Dataset:
     return Subset(split, np.linspace(0, n - 1, max_images).round().astype(int).tolist())
 
 
-# Samples each decoder pass of the importance-weighted estimate draws for the whole batch: a pass without
-# gradients at IW_SAMPLES_PER_PASS times the batch keeps only the current block's activations, far less than a
-# training step at the batch size keeps for backward.
+# Samples each decoder pass of the importance-weighted estimate draws for the whole batch. A pass without
+# gradients at IW_SAMPLES_PER_PASS times the batch holds the encoder's output and the decoder's state at each
+# resolution (each that many times) and one block's temporaries, while a training step keeps every block's
+# activations (or, checkpointed, every block's input) for backward.
 IW_SAMPLES_PER_PASS = 8
 
 
