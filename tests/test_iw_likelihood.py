@@ -171,6 +171,18 @@ def test_samples_per_pass_only_changes_how_the_samples_are_batched(tiny_vae_and_
     torch.testing.assert_close(whole, _log_mean_exp(single), rtol=0, atol=1e-9)
 
 
+def test_the_decoder_sees_at_most_samples_per_pass_copies_of_the_batch(tiny_vae_and_batch):
+    """Memory is bounded by samples_per_pass, not n_samples: 10 samples in passes of 3 are 4 decoder passes."""
+    vae, x, x_target = tiny_vae_and_batch
+    seen = []
+    hook = vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0][1].shape[0]))
+    try:
+        vae.iw_log_likelihood(x, x_target, 10, samples_per_pass=3)
+    finally:
+        hook.remove()
+    assert seen == [3 * len(x), 3 * len(x), 3 * len(x), len(x)]
+
+
 @pytest.mark.skipif("cpu" not in ops.available_backends("cpu"), reason="the fused cpu backend is not built")
 def test_the_fused_cpu_backend_gives_the_reference_estimate(tiny_vae_and_batch):
     """Both backends draw the same Philox noise, so with one seed they give the same estimate."""
