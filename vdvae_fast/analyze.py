@@ -287,8 +287,8 @@ def _build_parser(prog: str = "python -m vdvae_fast.analyze") -> argparse.Argume
     parser.add_argument("--max_images", type=int, default=0, help="at most this many images of the split, spread "
                         "evenly over it, at least 0 (default 0: all)")  # fmt: skip
     parser.add_argument("--n_batch", type=int, default=16, help="images per forward pass, at least 1 (default 16)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed, at least 0 (default 0: with the "
-                        "checkpoint's seed, the noise of the run's evaluations)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="random seed, at least 0 (default 0); the run's "
+                        "--seed gives its evaluations' noise")  # fmt: skip
     parser.add_argument("--out", default=None, help="the JSON file to write; the PNG goes beside it (default: "
                         "analysis-<checkpoint>-<split>.json in the checkpoint's folder)")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
