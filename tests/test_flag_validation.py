@@ -53,6 +53,7 @@ REFUSED = [
     ("num_temperatures_visualize", 5, "an integer in [0, 4]"),
     ("num_workers", -1, "an integer at least 0"),
     ("eval_max_images", -1, "an integer at least 0"),
+    ("iw_samples", -1, "an integer at least 0"),
     ("no_bias_above", -1, "an integer at least 0"),
     ("gradient_smoothing_beta", 0.0, "a finite number above 0"),
     # the training switches

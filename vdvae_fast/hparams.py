@@ -159,6 +159,10 @@ FIELDS: dict[str, Field] = {
     "eval_max_images": Field(0, "evaluate on at most this many validation images, spread evenly over the split "
                              "(0: all of them); the test split of --test_eval is always read whole",
                              valid=_at_least(0)),
+    "iw_samples": Field(0, "also estimate -log p(x) at each evaluation (and --test_eval) by importance weighting "
+                        "with this many posterior samples per image (NVAE's and the Ladder VAE's likelihood; each "
+                        "costs about one decoder pass): nats/dim and bits/dim next to the ELBO (0: off)",
+                        valid=_at_least(0)),
     # optimization: AdamW, linear warmup, gradient skipping above the skip threshold, EMA of the weights
     "lr": Field(0.00015, "peak learning rate of AdamW", valid=_POSITIVE),
     "wd": Field(0.0, "AdamW's decoupled weight decay", valid=_NON_NEGATIVE),

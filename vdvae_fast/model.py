@@ -511,6 +511,44 @@ class VAE(nn.Module):
             "kl_per_layer": kl.mean(dim=0),
         }
 
+    @torch.no_grad()
+    def iw_log_likelihood(
+        self,
+        x: Tensor,
+        x_target: Tensor,
+        n_samples: int,
+        samples_per_pass: int = 1,
+        backend: str | None = None,
+    ) -> Tensor:
+        """The importance-weighted estimate of log p(x) (Burda et al.), nats per image, float64 (B,): the log of
+        the mean over n_samples posterior draws z_k of p(x|z_k) p(z_k) / q(z_k|x). Its expectation lies between
+        the ELBO (n_samples = 1) and log p(x), and rises towards log p(x) as n_samples grows.
+
+        log q - log p of each draw is the fused sample_and_kl's sampled estimate; log p(x|z) is the DMoL's
+        distortion times the image's dimensions. The encoder runs once; each decoder pass draws samples_per_pass
+        samples for the whole batch (a batch of samples_per_pass * B), and a running logsumexp over the passes
+        keeps memory independent of n_samples.
+        """
+        for name, value in (("n_samples", n_samples), ("samples_per_pass", samples_per_pass)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer at least 1, got {value!r}")
+        backend = self._backend(backend)
+        self._check_images(x=x, x_target=x_target)
+        activations = self.encoder(x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format))
+        target = x_target.permute(0, 3, 1, 2)
+        batch, dims = x.shape[0], x[0].numel()
+        log_sum = None
+        for start in range(0, n_samples, samples_per_pass):
+            k = min(samples_per_pass, n_samples - start)
+            copies = {res: torch.cat([a] * k) for res, a in activations.items()}  # sample j of image b: j*B + b
+            px_z, stats = self.decoder(copies, backend, kl_estimator="sampled")
+            nll = self.decoder.out_net.nll(px_z, torch.cat([target] * k), backend, self.check_inputs)
+            log_q_minus_log_p = torch.stack([layer["kl"] for layer in stats]).double().sum(0)
+            log_weights = (-nll.double() * dims - log_q_minus_log_p).view(k, batch)
+            pass_sum = torch.logsumexp(log_weights, dim=0)
+            log_sum = pass_sum if log_sum is None else torch.logaddexp(log_sum, pass_sum)
+        return log_sum - math.log(n_samples)
+
     def forward_get_latents(self, x: Tensor, backend: str | None = None) -> list[dict[str, Tensor]]:
         """openai/vdvae's encoding: for the preprocessed input x (B, H, W, C), one dict per stochastic layer, top
         (1x1) first, holding z (B, zdim, res, res), drawn from the posterior with seeds from torch's default

@@ -446,9 +446,12 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation, images, checkpoints
 
     def evaluate(self, split: str = "valid") -> dict[str, Any]:
-        """The EMA model's ELBO over the whole split (training.evaluate)."""
-        loader = self.eval_loaders[split]
-        return evaluate(self.ema, loader, self.splits.preprocessing, self.runtime, self.H.precision, self.H.seed, split)
+        """The EMA model's ELBO over the whole split, and with --iw_samples its importance-weighted -log p(x)
+        (training.evaluate)."""
+        loader, H = self.eval_loaders[split], self.H
+        return evaluate(
+            self.ema, loader, self.splits.preprocessing, self.runtime, H.precision, H.seed, split, H.iw_samples
+        )
 
     def run_eval(self, split: str) -> dict[str, Any]:
         """Evaluate, write the eval_loss/test_loss record and the readable line; remembered for the summary."""
@@ -465,6 +468,11 @@ class Trainer:
             f"nats/dim (rate {stats['rate'] / LN2:.4f}, distortion {stats['distortion'] / LN2:.4f} bits/dim), "
             f"{stats['n_images']} images, {stats['nonfinite_batches']} non-finite batches"
         )
+        if "iw_nll" in stats:
+            self.log.say(
+                f"{split} (EMA) step {p.step}: importance-weighted -log p(x) {stats['iw_bpd']:.4f} bits/dim = "
+                f"{stats['iw_nll']:.4f} nats/dim ({stats['iw_samples']} samples, {stats['iw_images']} images)"
+            )
         self.last_eval = {"step": p.step, **stats}
         return stats
 
