@@ -24,13 +24,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_without_a_command_it_lists_the_commands():
     result = subprocess.run([sys.executable, "-m", "vdvae_fast"], capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr
-    assert all(f"  {name}" in result.stdout for name in ("train", "sample", "latents", "hparams", "bench"))
+    assert all(f"  {name}" in result.stdout for name in ("train", "sample", "latents", "analyze", "hparams", "bench"))
 
 
 def test_an_unknown_command_exits_2_naming_the_commands(capsys):
     assert dispatch.main(["trian"]) == 2
     assert capsys.readouterr().err == (
-        "vdvae-fast: error: unknown command 'trian'; choose one of train, sample, latents, hparams, bench\n"
+        "vdvae-fast: error: unknown command 'trian'; choose one of train, sample, latents, analyze, hparams, bench\n"
     )
 
 

@@ -228,9 +228,11 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert resumed["eval"]["elbo"] == whole["eval"]["elbo"]
 
 
-def _noise_free_sample_and_kl(mu_q, logsigma_q, mu_p, logsigma_p, *, seed=None, backend="auto"):
+def _noise_free_sample_and_kl(
+    mu_q, logsigma_q, mu_p, logsigma_p, *, seed=None, backend="auto", kl_estimator="analytic", **parametrization
+):
     """z = mu_q: the same computation for any batch split, so one process and two can be compared exactly."""
-    kl = ops.gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p, backend=backend)
+    kl = ops.gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p, **parametrization, backend=backend)
     return mu_q, kl.flatten(1).sum(1)
 
 

@@ -43,6 +43,12 @@ def _hparams(argv: Sequence[str]) -> int:
     return hparams_main(list(argv), prog="vdvae-fast hparams")
 
 
+def _analyze(argv: Sequence[str]) -> int:
+    from .analyze import main as analyze_main
+
+    return analyze_main(list(argv), prog="vdvae-fast analyze")
+
+
 def _bench(argv: Sequence[str]) -> int:
     try:
         from benchmarks.__main__ import main as bench_main
@@ -62,6 +68,7 @@ COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "train": ("train a VDVAE, or evaluate one with --test_eval (python train.py)", _train),
     "sample": ("draw samples from a checkpoint into a PNG grid (python -m vdvae_fast.sample)", _sample),
     "latents": ("encode, decode, reconstruct or interpolate images (python -m vdvae_fast.latents)", _latents),
+    "analyze": ("rate per layer, active units and the pruning curve of a checkpoint", _analyze),
     "hparams": (
         "print every hyperparameter flag (default, valid values, meaning), or --params PRESET: parameter counts",
         _hparams,

@@ -38,7 +38,7 @@ from .data import DataError, Preprocessing, load_dataset
 from .model import VAE
 from .ops import BACKENDS
 from .runtime import check_device_name, resolve_device
-from .sample import _load_model
+from .sample import load_model
 from .training.evaluate import evaluation_subset
 from .training.log import LN2
 
@@ -54,18 +54,6 @@ EVAL_SEED_OFFSET = 1000  # training.evaluate seeds the posterior noise with seed
 # --------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------
-
-
-def _elbo_terms(
-    model: VAE, x: Tensor, x_target: Tensor, keep: Sequence[Tensor | None] | None = None
-) -> tuple[Tensor, list[dict[str, Tensor]]]:
-    """The distortion (B,) in nats/dim and the decoder's per-layer statistics (z, KL per image in nats,
-    posterior and prior), with the latents outside `keep` pruned to the prior."""
-    model._check_images(x=x, x_target=x_target)
-    activations = model.encoder(x.permute(0, 3, 1, 2).contiguous(memory_format=model.memory_format))
-    px_z, stats = model.decoder(activations, model.backend, get_latents=True, keep=keep)
-    distortion = model.decoder.out_net.nll(px_z, x_target.permute(0, 3, 1, 2), model.backend, model.check_inputs)
-    return distortion, stats
 
 
 def _batches(split: Any, n_batch: int) -> Any:
@@ -93,7 +81,7 @@ def _over_split(
         torch.manual_seed(seed + EVAL_SEED_OFFSET)
         for batch in _batches(split, n_batch):
             x, x_target = preprocessing(batch, device)
-            distortion, stats = _elbo_terms(model, x, x_target, keep)
+            distortion, stats = model.distortion_and_layers(x, x_target, get_latents=True, keep=keep)
             sums["images"] += len(batch)
             sums["distortion"] += distortion.double().sum().item()
             sums["kl"] += torch.stack([layer["kl"].double().sum() for layer in stats]).cpu()
@@ -324,7 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _check_args(args)
     json_path, png_path = output_paths(args)
     device = resolve_device(args.device)
-    model = _load_model(args).to(device).eval()
+    model = load_model(args.path, args.hps, args.backend).to(device).eval()
     H = model.H.copy()
     if args.data_root is not None:
         H.data_root = args.data_root

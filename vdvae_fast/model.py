@@ -491,17 +491,34 @@ class VAE(nn.Module):
                     f"with {channels} channels, as (B, H, W, C) = (B, {size}, {size}, {channels})"
                 )
 
+    def _activations(self, x: Tensor) -> dict[int, Tensor]:
+        """The encoder's activations of preprocessed (B, H, W, C) images."""
+        return self.encoder(x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format))
+
+    def distortion_and_layers(
+        self,
+        x: Tensor,
+        x_target: Tensor,
+        backend: str | None = None,
+        *,
+        get_latents: bool = False,
+        keep: Sequence[Tensor | None] | None = None,
+    ) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        """The distortion of each image (nats per dimension, float32 (B,)) and the decoder's per-layer
+        statistics (KL per image in nats; with get_latents z and the Gaussians; keep prunes latents to the
+        prior: Decoder.forward)."""
+        backend = self._backend(backend)
+        self._check_images(x=x, x_target=x_target)
+        px_z, stats = self.decoder(self._activations(x), backend, get_latents=get_latents, keep=keep)
+        return self.decoder.out_net.nll(px_z, x_target.permute(0, 3, 1, 2), backend, self.check_inputs), stats
+
     def forward(self, x: Tensor, x_target: Tensor, backend: str | None = None) -> dict[str, Tensor]:
         """x: the preprocessed input, x_target: the loss target in [-1, 1], both (B, H, W, C).
 
         Returns elbo (the loss to minimize), distortion and rate in nats per dimension, batch means, and
         kl_per_layer: each layer's share of the rate (L,), nats per dimension, batch mean.
         """
-        backend = self._backend(backend)
-        self._check_images(x=x, x_target=x_target)
-        activations = self.encoder(x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format))
-        px_z, stats = self.decoder(activations, backend)
-        distortion = self.decoder.out_net.nll(px_z, x_target.permute(0, 3, 1, 2), backend, self.check_inputs)
+        distortion, stats = self.distortion_and_layers(x, x_target, backend)
         kl = torch.stack([layer["kl"] for layer in stats], dim=1) / x[0].numel()
         rate = kl.sum(dim=1)
         return {
@@ -534,7 +551,7 @@ class VAE(nn.Module):
                 raise ValueError(f"{name} must be an integer at least 1, got {value!r}")
         backend = self._backend(backend)
         self._check_images(x=x, x_target=x_target)
-        activations = self.encoder(x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format))
+        activations = self._activations(x)
         target = x_target.permute(0, 3, 1, 2)
         batch, dims = x.shape[0], x[0].numel()
         log_sum = None
@@ -556,8 +573,7 @@ class VAE(nn.Module):
         kl.sum(dim=(1, 2, 3)). Each dict also holds the layer's posterior and prior means and standard deviations
         mu_q, sigma_q, mu_p, sigma_p, shaped like z. Everything but kl is detached."""
         self._check_images(x=x)
-        activations = self.encoder(x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format))
-        return self.decoder(activations, self._backend(backend), get_latents=True)[1]
+        return self.decoder(self._activations(x), self._backend(backend), get_latents=True)[1]
 
     @torch.no_grad()
     def forward_uncond_samples(self, n_batch: int, t: Temperature = None, backend: str | None = None) -> Tensor:
