@@ -23,7 +23,7 @@ from vdvae_fast.hparams import (
     preset,
     validate,
 )
-from vdvae_fast.model import VAE
+from vdvae_fast.model import VAE, skip_sources
 
 # VDVAE paper (shared/papers/vdvae-very-deep-vaes.md), Table 2 "Params", quoted in whole millions.
 VDVAE_PAPER_PARAMS_M = {"cifar10": 39, "imagenet32": 119, "imagenet64": 125, "ffhq256": 115}
@@ -121,34 +121,81 @@ def test_the_closed_form_count_of_efficient_vdvae_matches_its_paper(name):
 
 
 @pytest.mark.parametrize("name", sorted(EFFICIENT_VDVAE))
-def test_effvdvae_presets_build_its_layers_linked_once_per_resolution(name):
-    """The preset's model is Efficient-VDVAE's, linked once per resolution, plus VDVAE's 3x3 (not 1x1) input
-    convolution and its final per-channel gain and bias. The released configs link every encoder block: their
-    extra skip projections are the whole gap to the paper's count."""
+def test_effvdvae_presets_build_its_layers_with_a_skip_per_encoder_block(name):
+    """The preset's model is Efficient-VDVAE's, every encoder block projecting its own skip, plus VDVAE's 3x3 (not
+    1x1) input convolution and its final per-channel gain and bias; linked once per resolution (skip_wiring
+    resolution), it loses exactly the projections of all but one block at each resolution."""
     config = EFFICIENT_VDVAE[name]
     width = config["width"][0]
     vdvae_parts = 3 * width * (9 - 1) + 2 * width
-    count = parameter_count(_architecture(name))
-    assert count == efficient_vdvae_count(config, "per resolution") + vdvae_parts
-    if config["paper"]:
-        missing = efficient_vdvae_count(config, "every block") - efficient_vdvae_count(config, "per resolution")
-        assert count + missing - vdvae_parts == pytest.approx(config["paper"], rel=0.05)
+    assert parameter_count(_architecture(name)) == efficient_vdvae_count(config, "every block") + vdvae_parts
+    per_resolution = Hyperparams({**_architecture(name), "skip_wiring": "resolution"})
+    assert parameter_count(per_resolution) == efficient_vdvae_count(config, "per resolution") + vdvae_parts
 
 
-def test_parameter_counts_print_on_the_command_line():
-    names = ["cifar10", "effvdvae_cifar10"]
+def test_parameter_counts_print_on_the_command_line_within_5_percent_of_the_papers():
+    """The counts `python -m vdvae_fast.hparams --params` prints are the models', and those of Efficient-VDVAE's C1
+    presets (and of the imagenet64 baseline, its C2) lie within 5% of its paper's Table 3; VDVAE's cifar10 rounds
+    to its paper's Table 2."""
+    names = [
+        "cifar10",
+        *(f"effvdvae_{data}" for data in ("cifar10", "imagenet32", "imagenet64", "imagenet64_baseline")),
+    ]
     result = subprocess.run(
         [sys.executable, "-m", "vdvae_fast.hparams", "--params", *names], capture_output=True, text=True, check=True
     )
     lines = result.stdout.splitlines()
-    assert len(lines) == 2
+    assert len(lines) == len(names)
     for name, line in zip(names, lines, strict=True):
-        assert line.split()[0] == name
-        assert f"{parameter_count(_architecture(name)):,} parameters" in line
+        printed = int(line.split()[1].replace(",", ""))
+        assert line.split()[0] == name and printed == parameter_count(_architecture(name))
+        if name in EFFICIENT_VDVAE:
+            assert printed == pytest.approx(EFFICIENT_VDVAE[name]["paper"], rel=0.05), name
+        else:
+            assert round(printed / 1e6) == VDVAE_PAPER_PARAMS_M[name]
     bad = subprocess.run(
         [sys.executable, "-m", "vdvae_fast.hparams", "--params", "nope"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr
+
+
+# Where Efficient-VDVAE's configs put the decoder layers beyond one per encoder block, transcribed from
+# egs/<dataset>_C1.cfg (its _baseline configs hold the same lists): {resolution: (entry, extra layers)} from
+# down_n_blocks_per_res, the entry counted from the first at that resolution (down_strides). Entry e at a resolution
+# with n encoder blocks reads the skip of block n - 1 - e there (its reversed skip_list), and so do its extra layers.
+RELEASED_EXTRA_LAYERS = {
+    "effvdvae_cifar10": {16: (1, 4), 32: (1, 10)},
+    "effvdvae_imagenet32": {8: (0, 10), 16: (0, 15)},
+    "effvdvae_imagenet64": {8: (0, 10), 16: (0, 15), 64: (0, 6)},
+}
+
+
+def _released_wiring(name: str) -> list[tuple[int, int]]:
+    """(resolution, encoder block at that resolution) read by each decoder layer of the released config, top first."""
+    config, extra = EFFICIENT_VDVAE[name], RELEASED_EXTRA_LAYERS[name]
+    wiring = []
+    for res, n, m in reversed(list(zip(config["res"], config["enc"], config["dec"], strict=True))):
+        entry, count = extra.get(res, (0, 0))
+        assert n + count == m  # one entry per encoder block, plus the extra layers: Table 6's layers
+        for e in range(n):
+            wiring += [(res, n - 1 - e)] * (1 + (count if e == entry else 0))
+    return wiring
+
+
+@pytest.mark.parametrize("name", ["effvdvae_imagenet32", "effvdvae_imagenet64"])
+def test_imagenet_presets_are_wired_as_the_released_configs(name):
+    assert skip_sources(preset(name)) == _released_wiring(name)
+
+
+def test_cifar10_preset_differs_from_the_released_wiring_only_where_its_extra_layers_sit():
+    """The released cifar10 configs give the extra layers to the second entry at 16x16 and 32x32, skip_wiring block
+    to the first: 4 and 10 layers there read the last encoder block instead of the one before it."""
+    ours, released = skip_sources(preset("effvdvae_cifar10")), _released_wiring("effvdvae_cifar10")
+    assert len(ours) == len(released) == 47 and set(ours) == set(released)
+    first = {res: ours.index((res, n - 1)) for res, n in ((16, 7), (32, 12))}
+    differing = {index for index, (a, b) in enumerate(zip(ours, released, strict=True)) if a != b}
+    assert differing == {first[16] + j for j in range(1, 5)} | {first[32] + j for j in range(1, 11)}
+    assert all(ours[i] == (ours[i][0], released[i][1] + 1) for i in differing)
 
 
 # ----------------------------------------------------------------------------------------------------
