@@ -214,7 +214,8 @@ def test_effvdvae_presets_hold_its_layer_counts_widths_and_latents(name):
         blocks = [block for block in vae.decoder.dec_blocks if block.base == r]
         assert len(blocks) == n_dec and {block.width for block in blocks} == {w}
     assert H.zdim == config["zdim"] and H.image_size == config["res"][0]
-    assert (H.width_change, H.skip_projection, H.gaussian_heads, H.activation) == ("conv", True, True, "silu")
+    assert (H.width_change, H.skip_projection, H.skip_wiring) == ("conv", True, "block")
+    assert (H.gaussian_heads, H.activation) == (True, "silu")
     middles = middle_widths(H)
     assert [middles[r] for r in config["res"]] == [
         int(w * q) for w, q in zip(config["width"], config["ratio"], strict=True)
@@ -367,6 +368,74 @@ def test_every_switch_trains_and_samples():
     assert vae.forward_uncond_samples(2, t=0.5).shape == (2, 8, 8, 3)
 
 
+# tiny's encoder 8x2,8d2,4x2,4d4,1x1 (blocks 0-6) and decoder 1x1,4m1,4x2,8m4,8x2 (layers 0-6) wired block by block:
+# the encoder block whose output each decoder layer reads, by hand from skip_wiring's rule. conv: the blocks output
+# at their own resolution (8: 0-2, 4: 3-5, 1: 6), one layer each, mirrored. pad: a pooling block outputs at the pooled
+# resolution (8: 0-1, 4: 2-4, 1: 5-6): the first two layers at 8 share block 1, and at 1 block 5 is not read.
+TINY_BLOCK_WIRING = {"conv": [6, 5, 4, 3, 2, 1, 0], "pad": [6, 4, 3, 2, 1, 1, 0]}
+TINY_BLOCK_PROJECTIONS = {
+    "conv": {"1_0", "4_0", "4_1", "4_2", "8_0", "8_1", "8_2"},
+    "pad": {"1_1", "4_0", "4_1", "4_2", "8_0", "8_1"},
+}
+
+
+def _block_wired(width_change: str, projection: bool) -> Hyperparams:
+    switches = EFFICIENT_SWITCHES if width_change == "conv" else {}
+    return _tiny(**{**switches, "skip_projection": projection, "skip_wiring": "block"})
+
+
+@pytest.mark.parametrize("width_change, projection", [("conv", True), ("pad", False), ("pad", True)])
+def test_block_wiring_feeds_each_posterior_the_output_of_its_encoder_block(width_change, projection):
+    torch.manual_seed(0)
+    vae = VAE(_block_wired(width_change, projection))
+    projections = vae.encoder.skip_projections
+    assert set(projections or {}) == (TINY_BLOCK_PROJECTIONS[width_change] if projection else set())
+    outputs, reads = [], []
+    for block in vae.encoder.enc_blocks:
+        block.register_forward_hook(lambda module, args, out: outputs.append(out))
+    for layer in vae.decoder.dec_blocks:  # the posterior block reads [state, encoder activation]
+        layer.enc.register_forward_pre_hook(lambda module, args, width=layer.width: reads.append(args[0][:, width:]))
+    vae(*_batch())
+    assert len(outputs) == len(reads) == 7
+    for layer, block in enumerate(TINY_BLOCK_WIRING[width_change]):
+        expected = outputs[block]
+        if projection:
+            res, k = vae.decoder.dec_blocks[layer].source
+            conv = projections[f"{res}_{k}"]
+            expected = torch.einsum("bchw,oc->bohw", expected, conv.weight[:, :, 0, 0]) + conv.bias[:, None, None]
+        torch.testing.assert_close(reads[layer], expected, msg=f"decoder layer {layer}")
+
+
+def test_block_wiring_trains_encodes_and_prunes():
+    torch.manual_seed(0)
+    vae = VAE(_block_wired("conv", True))
+    x, x_target = _batch()
+    torch.manual_seed(3)
+    out = vae(x, x_target)
+    out["elbo"].backward()
+    for name, parameter in vae.encoder.skip_projections.named_parameters():  # none unused: DDP needs that
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    torch.manual_seed(3)  # the same seeds draw the same z: forward_get_latents holds forward's KL
+    latents = vae.forward_get_latents(x)
+    assert [tuple(layer["z"].shape[1:]) for layer in latents] == [(4, r, r) for r in (1, 4, 4, 4, 8, 8, 8)]
+    kl = torch.stack([layer["kl"] for layer in latents], dim=1) / x[0].numel()
+    torch.testing.assert_close(kl.mean(dim=0), out["kl_per_layer"])
+    activations = vae.encoder(x.permute(0, 3, 1, 2).contiguous())
+    for kept in (False, True):  # latent pruning: keep no dimension (no KL) or every one (forward's KL)
+        torch.manual_seed(3)
+        _, stats = vae.decoder(activations, "reference", keep=[torch.tensor([kept])] * len(latents))
+        pruned = torch.stack([layer["kl"] for layer in stats], dim=1) / x[0].numel()
+        torch.testing.assert_close(pruned.mean(dim=0), out["kl_per_layer"] if kept else torch.zeros(7))
+
+
+def test_block_wiring_needs_an_encoder_block_at_each_decoder_resolution():
+    H = _tiny(skip_wiring="block", enc_blocks="8d2,4x2,4d4,1x1")  # pad: the only block at 8 outputs at 4
+    with pytest.raises(ValueError, match=r"no encoder block of '8d2,4x2,4d4,1x1' outputs at resolution 8 \(blocks "
+                       r"output at \[1, 4\]\): add one there, or use skip_wiring 'resolution'"):  # fmt: skip
+        VAE(H)
+    VAE(_tiny(skip_wiring="resolution", enc_blocks="8d2,4x2,4d4,1x1"))  # resolution wiring reads the input conv
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -392,8 +461,11 @@ def test_parse_bottleneck_string():
 
 def test_the_switches_are_architecture_keys_and_off_by_default():
     for key, default in [("width_change", "pad"), ("custom_bottleneck_str", ""), ("skip_projection", False),
-                         ("gaussian_heads", False), ("activation", "gelu")]:  # fmt: skip
+                         ("skip_wiring", "resolution"), ("gaussian_heads", False), ("activation", "gelu")]:  # fmt: skip
         assert key in ARCHITECTURE_KEYS and FIELDS[key].default == default
+    keys = list(FIELDS)
+    assert keys.index("skip_wiring") == keys.index("skip_projection") + 1
+    assert FIELDS["skip_wiring"].choices == ("resolution", "block")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -441,7 +513,7 @@ def test_with_the_switches_off_the_model_is_bit_identical_to_before(name):
 
 def test_hyperparameters_saved_before_the_switches_build_vdvae():
     """Checkpoints written before these fields existed carry no value for them: the model reads the defaults."""
-    new = ("width_change", "custom_bottleneck_str", "skip_projection", "gaussian_heads", "activation")
+    new = ("width_change", "custom_bottleneck_str", "skip_projection", "skip_wiring", "gaussian_heads", "activation")
     saved = Hyperparams({key: value for key, value in _tiny().items() if key not in new})
     with torch.device("meta"):
         before, now = VAE(saved), VAE(_tiny())
