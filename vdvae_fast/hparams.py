@@ -125,6 +125,12 @@ FIELDS: dict[str, Field] = {
                                    "narrow high resolutions)"),
     "skip_projection": Field(False, "a 1x1 convolution projects the encoder's activation at each resolution before "
                              "the posteriors read it (Efficient-VDVAE's bottom-up skip)"),
+    "skip_wiring": Field("resolution", "which encoder activation each stochastic layer reads: resolution (VDVAE: "
+                         "the last one at its resolution, shared by all its layers) or block (Efficient-VDVAE's "
+                         "released configs: each encoder block's own output, with its own projection if "
+                         "skip_projection; with n blocks and m layers at a resolution, the first m-n+1 layers read "
+                         "the last block and each later layer the block before, down to the first)",
+                         choices=("resolution", "block")),
     "gaussian_heads": Field(False, "the posterior and prior blocks end in stream-width features and a 1x1 "
                             "convolution maps them to the mean and scale of z (Efficient-VDVAE); off: the blocks "
                             "emit them directly (VDVAE)"),
@@ -479,9 +485,11 @@ _PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
     # Efficient-VDVAE (Hazami et al. 2022), from Rayhane-mamah/Efficient-VDVAE's egs/<dataset>_C1.cfg and
     # egs/<dataset>_baseline.cfg: its layer distribution (paper Table 6), widths, bottlenecks, latent sizes, batch
     # sizes and optimization. n_batch is its global batch (1, 2 and 4 GPUs shared it: divide by the processes).
-    # Its encoder and decoder blocks are linked once per resolution here, as in VDVAE (its configs link every
-    # encoder block to a decoder block, with one skip projection each: 6-9% more parameters; the paper's C.2
-    # found no difference in NLL). Its gradient norms are never clipped: grad_clip = skip_threshold clips no
+    # As in its configs, every encoder block projects its own skip for the decoder (skip_wiring block). Its imagenet
+    # configs wire them as skip_wiring block does. Its cifar10 configs differ at 16x16 and 32x32: there the first
+    # decoder layer reads the last encoder block and the next m-n+1 layers the block before; here 4 and 10 of those
+    # layers read the last block instead (same layers and parameters; its C.2 found no difference in NLL between
+    # such wirings). Its gradient norms are never clipped: grad_clip = skip_threshold clips no
     # update that is applied. Its KL warm-up, (step - 21) / 5021 clamped to [1e-4, 1], is nearly linear over 5042
     # updates; its per-layer KL balancing (NVAE's gamma) is not reproduced.
     "effvdvae_cifar10": (
@@ -494,6 +502,7 @@ _PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
             "custom_bottleneck_str": "32:1.0,16:0.5",
             "width_change": "conv",
             "skip_projection": True,
+            "skip_wiring": "block",
             "gaussian_heads": True,
             "activation": "silu",
             "zdim": 16,
@@ -591,17 +600,17 @@ PRESET_NOTES: dict[str, str] = {
     "minutes (README: Train)",
     "tiny": "an 8x8 model for tests and smoke runs: --max_iters 20 takes about 15 s on a busy 2-core CPU",
     "effvdvae_cifar10": "Efficient-VDVAE's C1 for CIFAR-10 (egs/cifar10_C1.cfg): widths 48 to 384, 47 stochastic "
-    "layers, Adamax with cosine decay; 17.1M parameters",
+    "layers, Adamax with cosine decay; 18.1M parameters",
     "effvdvae_imagenet32": "Efficient-VDVAE's C1 for ImageNet 32x32 (egs/imagenet32_C1.cfg): widths 64 to 512, 73 "
-    "layers; 48.7M parameters",
+    "layers; 52.3M parameters",
     "effvdvae_imagenet64": "Efficient-VDVAE's C1 for ImageNet 64x64 (egs/imagenet64_C1.cfg): widths 64 to 512, 84 "
-    "layers; 52.9M parameters",
+    "layers; 57.0M parameters",
     "effvdvae_cifar10_baseline": "effvdvae_cifar10 at width 384 everywhere, 32 latents per layer "
-    "(egs/cifar10_baseline.cfg); 52.5M parameters",
+    "(egs/cifar10_baseline.cfg); 56.6M parameters",
     "effvdvae_imagenet32_baseline": "effvdvae_imagenet32 at width 512 everywhere, 32 latents per layer "
-    "(egs/imagenet32_baseline.cfg); 133.8M parameters",
+    "(egs/imagenet32_baseline.cfg); 145.1M parameters",
     "effvdvae_imagenet64_baseline": "effvdvae_imagenet64 at width 512 everywhere, 32 latents per layer "
-    "(egs/imagenet64_baseline.cfg); 156.0M parameters",
+    "(egs/imagenet64_baseline.cfg); 168.4M parameters",
 }
 
 
@@ -889,7 +898,7 @@ def validate(H: Hyperparams) -> None:
 ARCHITECTURE_KEYS = (
     "enc_blocks", "dec_blocks", "width", "zdim", "custom_width_str", "bottleneck_multiple", "no_bias_above",
     "num_mixtures", "image_size", "image_channels", "width_change", "custom_bottleneck_str", "skip_projection",
-    "gaussian_heads", "activation",
+    "skip_wiring", "gaussian_heads", "activation",
 )  # fmt: skip
 # Keys that only say where an invocation runs or what it restores: never reported as changed on resume.
 INVOCATION_KEYS = (

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -127,10 +128,55 @@ class Block(nn.Module):
         return out
 
 
+# The encoder activation a decoder layer's posterior reads: a resolution (skip_wiring resolution) or the k-th encoder
+# block output at a resolution, (res, k) (skip_wiring block).
+SkipSource = int | tuple[int, int]
+
+
+def skip_sources(H: Hyperparams) -> list[SkipSource]:
+    """The encoder activation each stochastic layer reads, in decoder order (the wiring of skip_wiring).
+
+    resolution (VDVAE): the encoder's last activation at the layer's resolution, shared by all its layers.
+    block (Efficient-VDVAE's released configs): one encoder block's own output, (res, k) for the k-th block output
+    at res (a block that average-pools, width_change pad, outputs at the pooled resolution). With n outputs and m
+    layers at a resolution, the first m - n + 1 layers read the last output and each later layer the output before
+    its predecessor's, so that the last layer reads the first (with m < n the first n - m outputs are not read).
+    """
+    layers = parse_layer_string(H.dec_blocks, "decoder")
+    if H.get("skip_wiring", "resolution") == "resolution":
+        return [res for res, _ in layers]
+    pool_by_conv = H.get("width_change", "pad") == "conv"
+    outputs = Counter(
+        res // rate if rate and not pool_by_conv else res for res, rate in parse_layer_string(H.enc_blocks, "encoder")
+    )
+    layer_counts, seen, sources = Counter(res for res, _ in layers), Counter(), []
+    for res, _ in layers:
+        n, m, j = outputs[res], layer_counts[res], seen[res]
+        if n == 0:
+            raise ValueError(
+                f"skip_wiring 'block' links each decoder layer to an encoder block output at its resolution, but no "
+                f"encoder block of {H.enc_blocks!r} outputs at resolution {res} (blocks output at "
+                f"{sorted(outputs)}): add one there, or use skip_wiring 'resolution'"
+            )
+        sources.append((res, n - 1 - max(0, j - max(m - n, 0))))
+        seen[res] += 1
+    return sources
+
+
+def _resolution(source: SkipSource) -> int:
+    return source if isinstance(source, int) else source[0]
+
+
+def _skip_name(source: SkipSource) -> str:
+    """The key of a skip projection in Encoder.skip_projections: "R" for a resolution, "R_K" for a block output."""
+    return str(source) if isinstance(source, int) else f"{source[0]}_{source[1]}"
+
+
 class Encoder(nn.Module):
     """The bottom-up pass: a 3x3 input conv, then residual Blocks with pooling between resolutions. Returns
-    the last activation at each resolution, which the decoder's posteriors read, through a 1x1 projection if
-    skip_projection.
+    the activations the decoder's posteriors read (skip_sources), each through its own 1x1 projection if
+    skip_projection: with skip_wiring resolution the last activation at each resolution, keyed by resolution;
+    with block each encoder block's own output, keyed (res, k).
 
     width_change pad (VDVAE): a block that pools ("RdK") averages its output, and the activation read at its
     resolution is the previous block's. conv (Efficient-VDVAE): that block's output is read, then pooled by a
@@ -157,28 +203,34 @@ class Encoder(nn.Module):
                     pools[str(index)].bias.zero_()
         self.enc_blocks = nn.ModuleList(blocks)
         self.pools = nn.ModuleDict(pools) if pool_by_conv else None
+        self.by_block = H.get("skip_wiring", "resolution") == "block"
+        self.read: list[SkipSource] = sorted(set(skip_sources(H)))
         self.skip_projections = None
         if H.get("skip_projection", False):
-            read = sorted({res for res, _ in parse_layer_string(H.dec_blocks, "decoder")})
-            self.skip_projections = nn.ModuleDict(
-                {str(res): _conv(self.widths[res], self.widths[res], 1) for res in read}
-            )
+            widths = {_skip_name(source): self.widths[_resolution(source)] for source in self.read}
+            self.skip_projections = nn.ModuleDict({name: _conv(width, width, 1) for name, width in widths.items()})
         self.grad_checkpoint = False
 
-    def forward(self, x: Tensor) -> dict[int, Tensor]:
+    def forward(self, x: Tensor) -> dict[SkipSource, Tensor]:
         x = self.in_conv(x)
-        activations = {x.shape[2]: x}
+        activations: dict[SkipSource, Tensor] = {x.shape[2]: x}
+        outputs: dict[int, list[Tensor]] = {}  # each block's output at the resolution it outputs at
         for index, block in enumerate(self.enc_blocks):
             x = _run(block, self.grad_checkpoint, x)
             res = x.shape[2]
             if x.shape[1] < self.widths[res]:  # widths grow after pooling (custom_width_str): zero channels
                 x = F.pad(x, (0, 0, 0, 0, 0, self.widths[res] - x.shape[1]))
             activations[res] = x
+            outputs.setdefault(res, []).append(x)
             if self.pools is not None and str(index) in self.pools:
                 x = F.leaky_relu(self.pools[str(index)](x), LEAKY_SLOPE)
                 activations[x.shape[2]] = x
+        if self.by_block:
+            activations = {(res, k): outputs[res][k] for res, k in self.read}
         if self.skip_projections is not None:
-            activations = {int(res): project(activations[int(res)]) for res, project in self.skip_projections.items()}
+            activations = {
+                source: self.skip_projections[_skip_name(source)](activations[source]) for source in self.read
+            }
         return activations
 
 
@@ -191,10 +243,18 @@ class DecBlock(nn.Module):
     """
 
     def __init__(
-        self, H: Hyperparams, res: int, mixin: int | None, n_blocks: int, widths: dict[int, int], middle: int
+        self,
+        H: Hyperparams,
+        res: int,
+        mixin: int | None,
+        n_blocks: int,
+        widths: dict[int, int],
+        middle: int,
+        source: SkipSource | None = None,
     ) -> None:
         super().__init__()
         self.base = res
+        self.source = res if source is None else source  # the encoder activation the posterior reads (skip_sources)
         self.mixin = mixin
         self.width = width = widths[res]
         self.zdim = H.zdim
@@ -334,7 +394,8 @@ class Decoder(nn.Module):
         widths, middles = resolution_widths(H), middle_widths(H)
         layers = parse_layer_string(H.dec_blocks, "decoder")
         self.dec_blocks = nn.ModuleList(
-            DecBlock(H, res, mixin, len(layers), widths, middles[res]) for res, mixin in layers
+            DecBlock(H, res, mixin, len(layers), widths, middles[res], source)
+            for (res, mixin), source in zip(layers, skip_sources(H), strict=True)
         )
         resolutions = sorted({res for res, _ in layers})
         self.bias_xs = nn.ParameterList(
@@ -367,7 +428,7 @@ class Decoder(nn.Module):
             upper = None if block.mixin is None else xs[block.mixin]
             layer_keep = None if keep is None else keep[index]
             x, z, kl, params = _run(
-                block, self.grad_checkpoint, xs.get(block.base), activations[block.base], upper, backend,
+                block, self.grad_checkpoint, xs.get(block.base), activations[block.source], upper, backend,
                 kl_estimator, layer_keep,
             )  # fmt: skip
             xs[block.base] = x
