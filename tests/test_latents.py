@@ -452,3 +452,14 @@ def test_missing_files_and_bad_values_are_named(tiny_setup, capsys):
         lat.interpolate(tiny_model(), tiny_images(2), steps=1)
     with pytest.raises(ValueError, match="output must be one of mean, sample, got 'median'"):
         lat.decode(tiny_model(), [np.zeros((1, 4, 1, 1), np.float32)], output="median")
+
+
+def test_a_file_that_predates_a_switch_reads_as_its_default_and_another_value_is_refused(tmp_path):
+    """Architecture keys added after a file was written held their defaults then (e.g. width_change)."""
+    vae = tiny_model()
+    older = {key: vae.H[key] for key in ARCHITECTURE_KEYS if key not in ("width_change", "skip_wiring")}
+    z = {f"z_{i:02d}": np.zeros((1, 4, r, r), np.float32) for i, r in enumerate((1, 4))}
+    np.savez(tmp_path / "old.npz", format_version=1, preset="tiny", n_layers=2, hparams=json.dumps(older), **z)
+    lat.check_fits(lat.load_latents(tmp_path / "old.npz"), vae)
+    with pytest.raises(ValueError, match=r"width_change='pad'\), but this model .*width_change='conv'"):
+        lat.check_fits(lat.load_latents(tmp_path / "old.npz"), tiny_model(width_change="conv"))

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import data
 from .checkpoint import CheckpointError
-from .hparams import ARCHITECTURE_KEYS, PRESETS, Hyperparams, preset
+from .hparams import ARCHITECTURE_KEYS, DEFAULTS, PRESETS, Hyperparams, preset
 from .model import VAE, Temperature
 from .ops import BACKENDS
 from .runtime import resolve_device
@@ -79,7 +79,7 @@ USAGE_ERROR = 2
 
 def architecture_of(H: Hyperparams) -> dict[str, Any]:
     """The hyperparameters that shape the network (hparams.ARCHITECTURE_KEYS): latents fit a model when these agree."""
-    return {key: H.get(key) for key in ARCHITECTURE_KEYS}
+    return {key: H.get(key, DEFAULTS.get(key)) for key in ARCHITECTURE_KEYS}  # a key H predates: its default
 
 
 def preset_of(H: Hyperparams) -> str:
@@ -174,11 +174,12 @@ def check_fits(latents: Latents, model: VAE, source: str = "the latents") -> Non
     """Refuse latents of another network (naming both presets and the first differing hyperparameter), more layers
     than the model has, or a layer of another shape."""
     mine = architecture_of(model.H)
-    differing = [key for key in ARCHITECTURE_KEYS if latents.architecture.get(key) != mine[key]]
+    theirs = {key: latents.architecture.get(key, DEFAULTS.get(key)) for key in ARCHITECTURE_KEYS}  # older files
+    differing = [key for key in ARCHITECTURE_KEYS if theirs[key] != mine[key]]
     if differing:
         key = differing[0]
         raise ValueError(
-            f"{source} come from preset {latents.preset!r} ({key}={latents.architecture.get(key)!r}), but this model "
+            f"{source} come from preset {latents.preset!r} ({key}={theirs[key]!r}), but this model "
             f"is preset {preset_of(model.H)!r} ({key}={mine[key]!r}): decode them with the checkpoint that encoded them"
         )
     blocks = model.decoder.dec_blocks
