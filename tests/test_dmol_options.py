@@ -27,7 +27,7 @@ from tests.op_cases import (
     tolerance,
 )
 from vdvae_fast import ops, reference
-from vdvae_fast.hparams import FIELDS, Hyperparams, preset, validate
+from vdvae_fast.hparams import FIELDS, Hyperparams, parse_args, preset, validate
 from vdvae_fast.model import DmolNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -350,12 +350,14 @@ def test_model_output_layer_reads_the_options_from_the_hyperparameters() -> None
 def test_hyperparameter_rows_follow_the_options() -> None:
     rows = list(FIELDS)
     at = rows.index("num_mixtures")
-    assert rows[at + 1 : at + 4] == ["dmol_gradient_smoothing", "dmol_log_scale_min", "gradient_smoothing_beta"]
-    assert FIELDS["gradient_smoothing_beta"].default == 0.6931471805599453
+    assert rows[at + 1 : at + 3] == ["dmol_gradient_smoothing", "dmol_log_scale_min"]
+    assert FIELDS["gradient_smoothing_beta"].default == 0.6931471805599453  # shared with the latent scales
     valid = FIELDS["dmol_log_scale_min"].valid
     assert all(v in valid for v in (-INF, -1000.0, -250.0, -7.0, 0.0))
     assert not any(v in valid for v in (-1001.0, 0.5, INF, float("nan")))
-    H = preset("tiny")
+    H = parse_args(["--hps", "tiny", "--dmol_gradient_smoothing", "true", "--dmol_log_scale_min=-inf"])
+    assert (H.dmol_gradient_smoothing, H.dmol_log_scale_min) == (True, -INF)
+    validate(H)
     H.dmol_log_scale_min = 1.0
     with pytest.raises(ValueError, match="dmol_log_scale_min"):
         validate(H)

@@ -28,6 +28,7 @@ REFUSED = [
     ("zdim", 0, "an integer at least 1"),
     ("width", 0, "an integer at least 1"),
     ("num_mixtures", 0, "an integer at least 1"),
+    ("dmol_log_scale_min", 0.5, "a number in [-1000, 0], or -inf"),
     ("bottleneck_multiple", 0.0, "a finite number above 0"),
     ("num_images_visualize", -1, "an integer at least 0"),
     ("skip_threshold", -2.0, "a finite number above 0, or -1"),
@@ -54,6 +55,7 @@ REFUSED = [
     ("num_workers", -1, "an integer at least 0"),
     ("eval_max_images", -1, "an integer at least 0"),
     ("no_bias_above", -1, "an integer at least 0"),
+    ("gradient_smoothing_beta", 0.0, "a finite number above 0"),
 ]
 
 

@@ -122,8 +122,8 @@ FIELDS: dict[str, Field] = {
     "dmol_gradient_smoothing": Field(False, "DMoL scales softplus_beta(raw) = log(1 + exp(beta raw)) / beta with "
                                      "beta = gradient_smoothing_beta (Efficient-VDVAE's gradient smoothing) "
                                      "instead of VDVAE's exp(raw)"),
-    "dmol_log_scale_min": Field(-7.0, "floor of the DMoL log-scales: VDVAE's -7, -inf for none (Efficient-VDVAE "
-                                "uses -250, no floor in effect)", float,
+    "dmol_log_scale_min": Field(-7.0, "floor of the DMoL log-scales: VDVAE's -7, -inf for none (write "
+                                "--dmol_log_scale_min=-inf); Efficient-VDVAE uses -250, no floor in effect", float,
                                 valid=Range(-1000.0, 0.0, also=(-math.inf,))),
     "gradient_smoothing_beta": Field(math.log(2.0), "beta of the softplus scales of gradient smoothing "
                                      "(Efficient-VDVAE; ln 2 gives scale 1 at 0)", float, valid=_POSITIVE),
