@@ -8,9 +8,13 @@ channel. Special functions come in two forms selected by the constexpr COMPILED:
 (inline PTX) when compiled for a GPU, plain Triton arithmetic in the interpreter, which cannot run PTX.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
+
+from ..reference import SCALES
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -65,7 +69,14 @@ def log1p_ratio(y, COMPILED: tl.constexpr):
 
 
 @triton.jit
-def log_scale(raw, beta, log_beta, log_scale_min, SOFTPLUS: tl.constexpr, COMPILED: tl.constexpr):
+def log_scale(
+    raw,
+    SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
+    COMPILED: tl.constexpr,
+):
     """reference.dmol_log_scales as (the floored log-scale, d unfloored log-scale / d raw, whether it is on
     the floor, whether below): torch.maximum's gradient is that slope, halved on the floor, 0 below. NaN stays
     NaN (tl.maximum may drop it).
@@ -75,25 +86,38 @@ def log_scale(raw, beta, log_beta, log_scale_min, SOFTPLUS: tl.constexpr, COMPIL
     t < 0 gives shift t and arg = log1p_ratio(y) in [ln 2, 1], which never underflows. The derivative of
     log softplus(t), sigmoid(t) / softplus(t), is 1 / ((1 + y) arg) in both cases."""
     if SOFTPLUS:
-        t = beta * raw
+        t = BETA * raw
         y = tl.exp2(-tl.abs(t) * LOG2E)
         ratio = log1p_ratio(y, COMPILED)
         negative = t < 0.0
         arg = tl.where(negative, ratio, t + y * ratio)
-        unfloored = (tl.where(negative, t, 0.0) + fast_log2(arg, COMPILED) * LN2) - log_beta
-        slope = beta * reciprocal((1.0 + y) * arg, COMPILED)
+        unfloored = (tl.where(negative, t, 0.0) + fast_log2(arg, COMPILED) * LN2) - LOG_BETA
+        slope = BETA * reciprocal((1.0 + y) * arg, COMPILED)
     else:
         unfloored = raw
-        slope = 1.0  # a constant: the product with it folds away
-    below = unfloored < log_scale_min
-    return tl.where(below, log_scale_min, unfloored), slope, unfloored == log_scale_min, below
+        slope = 1.0  # unused
+    below = unfloored < LOG_SCALE_MIN
+    return tl.where(below, LOG_SCALE_MIN, unfloored), slope, unfloored == LOG_SCALE_MIN, below
 
 
 @triton.jit
-def channel_bin(x, mean, scale, left, right, HALF: tl.constexpr, LOG_BINS: tl.constexpr, COMPILED: tl.constexpr):
-    """One colour channel under one logistic whose log-scale `scale` is log_scale's result: its bin probability
-    as exp2(offset) * arg, and d log P / d mean and d log P / d raw log-scale (the compiler drops them where
-    only the probability is used).
+def channel_bin(
+    x,
+    mean,
+    raw_log_scale,
+    left,
+    right,
+    HALF: tl.constexpr,
+    LOG_BINS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
+    COMPILED: tl.constexpr,
+):
+    """One colour channel under one logistic: its bin probability as exp2(offset) * arg, d log P / d mean and
+    d log P / d raw log-scale (the compiler drops them where only the probability is used), and whether the
+    log-scale (log_scale's) is below its floor.
 
     The contract's four cases (docs/kernel-contract.md) in one form: with e = exp(-|v|), r = 1 / (1 + e),
     sigmoid(v) is r or e r and log sigmoid(v) = min(v, 0) + log r, so
@@ -105,7 +129,7 @@ def channel_bin(x, mean, scale, left, right, HALF: tl.constexpr, LOG_BINS: tl.co
     the form d/dmean = -inv_s (wp - wm) and d/dlog_scale = -(plus_in wp - min_in wm + tiny) with wp, wm the
     weights of the two bin edges (sigmoid' / cdf_delta in the bulk) and tiny 1 in the tiny-bin case.
     """
-    ls, ls_slope, on_floor, _ = scale
+    ls, slope, on_floor, below = log_scale(raw_log_scale, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
     ls2 = ls * LOG2E
     inv_s = tl.exp2(-ls2)
     scale2 = inv_s * LOG2E
@@ -148,7 +172,10 @@ def channel_bin(x, mean, scale, left, right, HALF: tl.constexpr, LOG_BINS: tl.co
     d_log_scale = -((plus2 * w_plus - min2 * w_min) * LN2 + tiny)
     # torch.maximum's gradient: halved on the floor (zeroing below it is left to the caller, after the product
     # with the upstream gradient, so that a NaN upstream still gives 0 there)
-    return offset, arg, d_mean, tl.where(on_floor, 0.5 * d_log_scale, d_log_scale) * ls_slope
+    d_raw_log_scale = tl.where(on_floor, 0.5 * d_log_scale, d_log_scale)
+    if SOFTPLUS:
+        d_raw_log_scale = d_raw_log_scale * slope
+    return offset, arg, d_mean, d_raw_log_scale, below
 
 
 @triton.jit
@@ -182,6 +209,17 @@ def store_channel(rows, channel, stride_c, value, mask):
     """Store one channel of this program's pixels in the element type of rows' base pointer."""
     base, offsets = rows
     tl.store(base + (offsets + channel * stride_c), value.to(base.dtype.element_ty), mask=mask)
+
+
+def scale_constexprs(scale: int, beta: float, log_scale_min: float) -> dict:
+    """The constexprs of log_scale from the entry points' scale options (scale indexes reference.SCALES): a model
+    keeps one set, so they compile into the kernels as VDVAE's floor of -7 always did."""
+    return {
+        "SOFTPLUS": SCALES[scale] == "softplus",
+        "BETA": beta,
+        "LOG_BETA": math.log(beta),
+        "LOG_SCALE_MIN": log_scale_min,
+    }
 
 
 def pixel_strides(t: torch.Tensor) -> tuple[int, int, int, int, bool]:

@@ -11,15 +11,13 @@ grad_logits are addressed through their own strides, never copied. Per-image sum
 program, summed by torch in a fixed order: deterministic, no atomics.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
-from ..reference import SCALES, bin_constants
+from ..reference import bin_constants
 from .dmol_math import (
     LN2,
     LOG2E,
@@ -28,9 +26,9 @@ from .dmol_math import (
     channel_bin,
     fast_log2,
     load_channel,
-    log_scale,
     pixel_offsets,
     pixel_strides,
+    scale_constexprs,
     shift,
     store_channel,
     tanh_parts,
@@ -63,21 +61,22 @@ def _mixture(
     x0,
     x1,
     x2,
-    scales,
     NUM_MIX: tl.constexpr,
     HALF: tl.constexpr,
     LOG_BINS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
     COMPILED: tl.constexpr,
 ):
     """Mixture k of each pixel: its logit in bits, its log2-probability split as exponent + log2(product), and
-    what its gradients need (the compiler keeps only what the caller uses). scales = (beta, log beta, floor)
-    of the log-scales (dmol_math.log_scale).
+    what its gradients need (the compiler keeps only what the caller uses). SOFTPLUS, BETA, LOG_BETA and
+    LOG_SCALE_MIN make the log-scales (dmol_math.log_scale).
 
     Channel order: [0, M) mixture logits; colour c's block starts at M + 3Mc: M means, M raw log-scales,
     M raw coefficients.
     """
-    beta, log_beta, log_scale_min = scales
     l_rows = shift(l_rows, k, l_sc)
     pi = load_channel(l_rows, 0, l_sc, mask)
     raw_c0 = load_channel(l_rows, 3 * NUM_MIX, l_sc, mask)
@@ -86,37 +85,56 @@ def _mixture(
     coeff0, dcoeff0 = tanh_parts(raw_c0, COMPILED)
     coeff1, dcoeff1 = tanh_parts(raw_c1, COMPILED)
     coeff2, dcoeff2 = tanh_parts(raw_c2, COMPILED)
-    ls0 = log_scale(load_channel(l_rows, 2 * NUM_MIX, l_sc, mask), beta, log_beta, log_scale_min, SOFTPLUS, COMPILED)
-    ls1 = log_scale(load_channel(l_rows, 5 * NUM_MIX, l_sc, mask), beta, log_beta, log_scale_min, SOFTPLUS, COMPILED)
-    ls2 = log_scale(load_channel(l_rows, 8 * NUM_MIX, l_sc, mask), beta, log_beta, log_scale_min, SOFTPLUS, COMPILED)
-    off0, arg0, d_mean0, d_ls0 = channel_bin(
-        x0, load_channel(l_rows, NUM_MIX, l_sc, mask), ls0, x0 < -0.999, x0 > 0.999, HALF, LOG_BINS, COMPILED
+    raw_ls0 = load_channel(l_rows, 2 * NUM_MIX, l_sc, mask)
+    raw_ls1 = load_channel(l_rows, 5 * NUM_MIX, l_sc, mask)
+    raw_ls2 = load_channel(l_rows, 8 * NUM_MIX, l_sc, mask)
+    off0, arg0, d_mean0, d_ls0, below0 = channel_bin(
+        x0,
+        load_channel(l_rows, NUM_MIX, l_sc, mask),
+        raw_ls0,
+        x0 < -0.999,
+        x0 > 0.999,
+        HALF,
+        LOG_BINS,
+        SOFTPLUS,
+        BETA,
+        LOG_BETA,
+        LOG_SCALE_MIN,
+        COMPILED,
     )
-    off1, arg1, d_mean1, d_ls1 = channel_bin(
+    off1, arg1, d_mean1, d_ls1, below1 = channel_bin(
         x1,
         load_channel(l_rows, 4 * NUM_MIX, l_sc, mask) + coeff0 * x0,
-        ls1,
+        raw_ls1,
         x1 < -0.999,
         x1 > 0.999,
         HALF,
         LOG_BINS,
+        SOFTPLUS,
+        BETA,
+        LOG_BETA,
+        LOG_SCALE_MIN,
         COMPILED,
     )
-    off2, arg2, d_mean2, d_ls2 = channel_bin(
+    off2, arg2, d_mean2, d_ls2, below2 = channel_bin(
         x2,
         load_channel(l_rows, 7 * NUM_MIX, l_sc, mask) + coeff1 * x0 + coeff2 * x1,
-        ls2,
+        raw_ls2,
         x2 < -0.999,
         x2 > 0.999,
         HALF,
         LOG_BINS,
+        SOFTPLUS,
+        BETA,
+        LOG_BETA,
+        LOG_SCALE_MIN,
         COMPILED,
     )
     pi2 = pi * LOG2E
     # log2 P(pixel, k) + log2 softmax weight numerator = exponent + log2(product)
     exponent = pi2 + off0 + off1 + off2
     product = arg0 * arg1 * arg2
-    clamped = (ls0[3], ls1[3], ls2[3])  # below the floor
+    clamped = (below0, below1, below2)  # log-scales below the floor
     return (
         pi2,
         exponent,
@@ -148,18 +166,20 @@ def _log_likelihoods(
     x0,
     x1,
     x2,
-    scales,
     NUM_MIX: tl.constexpr,
     HALF: tl.constexpr,
     LOG_BINS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
     COMPILED: tl.constexpr,
 ):
     """Per pixel, in bits, log2-sum-exp2 of the mixture logits and of the joint log-probabilities, each as
     (max, sum of 2**(value - max)): kept apart, so that a large logit does not round away the sum's bits.
     """
     pi2, exponent, product, _, _, _, _ = _mixture(
-        l_rows, l_sc, mask, 0, x0, x1, x2, scales, NUM_MIX, HALF, LOG_BINS, SOFTPLUS, COMPILED
+        l_rows, l_sc, mask, 0, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED
     )
     pi_max = pi2
     pi_sum = tl.full(pi2.shape, 1.0, tl.float32)
@@ -167,7 +187,21 @@ def _log_likelihoods(
     joint_sum = product
     for k in range(1, NUM_MIX):
         pi2, exponent, product, _, _, _, _ = _mixture(
-            l_rows, l_sc, mask, k, x0, x1, x2, scales, NUM_MIX, HALF, LOG_BINS, SOFTPLUS, COMPILED
+            l_rows,
+            l_sc,
+            mask,
+            k,
+            x0,
+            x1,
+            x2,
+            NUM_MIX,
+            HALF,
+            LOG_BINS,
+            SOFTPLUS,
+            BETA,
+            LOG_BETA,
+            LOG_SCALE_MIN,
+            COMPILED,
         )
         pi_max, pi_sum = _accumulate(pi_max, pi_sum, pi2, 1.0)
         joint_max, joint_sum = _accumulate(joint_max, joint_sum, exponent, product)
@@ -190,14 +224,14 @@ def _dmol_nll_forward_kernel(
     x_sh,
     x_sw,
     inv_count,
-    beta,
-    log_beta,
-    log_scale_min,
     NUM_MIX: tl.constexpr,
     BLOCK_P: tl.constexpr,
     HALF: tl.constexpr,
     LOG_BINS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
     MERGED_HW: tl.constexpr,
     COMPILED: tl.constexpr,
 ):
@@ -205,7 +239,7 @@ def _dmol_nll_forward_kernel(
         logits_ptr, x_ptr, HW, W, l_sb, l_sh, l_sw, x_sb, x_sc, x_sh, x_sw, BLOCK_P, MERGED_HW
     )
     pi_max, pi_sum, joint_max, joint_sum = _log_likelihoods(
-        l_rows, l_sc, mask, x0, x1, x2, (beta, log_beta, log_scale_min), NUM_MIX, HALF, LOG_BINS, SOFTPLUS, COMPILED
+        l_rows, l_sc, mask, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED
     )
     # -logsumexp_k(log_prob_k + log_softmax(pi)_k) = logsumexp(pi) - logsumexp(log_prob + pi), with one log
     nll = ((pi_max - joint_max) + fast_log2(pi_sum / joint_sum, COMPILED)) * LN2
@@ -234,23 +268,22 @@ def _dmol_nll_backward_kernel(
     g_sh,
     g_sw,
     inv_count,
-    beta,
-    log_beta,
-    log_scale_min,
     NUM_MIX: tl.constexpr,
     BLOCK_P: tl.constexpr,
     HALF: tl.constexpr,
     LOG_BINS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
     MERGED_HW: tl.constexpr,
     COMPILED: tl.constexpr,
 ):
     pixels, mask, l_rows, x0, x1, x2 = _pixel_block(
         logits_ptr, x_ptr, HW, W, l_sb, l_sh, l_sw, x_sb, x_sc, x_sh, x_sw, BLOCK_P, MERGED_HW
     )
-    scales = (beta, log_beta, log_scale_min)
     pi_max, pi_sum, joint_max, joint_sum = _log_likelihoods(
-        l_rows, l_sc, mask, x0, x1, x2, scales, NUM_MIX, HALF, LOG_BINS, SOFTPLUS, COMPILED
+        l_rows, l_sc, mask, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED
     )
     inv_pi_sum = 1.0 / pi_sum
     inv_joint_sum = 1.0 / joint_sum
@@ -259,7 +292,21 @@ def _dmol_nll_backward_kernel(
     g_rows = (grad_ptr + b * g_sb, pixel_offsets(pixels, W, g_sh, g_sw, MERGED_HW))
     for k in range(NUM_MIX):
         pi2, exponent, product, d_mean, d_ls, clamped, dcoeff = _mixture(
-            l_rows, l_sc, mask, k, x0, x1, x2, scales, NUM_MIX, HALF, LOG_BINS, SOFTPLUS, COMPILED
+            l_rows,
+            l_sc,
+            mask,
+            k,
+            x0,
+            x1,
+            x2,
+            NUM_MIX,
+            HALF,
+            LOG_BINS,
+            SOFTPLUS,
+            BETA,
+            LOG_BETA,
+            LOG_SCALE_MIN,
+            COMPILED,
         )
         d_mean0, d_mean1, d_mean2 = d_mean
         d_ls0, d_ls1, d_ls2 = d_ls
@@ -298,13 +345,12 @@ def _launch_args(
     strides = [pixel_strides(t) for t in (logits, x, *outputs)]
     half, log_bins = bin_constants(num_bits)
     args = [height * width, width, *(v for s in strides for v in s[:4]), 1.0 / (3 * height * width)]
-    args += [beta, math.log(beta), log_scale_min]
     meta = {
         "NUM_MIX": channels // 10,
         "BLOCK_P": block_p,
         "HALF": half,
         "LOG_BINS": log_bins,
-        "SOFTPLUS": SCALES[scale] == "softplus",
+        **scale_constexprs(scale, beta, log_scale_min),
         "MERGED_HW": all(s[4] for s in strides),
         "COMPILED": isinstance(_dmol_nll_forward_kernel, JITFunction),
         "num_warps": NUM_WARPS,

@@ -7,15 +7,13 @@ parameters reaches its output. Randomness comes from counters (pixel, stream) of
 (docs/kernel-contract.md), so the image matches every other backend's for the same seed.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
-from ..reference import SCALES, memory_format_of
+from ..reference import memory_format_of
 from .dmol_math import (
     LN2,
     LOG2E,
@@ -26,6 +24,7 @@ from .dmol_math import (
     log_scale,
     pixel_offsets,
     pixel_strides,
+    scale_constexprs,
     shift,
     tanh_parts,
 )
@@ -49,14 +48,22 @@ def _gumbel_score(l_rows, l_sc, mask, k0, k1, counters, k, COMPILED: tl.constexp
 
 @triton.jit
 def _logistic_draw(
-    k0, k1, counters, stream, mean, raw_log_scale, scales, SOFTPLUS: tl.constexpr, COMPILED: tl.constexpr
+    k0,
+    k1,
+    counters,
+    stream,
+    mean,
+    raw_log_scale,
+    SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
+    COMPILED: tl.constexpr,
 ):
-    """mean + scale * logit(u) with u from counter (pixel, stream); scales = (beta, log beta, floor) of the
-    log-scale (dmol_math.log_scale)."""
-    beta, log_beta, log_scale_min = scales
+    """mean + scale * logit(u) with u from counter (pixel, stream), the log-scale from dmol_math.log_scale."""
     u = open_uniform(k0, k1, counters, stream)
     logit = (fast_log2(u, COMPILED) - fast_log2(1.0 - u, COMPILED)) * LN2
-    ls = log_scale(raw_log_scale, beta, log_beta, log_scale_min, SOFTPLUS, COMPILED)[0]
+    ls = log_scale(raw_log_scale, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)[0]
     return mean + tl.exp2(ls * LOG2E) * logit
 
 
@@ -75,12 +82,12 @@ def _dmol_sample_kernel(
     o_sc,
     o_sh,
     o_sw,
-    beta,
-    log_beta,
-    log_scale_min,
     NUM_MIX: tl.constexpr,
     BLOCK_P: tl.constexpr,
     SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
     MERGED_HW: tl.constexpr,
     COMPILED: tl.constexpr,
 ):
@@ -112,13 +119,15 @@ def _dmol_sample_kernel(
     raw_ls2 = load_channel(rows, 8 * NUM_MIX, l_sc, mask)
     coeff2 = tanh_parts(load_channel(rows, 9 * NUM_MIX, l_sc, mask), COMPILED)[0]
 
-    scales = (beta, log_beta, log_scale_min)
-    x0 = _clamp_unit(_logistic_draw(k0, k1, counters, NUM_MIX, mean0, raw_ls0, scales, SOFTPLUS, COMPILED))
+    x0 = _clamp_unit(
+        _logistic_draw(k0, k1, counters, NUM_MIX, mean0, raw_ls0, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
+    )
     x1 = _clamp_unit(
-        _logistic_draw(k0, k1, counters, NUM_MIX + 1, mean1, raw_ls1, scales, SOFTPLUS, COMPILED) + coeff0 * x0
+        _logistic_draw(k0, k1, counters, NUM_MIX + 1, mean1, raw_ls1, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
+        + coeff0 * x0
     )
     x2 = _clamp_unit(
-        _logistic_draw(k0, k1, counters, NUM_MIX + 2, mean2, raw_ls2, scales, SOFTPLUS, COMPILED)
+        _logistic_draw(k0, k1, counters, NUM_MIX + 2, mean2, raw_ls2, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
         + coeff1 * x0
         + coeff2 * x1
     )
@@ -146,12 +155,9 @@ def dmol_sample(logits: torch.Tensor, scale: int, beta: float, log_scale_min: fl
         width,
         *l_strides[:4],
         *o_strides[:4],
-        beta,
-        math.log(beta),
-        log_scale_min,
         NUM_MIX=channels // 10,
         BLOCK_P=block_p,
-        SOFTPLUS=SCALES[scale] == "softplus",
+        **scale_constexprs(scale, beta, log_scale_min),
         MERGED_HW=l_strides[4] and o_strides[4],
         COMPILED=isinstance(_dmol_sample_kernel, JITFunction),
         num_warps=NUM_WARPS,
