@@ -120,33 +120,33 @@ at::Tensor dmol_sample_forward_cpu(const at::Tensor& logits, int64_t scale, doub
   // Tiles per task: ~16k Gumbel draws, enough to amortize a thread, small enough to balance
   const int64_t grain = std::max<int64_t>(1, 16384 / (kTile * mixtures));
   dmol::with_scales<float>(scale, beta, log_scale_min, [&](const auto& scales) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dmol_sample_forward_cpu", [&] {
-    const scalar_t* in = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * tiles_per_image, grain, [&](int64_t begin, int64_t end) {
-      Lanes lanes;
-      std::vector<float> gathered;
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / tiles_per_image;
-        const TilePixels<kTile> in_logits(i % tiles_per_image, logits);
-        const scalar_t* image_in = in + b * logits.stride(0);
-        // float rows that are consecutive in memory are read in place
-        const float* rows;
-        int64_t row_stride;
-        if (std::is_same<scalar_t, float>::value && in_logits.pixel_stride == 1) {
-          rows = reinterpret_cast<const float*>(image_in) + in_logits.first;
-          row_stride = in_logits.channel_stride;
-        } else {
-          gathered.resize(channels * kTile);
-          gather(image_in, channels, in_logits, gathered.data());
-          rows = gathered.data();
-          row_stride = kTile;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dmol_sample_forward_cpu", [&] {
+      const scalar_t* in = logits.data_ptr<scalar_t>();
+      at::parallel_for(0, batch * tiles_per_image, grain, [&](int64_t begin, int64_t end) {
+        Lanes lanes;
+        std::vector<float> gathered;
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / tiles_per_image;
+          const TilePixels<kTile> in_logits(i % tiles_per_image, logits);
+          const scalar_t* image_in = in + b * logits.stride(0);
+          // float rows that are consecutive in memory are read in place
+          const float* rows;
+          int64_t row_stride;
+          if (std::is_same<scalar_t, float>::value && in_logits.pixel_stride == 1) {
+            rows = reinterpret_cast<const float*>(image_in) + in_logits.first;
+            row_stride = in_logits.channel_stride;
+          } else {
+            gathered.resize(channels * kTile);
+            gather(image_in, channels, in_logits, gathered.data());
+            rows = gathered.data();
+            row_stride = kTile;
+          }
+          sample_tile(rows, row_stride, mixtures, in_logits.count, scales, static_cast<uint64_t>(seed),
+                      static_cast<uint32_t>(b * pixels + in_logits.first), lanes);
+          scatter(&lanes.x[0][0], 3, TilePixels<kTile>(i % tiles_per_image, image), out + b * image.stride(0));
         }
-        sample_tile(rows, row_stride, mixtures, in_logits.count, scales, static_cast<uint64_t>(seed),
-                    static_cast<uint32_t>(b * pixels + in_logits.first), lanes);
-        scatter(&lanes.x[0][0], 3, TilePixels<kTile>(i % tiles_per_image, image), out + b * image.stride(0));
-      }
+      });
     });
-  });
   });
   return image;
 }
