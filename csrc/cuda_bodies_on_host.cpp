@@ -48,16 +48,21 @@ void check_float32(const at::Tensor& logits, const at::Tensor& x, int64_t num_bi
   check_dmol_inputs(logits, x, num_bits);
 }
 
-at::Tensor dmol_nll_forward_cuda_body_on_host(const at::Tensor& logits, const at::Tensor& x, int64_t num_bits) {
+at::Tensor dmol_nll_forward_cuda_body_on_host(const at::Tensor& logits, const at::Tensor& x, int64_t num_bits,
+                                              int64_t scale, double beta, double log_scale_min) {
   check_float32(logits, x, num_bits);
   at::Tensor work = logits.contiguous().clone();
   const int64_t mixtures = logits.size(1) / 10, pixels = logits.size(2) * logits.size(3);
   const auto bins = dmol::make_bins<float>(num_bits);
   std::vector<double> sums(logits.size(0), 0.0);
-  for_each_pixel(work, x.contiguous(), [&](const HostPixel& channel, int64_t b, int64_t, float x0, float x1, float x2) {
-    sums[b] += mixtures == kCommonMixtures
-                   ? dmol::dmol_nll_forward_pixel<kCommonMixtures>(channel, mixtures, x0, x1, x2, bins)
-                   : dmol::dmol_nll_forward_pixel<0>(channel, mixtures, x0, x1, x2, bins);
+  dmol::with_scales<float>(scale, beta, log_scale_min, [&](const auto& scales) {
+    for_each_pixel(work, x.contiguous(),
+                   [&](const HostPixel& channel, int64_t b, int64_t, float x0, float x1, float x2) {
+                     sums[b] += mixtures == kCommonMixtures
+                                    ? dmol::dmol_nll_forward_pixel<kCommonMixtures>(channel, mixtures, x0, x1, x2,
+                                                                                    bins, scales)
+                                    : dmol::dmol_nll_forward_pixel<0>(channel, mixtures, x0, x1, x2, bins, scales);
+                   });
   });
   at::Tensor nll = at::empty({logits.size(0)}, logits.options());
   for (int64_t b = 0; b < logits.size(0); ++b) nll[b] = -sums[b] / (3.0 * static_cast<double>(pixels));
@@ -65,7 +70,8 @@ at::Tensor dmol_nll_forward_cuda_body_on_host(const at::Tensor& logits, const at
 }
 
 at::Tensor dmol_nll_backward_cuda_body_on_host(const at::Tensor& grad_nll, const at::Tensor& logits,
-                                               const at::Tensor& x, int64_t num_bits) {
+                                               const at::Tensor& x, int64_t num_bits, int64_t scale, double beta,
+                                               double log_scale_min) {
   check_float32(logits, x, num_bits);
   at::Tensor grad = logits.contiguous().clone();
   const int64_t mixtures = logits.size(1) / 10, pixels = logits.size(2) * logits.size(3);
@@ -73,18 +79,23 @@ at::Tensor dmol_nll_backward_cuda_body_on_host(const at::Tensor& grad_nll, const
   const at::Tensor upstream = grad_nll.to(at::kFloat).contiguous();
   std::vector<float> joint(mixtures);
   const HostPixel joints{joint.data()};
-  for_each_pixel(grad, x.contiguous(), [&](const HostPixel& channel, int64_t b, int64_t, float x0, float x1, float x2) {
-    const float g = upstream.data_ptr<float>()[b] / static_cast<float>(3 * pixels);
-    if (mixtures == kCommonMixtures) {
-      dmol::dmol_nll_backward_pixel<kCommonMixtures>(channel, joints, mixtures, x0, x1, x2, bins, g);
-    } else {
-      dmol::dmol_nll_backward_pixel<0>(channel, joints, mixtures, x0, x1, x2, bins, g);
-    }
+  dmol::with_scales<float>(scale, beta, log_scale_min, [&](const auto& scales) {
+    for_each_pixel(grad, x.contiguous(),
+                   [&](const HostPixel& channel, int64_t b, int64_t, float x0, float x1, float x2) {
+                     const float g = upstream.data_ptr<float>()[b] / static_cast<float>(3 * pixels);
+                     if (mixtures == kCommonMixtures) {
+                       dmol::dmol_nll_backward_pixel<kCommonMixtures>(channel, joints, mixtures, x0, x1, x2, bins,
+                                                                      scales, g);
+                     } else {
+                       dmol::dmol_nll_backward_pixel<0>(channel, joints, mixtures, x0, x1, x2, bins, scales, g);
+                     }
+                   });
   });
   return grad;
 }
 
-at::Tensor dmol_sample_forward_cuda_body_on_host(const at::Tensor& logits, int64_t seed) {
+at::Tensor dmol_sample_forward_cuda_body_on_host(const at::Tensor& logits, int64_t scale, double beta,
+                                                 double log_scale_min, int64_t seed) {
   TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.dim() == 4 &&
                   logits.size(1) % 10 == 0 && logits.size(1) > 0,
               "the CUDA bodies run on float32 CPU logits (B, 10M, H, W), got ", logits.sizes(), " ",
@@ -94,13 +105,16 @@ at::Tensor dmol_sample_forward_cuda_body_on_host(const at::Tensor& logits, int64
   at::Tensor image = at::empty({logits.size(0), 3, logits.size(2), logits.size(3)}, logits.options());
   float* out = image.data_ptr<float>();
   const at::Tensor unused_targets = at::zeros({logits.size(0), 3, logits.size(2), logits.size(3)}, logits.options());
-  for_each_pixel(work, unused_targets, [&](const HostPixel& channel, int64_t b, int64_t p, float, float, float) {
-    const auto counter = static_cast<uint32_t>(b * pixels + p);
-    const dmol::PixelSample s =
-        mixtures == kCommonMixtures
-            ? dmol::dmol_sample_pixel<kCommonMixtures>(channel, mixtures, static_cast<uint64_t>(seed), counter)
-            : dmol::dmol_sample_pixel<0>(channel, mixtures, static_cast<uint64_t>(seed), counter);
-    for (int c = 0; c < 3; ++c) out[(b * 3 + c) * pixels + p] = s.x[c];
+  dmol::with_scales<float>(scale, beta, log_scale_min, [&](const auto& scales) {
+    for_each_pixel(work, unused_targets, [&](const HostPixel& channel, int64_t b, int64_t p, float, float, float) {
+      const auto counter = static_cast<uint32_t>(b * pixels + p);
+      const auto key = static_cast<uint64_t>(seed);
+      const dmol::PixelSample s =
+          mixtures == kCommonMixtures
+              ? dmol::dmol_sample_pixel<kCommonMixtures>(channel, mixtures, scales, key, counter)
+              : dmol::dmol_sample_pixel<0>(channel, mixtures, scales, key, counter);
+      for (int c = 0; c < 3; ++c) out[(b * 3 + c) * pixels + p] = s.x[c];
+    });
   });
   return image;
 }

@@ -1,7 +1,8 @@
 // Discretized mixture of logistics (DMoL) math shared by the CPU and CUDA kernels.
 //
 // One (mixture k, colour c) term of VDVAE's distortion is log P(x_c | k): the probability of x_c's
-// quantization bin under a logistic with the RGB-coupled mean and the clamped log-scale, with the
+// quantization bin under a logistic with the RGB-coupled mean and the floored log-scale (Scales: VDVAE's
+// exp or Efficient-VDVAE's softplus parametrization of the scale), with the
 // branches of reference.dmol_nll (left/right edges, the cdf_delta > 1e-5 threshold, the log_pdf_mid
 // fallback). colour_term also returns its derivatives; mixture_term adds the coupling of the means.
 // At the end, the per-pixel bodies of the CUDA kernels (dmol_nll_forward_pixel,
@@ -9,10 +10,13 @@
 //
 // The math is branch-free (selects, no early returns), so that gcc vectorizes the CPU kernels' loops
 // over a tile of pixels, through fast_math.h's functions (polynomials on the host, MUFU on the GPU).
-// A NaN input always reaches the result: the clamp at -7 keeps it as torch.maximum does, and the few
+// A NaN input always reaches the result: the log-scale floor keeps it as torch.maximum does, and the few
 // selects that map NaN to a number (an input clamp, max(v, 0)) sit beside a term that carries the NaN on.
 #pragma once
 
+#include <c10/util/Exception.h>
+
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -29,7 +33,6 @@
 namespace vdvae_fast {
 namespace dmol {
 
-constexpr double kLogScaleMin = -7.0;
 constexpr double kEdge = 0.999;           // |x| beyond this is the first or last bin
 constexpr double kMinCdfDelta = 1e-5;     // below it the bin mass is replaced by the density
 constexpr double kSoftplusLinear = 20.0;  // torch's softplus returns x above this threshold
@@ -83,11 +86,89 @@ inline Bins<T> make_bins(int64_t num_bits) {
   return {static_cast<T>(1.0 / levels), static_cast<T>(std::log(levels / 2.0))};
 }
 
+// ----------------------------------------------------------------------------------------------
+// The log-scales (reference.dmol_log_scales)
+// ----------------------------------------------------------------------------------------------
+
+template <typename T>
+struct LogScale {
+  T value;  // the floored log-scale
+  T grad;   // d value / d raw channel: torch.maximum's 1 above the floor, 1/2 on it, 0 below
+};
+
+// log1p(y) / y for y in [0, 1] (1 at y = 0), to float accuracy in plain arithmetic, so that it is the same
+// on the host and the GPU: with s = y / (2 + y) <= 1/3, log1p(y) = 2 atanh(s) = 2 s (1 + s^2/3 + s^4/5 + ...),
+// whose terms after s^12/13 add less than 2e-8.
+VF_HOST_DEVICE float log1p_ratio(float y) {
+  const float r = fast_reciprocal(2.0f + y);
+  const float s = y * r;
+  const float z = s * s;
+  float p = 1.0f / 13.0f;
+  p = mul_add(p, z, 1.0f / 11.0f);
+  p = mul_add(p, z, 1.0f / 9.0f);
+  p = mul_add(p, z, 1.0f / 7.0f);
+  p = mul_add(p, z, 1.0f / 5.0f);
+  p = mul_add(p, z, 1.0f / 3.0f);
+  p = mul_add(p, z, 1.0f);
+  return 2.0f * r * p;
+}
+
+VF_HOST_DEVICE double log1p_ratio(double y) { return y == 0.0 ? 1.0 : std::log1p(y) / y; }
+
+// How the raw log-scale channels become log-scales, floored at log_scale_min (-inf: no floor):
+// kSoftplus false: VDVAE's, log_scale = max(raw, log_scale_min);
+// kSoftplus true: Efficient-VDVAE's gradient smoothing, scale = softplus(beta raw) / beta, log_scale =
+// max(log softplus(beta raw) - log beta, log_scale_min).
+template <bool kSoftplus, typename T>
+struct Scales {
+  T beta, log_beta, log_scale_min;
+
+  // log softplus(t) with y = e^-|t| as shift + log(arg): t >= 0 gives shift 0 and arg = softplus(t) =
+  // t + y log1p_ratio(y); t < 0 gives softplus(t) = y log1p_ratio(y), so shift t and arg = log1p_ratio(y) in
+  // [ln 2, 1], which never underflows (log softplus(t) tends to t). Its derivative sigmoid(t) / softplus(t)
+  // is 1 / ((1 + y) arg) in both cases. The compiler drops the derivative where only the value is used.
+  VF_HOST_DEVICE LogScale<T> log_scale(T raw) const {
+    T unfloored = raw;
+    T slope = T(1);
+    if (kSoftplus) {
+      const T t = beta * raw;
+      const T y = fast_exp(-abs_of(t));
+      const T ratio = log1p_ratio(y);
+      const T softplus_positive = t + y * ratio;
+      const bool negative = t < T(0);
+      const T arg = negative ? ratio : softplus_positive;
+      const T shift = negative ? t : T(0);
+      unfloored = (shift + fast_log(arg)) - log_beta;
+      slope = beta * fast_reciprocal((T(1) + y) * arg);
+    }
+    const T value = unfloored < log_scale_min ? log_scale_min : unfloored;
+    const T at_floor = unfloored == log_scale_min ? T(0.5) : T(0);
+    const T floor_grad = unfloored > log_scale_min ? T(1) : at_floor;
+    return {value, slope * floor_grad};
+  }
+};
+
+// Calls f(Scales<kSoftplus, T>{...}) for the scale options of the kernel entry points: `scale` indexes
+// reference.SCALES ("exp", "softplus"), beta > 0 is softplus' sharpness, log_scale_min <= 0 or -inf the floor.
+template <typename T, typename F>
+void with_scales(int64_t scale, double beta, double log_scale_min, const F& f) {
+  TORCH_CHECK(scale == 0 || scale == 1, "dmol: scale must be 0 (exp) or 1 (softplus), got ", scale);
+  TORCH_CHECK(std::isfinite(beta) && beta > 0.0, "dmol: beta must be finite and > 0, got ", beta);
+  TORCH_CHECK(!std::isnan(log_scale_min) && log_scale_min <= 0.0,
+              "dmol: log_scale_min must be <= 0 or -inf, got ", log_scale_min);
+  const T log_beta = static_cast<T>(std::log(beta));
+  if (scale == 1) {
+    f(Scales<true, T>{static_cast<T>(beta), log_beta, static_cast<T>(log_scale_min)});
+  } else {
+    f(Scales<false, T>{static_cast<T>(beta), log_beta, static_cast<T>(log_scale_min)});
+  }
+}
+
 template <typename T>
 struct ColourTerm {
   T log_prob;
   T d_mean;       // d log_prob / d (coupled) mean
-  T d_log_scale;  // d log_prob / d raw log-scale channel, through the clamp at -7
+  T d_log_scale;  // d log_prob / d raw log-scale channel, through the scale's parametrization and floor
 };
 
 // log P(x | mean, log_scale) of x's bin, as reference.dmol_nll's torch.where chain chooses it:
@@ -98,8 +179,8 @@ struct ColourTerm {
 // softplus(v) = v > 20 ? v : max(v, 0) + log1p(exp(-|v|)); every branch needs one logarithm, of the
 // selected argument. The derivatives are those of autograd through the chosen branch.
 template <bool kGrad, typename T>
-VF_HOST_DEVICE ColourTerm<T> colour_term(T x, T mean, T raw_log_scale, const Bins<T>& bins) {
-  const T log_scale = raw_log_scale < T(kLogScaleMin) ? T(kLogScaleMin) : raw_log_scale;
+VF_HOST_DEVICE ColourTerm<T> colour_term(T x, T mean, const LogScale<T>& scale, const Bins<T>& bins) {
+  const T log_scale = scale.value;
   const T inv_stdv = fast_exp(-log_scale);
   const T centered = x - mean;
   const T plus_in = inv_stdv * (centered + bins.half_width);
@@ -158,10 +239,7 @@ VF_HOST_DEVICE ColourTerm<T> colour_term(T x, T mean, T raw_log_scale, const Bin
     // plus/min/mid_in are inv_stdv * (x - mean + const) and inv_stdv = exp(-log_scale)
     term.d_mean = -inv_stdv * (d_plus + d_min + d_mid);
     const T d_log_scale = d_log_scale_direct - (plus_in * d_plus + min_in * d_min + mid_in * d_mid);
-    // torch.maximum's gradient: 1 above the floor, 1/2 at it, 0 below
-    const T at_floor = raw_log_scale == T(kLogScaleMin) ? T(0.5) : T(0);
-    const T clamp_grad = raw_log_scale > T(kLogScaleMin) ? T(1) : at_floor;
-    term.d_log_scale = d_log_scale * clamp_grad;
+    term.d_log_scale = d_log_scale * scale.grad;
   }
   return term;
 }
@@ -183,14 +261,16 @@ struct MixtureTerm {
 };
 
 // Colour c's mean is coupled to the colours before it: m1 = mu1 + c0 x0, m2 = mu2 + c1 x0 + c2 x1.
-template <bool kGrad, typename T>
-VF_HOST_DEVICE MixtureTerm<T> mixture_term(T x0, T x1, T x2, const MixtureParams<T>& p, const Bins<T>& bins) {
+template <bool kGrad, bool kSoftplus, typename T>
+VF_HOST_DEVICE MixtureTerm<T> mixture_term(T x0, T x1, T x2, const MixtureParams<T>& p, const Bins<T>& bins,
+                                           const Scales<kSoftplus, T>& scales) {
   const T c0 = fast_tanh(p.raw_coeff[0]);
   const T c1 = fast_tanh(p.raw_coeff[1]);
   const T c2 = fast_tanh(p.raw_coeff[2]);
-  const ColourTerm<T> r = colour_term<kGrad>(x0, p.mean[0], p.raw_log_scale[0], bins);
-  const ColourTerm<T> g = colour_term<kGrad>(x1, p.mean[1] + c0 * x0, p.raw_log_scale[1], bins);
-  const ColourTerm<T> b = colour_term<kGrad>(x2, p.mean[2] + c1 * x0 + c2 * x1, p.raw_log_scale[2], bins);
+  const ColourTerm<T> r = colour_term<kGrad>(x0, p.mean[0], scales.log_scale(p.raw_log_scale[0]), bins);
+  const ColourTerm<T> g = colour_term<kGrad>(x1, p.mean[1] + c0 * x0, scales.log_scale(p.raw_log_scale[1]), bins);
+  const ColourTerm<T> b =
+      colour_term<kGrad>(x2, p.mean[2] + c1 * x0 + c2 * x1, scales.log_scale(p.raw_log_scale[2]), bins);
   MixtureTerm<T> term;
   term.log_prob = r.log_prob + g.log_prob + b.log_prob;
   if (kGrad) {
@@ -246,7 +326,8 @@ VF_HOST_DEVICE ShiftedLogSumExp shifted_logsumexp(int m, const Value& value) {
 
 // ----------------------------------------------------------------------------------------------
 // dmol_sample. Float32 only, with the accurate *_poly functions on both host and GPU: a Gumbel score
-// -log(-log u) needs the relative accuracy of log u near 1.
+// -log(-log u) needs the relative accuracy of log u near 1. The softplus log-scale takes fast_log and
+// fast_exp like the loss: only its absolute accuracy matters.
 // ----------------------------------------------------------------------------------------------
 
 struct PixelSample {
@@ -270,9 +351,11 @@ VF_HOST_DEVICE bool replaces_best(float best, float score) {
   return (best == best) & ((score > best) | (score != score));
 }
 
-// mean + exp(max(raw_log_scale, -7)) * logit(u), u from Philox stream `stream`
-VF_HOST_DEVICE float logistic_draw(float mean, float raw_log_scale, uint64_t seed, uint32_t pixel, uint32_t stream) {
-  const float log_scale = raw_log_scale < float(kLogScaleMin) ? float(kLogScaleMin) : raw_log_scale;
+// mean + exp(log_scale) * logit(u), u from Philox stream `stream`
+template <bool kSoftplus>
+VF_HOST_DEVICE float logistic_draw(float mean, float raw_log_scale, const Scales<kSoftplus, float>& scales,
+                                   uint64_t seed, uint32_t pixel, uint32_t stream) {
+  const float log_scale = scales.log_scale(raw_log_scale).value;
   const float u = philox_open_uniform(seed, pixel, stream);
   return mean + exp_poly(log_scale) * (log_positive_poly(u) - log_positive_poly(1.0f - u));
 }
@@ -303,11 +386,13 @@ struct ChosenMixture {
   }
 
   // The logistic draws (colour c's noise is Philox stream M + c), the RGB coupling and the clamp
-  VF_HOST_DEVICE PixelSample sample(int64_t mixtures, uint64_t seed, uint32_t pixel) const {
+  template <bool kSoftplus>
+  VF_HOST_DEVICE PixelSample sample(int64_t mixtures, const Scales<kSoftplus, float>& scales, uint64_t seed,
+                                    uint32_t pixel) const {
     const uint32_t stream = static_cast<uint32_t>(mixtures);
-    const float draw[3] = {logistic_draw(mean[0], raw_log_scale[0], seed, pixel, stream),
-                           logistic_draw(mean[1], raw_log_scale[1], seed, pixel, stream + 1),
-                           logistic_draw(mean[2], raw_log_scale[2], seed, pixel, stream + 2)};
+    const float draw[3] = {logistic_draw(mean[0], raw_log_scale[0], scales, seed, pixel, stream),
+                           logistic_draw(mean[1], raw_log_scale[1], scales, seed, pixel, stream + 1),
+                           logistic_draw(mean[2], raw_log_scale[2], scales, seed, pixel, stream + 2)};
     PixelSample out;
     out.x[0] = clamp_unit(draw[0]);
     out.x[1] = clamp_unit(draw[1] + tanh_poly(raw_coeff[0]) * out.x[0]);
@@ -341,13 +426,13 @@ VF_HOST_DEVICE int mixture_count(int64_t mixtures) {
 
 // log p(x) of one pixel: logsumexp_k(log p(x | k) + log_softmax(pi)_k), log_softmax from a first
 // logsumexp over the mixture logits.
-template <int kMixtures, typename Channels>
+template <int kMixtures, typename Channels, typename S>
 VF_HOST_DEVICE float dmol_nll_forward_pixel(const Channels& channel, int64_t mixtures, float x0, float x1, float x2,
-                                            const Bins<float>& bins) {
+                                            const Bins<float>& bins, const S& scales) {
   const int m = mixture_count<kMixtures>(mixtures);
   const ShiftedLogSumExp mix = shifted_logsumexp<kMixtures>(m, channel);
   const auto joint = [&](int k) {
-    const auto term = mixture_term<false>(x0, x1, x2, mixture_params<float>(channel, m, k), bins);
+    const auto term = mixture_term<false>(x0, x1, x2, mixture_params<float>(channel, m, k), bins, scales);
     return term.log_prob + ((channel(k) - mix.shift) - mix.log_sum);
   };
   if constexpr (kMixtures > 0) {
@@ -370,14 +455,14 @@ VF_HOST_DEVICE float dmol_nll_forward_pixel(const Channels& channel, int64_t mix
 // log_softmax(pi)_k goes to joint(k); once the logsumexp of the a_k is known, the responsibilities
 // r_k = exp(a_k - logsumexp) scale them: d/dpi_k = g (softmax(pi)_k - r_k), d/dparam = -g r_k d/dparam.
 // Nothing of the forward is computed twice.
-template <int kMixtures, typename Channels, typename Joint>
+template <int kMixtures, typename Channels, typename Joint, typename S>
 VF_HOST_DEVICE void dmol_nll_backward_pixel(const Channels& channel, const Joint& joint, int64_t mixtures, float x0,
-                                            float x1, float x2, const Bins<float>& bins, float g) {
+                                            float x1, float x2, const Bins<float>& bins, const S& scales, float g) {
   const int m = mixture_count<kMixtures>(mixtures);
   const ShiftedLogSumExp mix = shifted_logsumexp<kMixtures>(m, channel);
   VF_UNROLL
   for (int k = 0; k < m; ++k) {
-    const auto term = mixture_term<true>(x0, x1, x2, mixture_params<float>(channel, m, k), bins);
+    const auto term = mixture_term<true>(x0, x1, x2, mixture_params<float>(channel, m, k), bins, scales);
     const float log_softmax = (channel(k) - mix.shift) - mix.log_sum;
     joint(k) = term.log_prob + log_softmax;
     channel(k) = fast_exp(log_softmax);
@@ -402,8 +487,9 @@ VF_HOST_DEVICE void dmol_nll_backward_pixel(const Channels& channel, const Joint
 }
 
 // One pixel of reference.dmol_sample: the Gumbel-max pick of a mixture, then its logistic draws
-template <int kMixtures, typename Channels>
-VF_HOST_DEVICE PixelSample dmol_sample_pixel(const Channels& channel, int64_t mixtures, uint64_t seed, uint32_t pixel) {
+template <int kMixtures, typename Channels, typename S>
+VF_HOST_DEVICE PixelSample dmol_sample_pixel(const Channels& channel, int64_t mixtures, const S& scales, uint64_t seed,
+                                             uint32_t pixel) {
   const int m = mixture_count<kMixtures>(mixtures);
   int choice = 0;
   float best = -std::numeric_limits<float>::infinity();
@@ -417,7 +503,7 @@ VF_HOST_DEVICE PixelSample dmol_sample_pixel(const Channels& channel, int64_t mi
   ChosenMixture chosen;
   VF_UNROLL
   for (int k = 0; k < m; ++k) chosen.add(k == choice, mixture_params<float>(channel, m, k));
-  return chosen.sample(m, seed, pixel);
+  return chosen.sample(m, scales, seed, pixel);
 }
 
 }  // namespace dmol

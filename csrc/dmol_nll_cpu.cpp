@@ -82,8 +82,8 @@ struct Tile {
 
   // log_probs[k] = sum_c log P(x_c | k); with kGrad, grad rows of mixture k's 9 parameters get
   // d log_probs[k] / d parameter
-  template <bool kGrad>
-  void mixture_log_probs(const dmol::Bins<acc_t>& bins) {
+  template <bool kGrad, bool kSoftplus>
+  void mixture_log_probs(const dmol::Bins<acc_t>& bins, const dmol::Scales<kSoftplus, acc_t>& scales) {
     // mixture k's parameter j (mean, log-scale, coeff) of colour c is row M + 3Mc + Mj + k, so
     // its 9 rows lie s = M rows of kTile lanes apart from row M + k
     const int64_t s = mixtures * kTile;
@@ -99,7 +99,7 @@ struct Tile {
         const dmol::MixtureParams<acc_t> params{{p[t], p[3 * s + t], p[6 * s + t]},
                                                 {p[s + t], p[4 * s + t], p[7 * s + t]},
                                                 {p[2 * s + t], p[5 * s + t], p[8 * s + t]}};
-        const auto term = dmol::mixture_term<kGrad>(x0[t], x1[t], x2[t], params, bins);
+        const auto term = dmol::mixture_term<kGrad>(x0[t], x1[t], x2[t], params, bins, scales);
         out[t] = term.log_prob;
         if (kGrad) {
           for (int c = 0; c < 3; ++c) {
@@ -179,8 +179,9 @@ struct Geometry {
 // Tiles per task: ~16k mixture terms, enough to amortize a thread, small enough to balance
 int64_t grain_for(const Geometry& g) { return std::max<int64_t>(1, 16384 / (kTile * g.mixtures)); }
 
-template <typename scalar_t, typename acc_t>
-void forward_impl(const at::Tensor& logits, const at::Tensor& x, int64_t num_bits, at::Tensor& nll) {
+template <typename scalar_t, typename acc_t, typename Scales>
+void forward_impl(const at::Tensor& logits, const at::Tensor& x, int64_t num_bits, const Scales& scales,
+                  at::Tensor& nll) {
   const Geometry geo(logits);
   const auto bins = dmol::make_bins<acc_t>(num_bits);
   const scalar_t* logits_data = logits.data_ptr<scalar_t>();
@@ -194,7 +195,7 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& x, int64_t num_bit
       const TilePixels<kTile> in_x(i % geo.tiles_per_image, x);
       gather(logits_data + b * logits.stride(0), logits.size(1), in_logits, tile.logits.data());
       gather(x_data + b * x.stride(0), 3, in_x, tile.x.data());
-      tile.template mixture_log_probs<false>(bins);
+      tile.template mixture_log_probs<false>(bins, scales);
       tile.mix();
       double sum = 0.0;
       for (int64_t t = 0; t < in_logits.count; ++t) sum += static_cast<double>(tile.all_shift[t] + tile.all_log_sum[t]);
@@ -210,9 +211,9 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& x, int64_t num_bit
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Scales>
 void backward_impl(const at::Tensor& grad_nll, const at::Tensor& logits, const at::Tensor& x, int64_t num_bits,
-                   at::Tensor& grad_logits) {
+                   const Scales& scales, at::Tensor& grad_logits) {
   const Geometry geo(logits);
   const auto bins = dmol::make_bins<acc_t>(num_bits);
   const scalar_t* logits_data = logits.data_ptr<scalar_t>();
@@ -229,7 +230,7 @@ void backward_impl(const at::Tensor& grad_nll, const at::Tensor& logits, const a
       const TilePixels<kTile> in_grad(i % geo.tiles_per_image, grad_logits);
       gather(logits_data + b * logits.stride(0), logits.size(1), in_logits, tile.logits.data());
       gather(x_data + b * x.stride(0), 3, in_x, tile.x.data());
-      tile.template mixture_log_probs<true>(bins);
+      tile.template mixture_log_probs<true>(bins, scales);
       tile.mix();
       tile.backprop(grad_nll_data[b * grad_nll.stride(0)] / dims);
       scatter(tile.grad.data(), grad_logits.size(1), in_grad, grad_data + b * grad_logits.stride(0));
@@ -237,22 +238,30 @@ void backward_impl(const at::Tensor& grad_nll, const at::Tensor& logits, const a
   });
 }
 
-at::Tensor dmol_nll_forward_cpu(const at::Tensor& logits, const at::Tensor& x, int64_t num_bits) {
+at::Tensor dmol_nll_forward_cpu(const at::Tensor& logits, const at::Tensor& x, int64_t num_bits, int64_t scale,
+                                double beta, double log_scale_min) {
   check_dmol_inputs(logits, x, num_bits);
   at::Tensor nll = at::empty({logits.size(0)}, logits.options().dtype(x.scalar_type()));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dmol_nll_forward_cpu",
-                                  [&] { forward_impl<scalar_t, at::opmath_type<scalar_t>>(logits, x, num_bits, nll); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dmol_nll_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dmol::with_scales<acc_t>(scale, beta, log_scale_min, [&](const auto& scales) {
+      forward_impl<scalar_t, acc_t>(logits, x, num_bits, scales, nll);
+    });
+  });
   return nll;
 }
 
 at::Tensor dmol_nll_backward_cpu(const at::Tensor& grad_nll, const at::Tensor& logits, const at::Tensor& x,
-                                 int64_t num_bits) {
+                                 int64_t num_bits, int64_t scale, double beta, double log_scale_min) {
   check_dmol_inputs(logits, x, num_bits);
   TORCH_CHECK(grad_nll.dim() == 1 && grad_nll.size(0) == logits.size(0) && grad_nll.scalar_type() == x.scalar_type(),
               "dmol: grad_nll must be (B,) in the math dtype, got ", grad_nll.sizes(), " ", grad_nll.scalar_type());
   at::Tensor grad_logits = at::empty_like(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dmol_nll_backward_cpu", [&] {
-    backward_impl<scalar_t, at::opmath_type<scalar_t>>(grad_nll, logits, x, num_bits, grad_logits);
+    using acc_t = at::opmath_type<scalar_t>;
+    dmol::with_scales<acc_t>(scale, beta, log_scale_min, [&](const auto& scales) {
+      backward_impl<scalar_t, acc_t>(grad_nll, logits, x, num_bits, scales, grad_logits);
+    });
   });
   return grad_logits;
 }

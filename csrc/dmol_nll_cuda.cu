@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "cuda_dispatch.cuh"
 #include "dmol_math.h"
 #include "dmol_tile_cuda.cuh"
@@ -71,10 +73,10 @@ struct Targets {
   }
 };
 
-template <typename scalar_t, int kMixtures>
+template <typename scalar_t, int kMixtures, typename Scales>
 __global__ void __launch_bounds__(kTilePixels, kMinBlocks)
     dmol_nll_forward_kernel(const scalar_t* __restrict__ logits, dmol::TileCopy copy, const float* __restrict__ x,
-                            dmol::ImageStrides xs, PixelTask task, float* __restrict__ partial) {
+                            dmol::ImageStrides xs, PixelTask task, Scales scales, float* __restrict__ partial) {
   extern __shared__ float tile[];
   const int64_t b = task.image(), first = task.first();
   const int count = task.count(), t = threadIdx.x;
@@ -84,7 +86,7 @@ __global__ void __launch_bounds__(kTilePixels, kMinBlocks)
   if (t < count) {
     const Targets target(x, xs, b, first + t);
     log_likelihood = dmol::dmol_nll_forward_pixel<kMixtures>(dmol::SharedPixel{tile + t}, task.mixtures, target.x0,
-                                                             target.x1, target.x2, task.bins);
+                                                             target.x1, target.x2, task.bins, scales);
   }
   log_likelihood = block_sum<kTilePixels>(log_likelihood);
   if (t == 0) partial[blockIdx.x] = log_likelihood;
@@ -101,12 +103,12 @@ __global__ void __launch_bounds__(kFinishThreads)
   if (threadIdx.x == 0) nll[blockIdx.x] = -sum / dims;
 }
 
-template <typename scalar_t, int kMixtures>
+template <typename scalar_t, int kMixtures, typename Scales>
 __global__ void __launch_bounds__(kTilePixels, kMinBlocks)
     dmol_nll_backward_kernel(const float* __restrict__ grad_nll, int64_t grad_nll_stride,
                              const scalar_t* __restrict__ logits, dmol::TileCopy copy, const float* __restrict__ x,
                              dmol::ImageStrides xs, scalar_t* __restrict__ grad_logits, dmol::TileCopy grad_copy,
-                             PixelTask task, float dims) {
+                             PixelTask task, Scales scales, float dims) {
   extern __shared__ float tile[];
   const int64_t b = task.image(), first = task.first();
   const int count = task.count(), t = threadIdx.x;
@@ -117,7 +119,7 @@ __global__ void __launch_bounds__(kTilePixels, kMinBlocks)
     // the joint log-probabilities of the mixtures, in M rows after the 10M channel rows
     const dmol::SharedPixel joint{tile + copy.channels * kTilePitch + t};
     dmol::dmol_nll_backward_pixel<kMixtures>(dmol::SharedPixel{tile + t}, joint, task.mixtures, target.x0, target.x1,
-                                             target.x2, task.bins, grad_nll[b * grad_nll_stride] / dims);
+                                             target.x2, task.bins, scales, grad_nll[b * grad_nll_stride] / dims);
   }
   __syncthreads();
   dmol::copy_tile<false, scalar_t, 10 * kMixtures>(grad_logits + b * grad_copy.strides.batch, tile, grad_copy, first,
@@ -137,7 +139,8 @@ PixelTask task_of(const at::Tensor& logits, int64_t num_bits) {
   return {logits.size(1) / 10, pixels, (pixels + kTilePixels - 1) / kTilePixels, dmol::make_bins<float>(num_bits)};
 }
 
-at::Tensor dmol_nll_forward_cuda(const at::Tensor& logits, const at::Tensor& x, int64_t num_bits) {
+at::Tensor dmol_nll_forward_cuda(const at::Tensor& logits, const at::Tensor& x, int64_t num_bits, int64_t scale,
+                                 double beta, double log_scale_min) {
   check_inputs(logits, x, num_bits);
   const c10::cuda::CUDAGuard guard(logits.device());
   const PixelTask task = task_of(logits, num_bits);
@@ -146,21 +149,24 @@ at::Tensor dmol_nll_forward_cuda(const at::Tensor& logits, const at::Tensor& x, 
   if (batch == 0) return nll;
   at::Tensor partial = at::zeros({batch * task.tiles_per_image}, nll.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  VF_DISPATCH_CUDA_FLOAT_TYPES(logits.scalar_type(), "dmol_nll_forward_cuda", [&] {
-    const auto run = [&](auto kernel) {
-      const int bytes = dmol::tile_shared_bytes(kernel, logits.size(1), "dmol_nll", task.mixtures);
-      kernel<<<batch * task.tiles_per_image, kTilePixels, bytes, stream>>>(
-          logits.data_ptr<scalar_t>(), dmol::tile_copy_of(logits), x.data_ptr<float>(), dmol::strides_of(x), task,
-          partial.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (task.pixels > 0) {
-      if (task.mixtures == kCommonMixtures) {
-        run(&dmol_nll_forward_kernel<scalar_t, kCommonMixtures>);
-      } else {
-        run(&dmol_nll_forward_kernel<scalar_t, 0>);
+  dmol::with_scales<float>(scale, beta, log_scale_min, [&](const auto& scales) {
+    using Scales = std::decay_t<decltype(scales)>;
+    VF_DISPATCH_CUDA_FLOAT_TYPES(logits.scalar_type(), "dmol_nll_forward_cuda", [&] {
+      const auto run = [&](auto kernel) {
+        const int bytes = dmol::tile_shared_bytes(kernel, logits.size(1), "dmol_nll", task.mixtures);
+        kernel<<<batch * task.tiles_per_image, kTilePixels, bytes, stream>>>(
+            logits.data_ptr<scalar_t>(), dmol::tile_copy_of(logits), x.data_ptr<float>(), dmol::strides_of(x), task,
+            scales, partial.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (task.pixels > 0) {
+        if (task.mixtures == kCommonMixtures) {
+          run(&dmol_nll_forward_kernel<scalar_t, kCommonMixtures, Scales>);
+        } else {
+          run(&dmol_nll_forward_kernel<scalar_t, 0, Scales>);
+        }
       }
-    }
+    });
   });
   dmol_nll_finish_kernel<<<batch, kFinishThreads, 0, stream>>>(
       partial.data_ptr<float>(), task.tiles_per_image, static_cast<float>(3 * task.pixels), nll.data_ptr<float>());
@@ -169,7 +175,7 @@ at::Tensor dmol_nll_forward_cuda(const at::Tensor& logits, const at::Tensor& x, 
 }
 
 at::Tensor dmol_nll_backward_cuda(const at::Tensor& grad_nll, const at::Tensor& logits, const at::Tensor& x,
-                                  int64_t num_bits) {
+                                  int64_t num_bits, int64_t scale, double beta, double log_scale_min) {
   check_inputs(logits, x, num_bits);
   TORCH_CHECK(grad_nll.device() == logits.device() && grad_nll.dim() == 1 && grad_nll.size(0) == logits.size(0) &&
                   grad_nll.scalar_type() == x.scalar_type(),
@@ -179,20 +185,23 @@ at::Tensor dmol_nll_backward_cuda(const at::Tensor& grad_nll, const at::Tensor& 
   at::Tensor grad_logits = at::empty_like(logits);
   if (grad_logits.numel() == 0) return grad_logits;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  VF_DISPATCH_CUDA_FLOAT_TYPES(logits.scalar_type(), "dmol_nll_backward_cuda", [&] {
-    const auto run = [&](auto kernel) {
-      const int bytes = dmol::tile_shared_bytes(kernel, logits.size(1) + task.mixtures, "dmol_nll", task.mixtures);
-      kernel<<<logits.size(0) * task.tiles_per_image, kTilePixels, bytes, stream>>>(
-          grad_nll.data_ptr<float>(), grad_nll.stride(0), logits.data_ptr<scalar_t>(), dmol::tile_copy_of(logits),
-          x.data_ptr<float>(), dmol::strides_of(x), grad_logits.data_ptr<scalar_t>(), dmol::tile_copy_of(grad_logits),
-          task, static_cast<float>(3 * task.pixels));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (task.mixtures == kCommonMixtures) {
-      run(&dmol_nll_backward_kernel<scalar_t, kCommonMixtures>);
-    } else {
-      run(&dmol_nll_backward_kernel<scalar_t, 0>);
-    }
+  dmol::with_scales<float>(scale, beta, log_scale_min, [&](const auto& scales) {
+    using Scales = std::decay_t<decltype(scales)>;
+    VF_DISPATCH_CUDA_FLOAT_TYPES(logits.scalar_type(), "dmol_nll_backward_cuda", [&] {
+      const auto run = [&](auto kernel) {
+        const int bytes = dmol::tile_shared_bytes(kernel, logits.size(1) + task.mixtures, "dmol_nll", task.mixtures);
+        kernel<<<logits.size(0) * task.tiles_per_image, kTilePixels, bytes, stream>>>(
+            grad_nll.data_ptr<float>(), grad_nll.stride(0), logits.data_ptr<scalar_t>(), dmol::tile_copy_of(logits),
+            x.data_ptr<float>(), dmol::strides_of(x), grad_logits.data_ptr<scalar_t>(),
+            dmol::tile_copy_of(grad_logits), task, scales, static_cast<float>(3 * task.pixels));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (task.mixtures == kCommonMixtures) {
+        run(&dmol_nll_backward_kernel<scalar_t, kCommonMixtures, Scales>);
+      } else {
+        run(&dmol_nll_backward_kernel<scalar_t, 0, Scales>);
+      }
+    });
   });
   return grad_logits;
 }

@@ -61,8 +61,10 @@ struct Lanes {
 // dmol_sample_pixel's steps for the `count` lanes of a tile, on its channel rows (channel ch of lane t at
 // rows[ch * row_stride + t]). flatten inlines Philox and the math into the loops, where a call would
 // stop the vectorizer.
+template <bool kSoftplus>
 __attribute__((flatten)) void sample_tile(const float* __restrict__ rows, int64_t row_stride, int64_t mixtures,
-                                          int64_t count, uint64_t seed, uint32_t first_pixel, Lanes& lanes) {
+                                          int64_t count, const dmol::Scales<kSoftplus, float>& scales, uint64_t seed,
+                                          uint32_t first_pixel, Lanes& lanes) {
   for (int64_t t = 0; t < count; ++t) {
     lanes.best[t] = -std::numeric_limits<float>::infinity();
     lanes.choice[t] = 0;
@@ -91,7 +93,8 @@ __attribute__((flatten)) void sample_tile(const float* __restrict__ rows, int64_
     }
   }
   for (int64_t t = 0; t < count; ++t) {
-    const dmol::PixelSample x = lanes.chosen(t).sample(mixtures, seed, first_pixel + static_cast<uint32_t>(t));
+    const dmol::PixelSample x =
+        lanes.chosen(t).sample(mixtures, scales, seed, first_pixel + static_cast<uint32_t>(t));
     for (int c = 0; c < 3; ++c) lanes.x[c][t] = x.x[c];
   }
 }
@@ -105,7 +108,8 @@ __attribute__((flatten)) void sample_tile(const float* __restrict__ rows, int64_
 namespace vdvae_fast {
 namespace {
 
-at::Tensor dmol_sample_forward_cpu(const at::Tensor& logits, int64_t seed) {
+at::Tensor dmol_sample_forward_cpu(const at::Tensor& logits, int64_t scale, double beta, double log_scale_min,
+                                   int64_t seed) {
   TORCH_CHECK(logits.dim() == 4 && logits.size(1) % 10 == 0 && logits.size(1) > 0,
               "dmol_sample: logits must be (B, 10M, H, W), got ", logits.sizes());
   const int64_t batch = logits.size(0), channels = logits.size(1), mixtures = channels / 10;
@@ -115,31 +119,33 @@ at::Tensor dmol_sample_forward_cpu(const at::Tensor& logits, int64_t seed) {
   float* out = image.data_ptr<float>();
   // Tiles per task: ~16k Gumbel draws, enough to amortize a thread, small enough to balance
   const int64_t grain = std::max<int64_t>(1, 16384 / (kTile * mixtures));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dmol_sample_forward_cpu", [&] {
-    const scalar_t* in = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * tiles_per_image, grain, [&](int64_t begin, int64_t end) {
-      Lanes lanes;
-      std::vector<float> gathered;
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / tiles_per_image;
-        const TilePixels<kTile> in_logits(i % tiles_per_image, logits);
-        const scalar_t* image_in = in + b * logits.stride(0);
-        // float rows that are consecutive in memory are read in place
-        const float* rows;
-        int64_t row_stride;
-        if (std::is_same<scalar_t, float>::value && in_logits.pixel_stride == 1) {
-          rows = reinterpret_cast<const float*>(image_in) + in_logits.first;
-          row_stride = in_logits.channel_stride;
-        } else {
-          gathered.resize(channels * kTile);
-          gather(image_in, channels, in_logits, gathered.data());
-          rows = gathered.data();
-          row_stride = kTile;
+  dmol::with_scales<float>(scale, beta, log_scale_min, [&](const auto& scales) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dmol_sample_forward_cpu", [&] {
+      const scalar_t* in = logits.data_ptr<scalar_t>();
+      at::parallel_for(0, batch * tiles_per_image, grain, [&](int64_t begin, int64_t end) {
+        Lanes lanes;
+        std::vector<float> gathered;
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / tiles_per_image;
+          const TilePixels<kTile> in_logits(i % tiles_per_image, logits);
+          const scalar_t* image_in = in + b * logits.stride(0);
+          // float rows that are consecutive in memory are read in place
+          const float* rows;
+          int64_t row_stride;
+          if (std::is_same<scalar_t, float>::value && in_logits.pixel_stride == 1) {
+            rows = reinterpret_cast<const float*>(image_in) + in_logits.first;
+            row_stride = in_logits.channel_stride;
+          } else {
+            gathered.resize(channels * kTile);
+            gather(image_in, channels, in_logits, gathered.data());
+            rows = gathered.data();
+            row_stride = kTile;
+          }
+          sample_tile(rows, row_stride, mixtures, in_logits.count, scales, static_cast<uint64_t>(seed),
+                      static_cast<uint32_t>(b * pixels + in_logits.first), lanes);
+          scatter(&lanes.x[0][0], 3, TilePixels<kTile>(i % tiles_per_image, image), out + b * image.stride(0));
         }
-        sample_tile(rows, row_stride, mixtures, in_logits.count, static_cast<uint64_t>(seed),
-                    static_cast<uint32_t>(b * pixels + in_logits.first), lanes);
-        scatter(&lanes.x[0][0], 3, TilePixels<kTile>(i % tiles_per_image, image), out + b * image.stride(0));
-      }
+      });
     });
   });
   return image;

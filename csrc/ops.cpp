@@ -5,9 +5,13 @@
 #include <torch/extension.h>
 
 TORCH_LIBRARY(vdvae_fast_C, m) {
-  m.def("dmol_nll_forward(Tensor logits, Tensor x, int num_bits) -> Tensor");
-  m.def("dmol_nll_backward(Tensor grad_nll, Tensor logits, Tensor x, int num_bits) -> Tensor");
-  m.def("dmol_sample(Tensor logits, int seed) -> Tensor");
+  // dmol: scale indexes reference.SCALES (0 exp, 1 softplus), beta is softplus' sharpness, log_scale_min the floor
+  m.def(
+      "dmol_nll_forward(Tensor logits, Tensor x, int num_bits, int scale, float beta, float log_scale_min) -> Tensor");
+  m.def(
+      "dmol_nll_backward(Tensor grad_nll, Tensor logits, Tensor x, int num_bits, int scale, float beta, "
+      "float log_scale_min) -> Tensor");
+  m.def("dmol_sample(Tensor logits, int scale, float beta, float log_scale_min, int seed) -> Tensor");
   m.def(
       "sample_and_kl_forward(Tensor mu_q, Tensor logsigma_q, Tensor mu_p, Tensor logsigma_p, "
       "int seed) -> (Tensor, Tensor)");
@@ -23,9 +27,15 @@ TORCH_LIBRARY(vdvae_fast_C, m) {
       "sample_gaussian_backward(Tensor grad_z, Tensor mu, Tensor logsigma, float temperature, "
       "int seed) -> (Tensor, Tensor)");
   // The CUDA kernels' per-pixel bodies run on the host, for tests (cuda_bodies_on_host.cpp)
-  m.def("dmol_nll_forward_cuda_body_on_host(Tensor logits, Tensor x, int num_bits) -> Tensor");
-  m.def("dmol_nll_backward_cuda_body_on_host(Tensor grad_nll, Tensor logits, Tensor x, int num_bits) -> Tensor");
-  m.def("dmol_sample_forward_cuda_body_on_host(Tensor logits, int seed) -> Tensor");
+  m.def(
+      "dmol_nll_forward_cuda_body_on_host(Tensor logits, Tensor x, int num_bits, int scale, float beta, "
+      "float log_scale_min) -> Tensor");
+  m.def(
+      "dmol_nll_backward_cuda_body_on_host(Tensor grad_nll, Tensor logits, Tensor x, int num_bits, int scale, "
+      "float beta, float log_scale_min) -> Tensor");
+  m.def(
+      "dmol_sample_forward_cuda_body_on_host(Tensor logits, int scale, float beta, float log_scale_min, int seed) "
+      "-> Tensor");
 }
 
 static bool built_with_cuda() {

@@ -17,6 +17,7 @@ if ops._EXTENSION is None:
     pytest.skip("the compiled extension is not built", allow_module_level=True)
 
 BODIES = torch.ops.vdvae_fast_C
+EXP_SCALES = (0, reference.SOFTPLUS_BETA, reference.LOG_SCALE_MIN)  # VDVAE's scales: (scale, beta, log_scale_min)
 
 
 def _case(batch: int, mixtures: int, height: int, width: int, bits: int, seed: int):
@@ -45,8 +46,8 @@ def test_dmol_nll_bodies_match_the_float64_reference(mixtures: int, bits: int) -
     ref_nll, ref_grad = _reference_value_and_grad(logits64.float(), x64.float(), bits, upstream.float())
     logits, x = logits64.float(), x64.float()
 
-    nll = BODIES.dmol_nll_forward_cuda_body_on_host(logits, x, bits)
-    grad = BODIES.dmol_nll_backward_cuda_body_on_host(upstream.float(), logits, x, bits)
+    nll = BODIES.dmol_nll_forward_cuda_body_on_host(logits, x, bits, *EXP_SCALES)
+    grad = BODIES.dmol_nll_backward_cuda_body_on_host(upstream.float(), logits, x, bits, *EXP_SCALES)
 
     torch.testing.assert_close(nll, ref_nll, rtol=2e-5, atol=2e-6)
     # no further from float64 than the float32 reference is, up to rounding noise of the largest gradient
@@ -61,8 +62,8 @@ def test_dmol_nll_bodies_keep_nan_and_edge_semantics() -> None:
     logits, x = logits64.float(), x64.float()
     logits[1, 37, 1, 2] = float("nan")
     logits[0, 25, 0, 0] = -40.0  # log-scale of mixture 5, colour 0: below the clamp at -7
-    nll = BODIES.dmol_nll_forward_cuda_body_on_host(logits, x, 8)
-    grad = BODIES.dmol_nll_backward_cuda_body_on_host(torch.ones(2), logits, x, 8)
+    nll = BODIES.dmol_nll_forward_cuda_body_on_host(logits, x, 8, *EXP_SCALES)
+    grad = BODIES.dmol_nll_backward_cuda_body_on_host(torch.ones(2), logits, x, 8, *EXP_SCALES)
     assert torch.isfinite(nll[0]) and torch.isnan(nll[1])
     assert torch.isfinite(grad[0]).all() and torch.isnan(grad[1, :, 1, 2]).all()
     assert torch.isfinite(grad[1, :, 0, 0]).all()  # other pixels of the image keep their gradient
@@ -74,16 +75,16 @@ def test_dmol_nll_bodies_keep_nan_and_edge_semantics() -> None:
 def test_dmol_sample_body_draws_the_reference_image(mixtures: int) -> None:
     logits64, _ = _case(2, mixtures, 9, 11, 8, seed=mixtures)
     logits = logits64.float()
-    image = BODIES.dmol_sample_forward_cuda_body_on_host(logits, 1234)
+    image = BODIES.dmol_sample_forward_cuda_body_on_host(logits, *EXP_SCALES, 1234)
     expected = ops.dmol_sample(logits, seed=1234, backend="reference")
     assert image.shape == expected.shape and image.min() >= -1.0 and image.max() <= 1.0
     # Same integer draws: the mixture choice and the logistic noise agree; a Gumbel near-tie may flip in rounding.
     close = (image - expected).abs() <= 1e-4
     assert close.float().mean() >= 0.995
-    assert not torch.equal(image, BODIES.dmol_sample_forward_cuda_body_on_host(logits, 1235))
+    assert not torch.equal(image, BODIES.dmol_sample_forward_cuda_body_on_host(logits, *EXP_SCALES, 1235))
 
 
 def test_bodies_refuse_other_dtypes_with_a_clear_error() -> None:
     logits64, x64 = _case(1, 1, 2, 2, 8, seed=0)
     with pytest.raises(RuntimeError, match="float32 CPU"):
-        BODIES.dmol_nll_forward_cuda_body_on_host(logits64, x64, 8)
+        BODIES.dmol_nll_forward_cuda_body_on_host(logits64, x64, 8, *EXP_SCALES)

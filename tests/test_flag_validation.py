@@ -28,6 +28,7 @@ REFUSED = [
     ("zdim", 0, "an integer at least 1"),
     ("width", 0, "an integer at least 1"),
     ("num_mixtures", 0, "an integer at least 1"),
+    ("dmol_log_scale_min", 0.5, "a number in [-1000, 0], or -inf"),
     ("bottleneck_multiple", 0.0, "a finite number above 0"),
     ("num_images_visualize", -1, "an integer at least 0"),
     ("skip_threshold", -2.0, "a finite number above 0, or -1"),

@@ -361,8 +361,8 @@ def _traceable_sample_and_kl(mu_q, logsigma_q, mu_p, logsigma_p, *, seed=None, b
     return z, reference.gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p).flatten(1).sum(1)
 
 
-def _traceable_dmol_nll(logits, x, *, num_bits=8, backend="auto", check_inputs=True):
-    return reference.dmol_nll(logits, x, num_bits=num_bits)
+def _traceable_dmol_nll(logits, x, *, num_bits=8, backend="auto", check_inputs=True, **scale_options):
+    return reference.dmol_nll(logits, x, num_bits=num_bits, **scale_options)
 
 
 def test_model_code_compiles_without_graph_breaks(monkeypatch):

@@ -40,9 +40,9 @@ def _sample_args(name: str, fmt: torch.memory_format) -> tuple:
     logits, x = tensor(2, 20, 3, 4), (torch.rand(2, 3, 3, 4, generator=gen) * 2 - 1).contiguous(memory_format=fmt)
     params = [tensor(2, 3, 4, 5) for _ in range(4)]
     return {
-        "dmol_nll_forward": (logits, x.to(DEVICE), 8),
-        "dmol_nll_backward": (torch.rand(2, device=DEVICE), logits, x.to(DEVICE), 5),
-        "dmol_sample": (logits.detach(), seed),
+        "dmol_nll_forward": (logits, x.to(DEVICE), 8, 0, 0.7, -7.0),
+        "dmol_nll_backward": (torch.rand(2, device=DEVICE), logits, x.to(DEVICE), 5, 1, 0.7, float("-inf")),
+        "dmol_sample": (logits.detach(), 1, 0.7, -7.0, seed),
         "gaussian_kl_forward": tuple(params),
         "gaussian_kl_backward": (tensor(2, 3, 4, 5).detach(), *params),
         "sample_and_kl_forward": (*params, seed),
@@ -98,11 +98,13 @@ def seed():
 
 t_ops = torch.ops.vdvae_fast
 calls = {  # entry point -> (function of tensors only, its tensor inputs' shapes)
-    "dmol_nll_forward": (lambda l, x: t_ops.dmol_nll_forward_triton(l, x, 8), [(2, 30, 4, 4), (2, 3, 4, 4)]),
-    "dmol_nll_backward": (
-        lambda g, l, x: t_ops.dmol_nll_backward_triton(g, l, x, 8), [(2,), (2, 30, 4, 4), (2, 3, 4, 4)]
+    "dmol_nll_forward": (
+        lambda l, x: t_ops.dmol_nll_forward_triton(l, x, 8, 0, 0.7, -7.0), [(2, 30, 4, 4), (2, 3, 4, 4)]
     ),
-    "dmol_sample": (lambda l: t_ops.dmol_sample_triton(l, seed()), [(2, 30, 4, 4)]),
+    "dmol_nll_backward": (
+        lambda g, l, x: t_ops.dmol_nll_backward_triton(g, l, x, 8, 1, 0.7, -7.0), [(2,), (2, 30, 4, 4), (2, 3, 4, 4)]
+    ),
+    "dmol_sample": (lambda l: t_ops.dmol_sample_triton(l, 1, 0.7, -7.0, seed()), [(2, 30, 4, 4)]),
     "gaussian_kl_forward": (t_ops.gaussian_kl_forward_triton, [(2, 3, 4, 4)] * 4),
     "gaussian_kl_backward": (t_ops.gaussian_kl_backward_triton, [(2, 3, 4, 4)] * 5),
     "sample_and_kl_forward": (lambda *p: t_ops.sample_and_kl_forward_triton(*p, seed()), [(2, 3, 4, 4)] * 4),
@@ -166,14 +168,14 @@ def test_kernels_launch_on_the_inputs_gpu_with_the_seed_as_an_int(monkeypatch: p
     monkeypatch.setattr(torch.cuda, "device", DeviceContext)
     launches = []
 
-    def launch(logits: torch.Tensor, seed: int) -> torch.Tensor:
-        launches.append((list(current), seed))
+    def launch(logits: torch.Tensor, *options_and_seed: object) -> torch.Tensor:
+        launches.append((list(current), options_and_seed[-1]))
         return logits
 
     body = ops._launching(launch, inspect.signature(ops._dmol_sample_fake))
     with torch._subclasses.FakeTensorMode():  # CUDA tensors without a GPU
-        body(torch.empty(1, 10, 2, 2, device="cuda:1"), torch.tensor(123))
-    body(torch.empty(1, 10, 2, 2), torch.tensor(4))  # CPU tensors: no device to switch to
+        body(torch.empty(1, 10, 2, 2, device="cuda:1"), 0, 0.7, -7.0, torch.tensor(123))
+    body(torch.empty(1, 10, 2, 2), 0, 0.7, -7.0, torch.tensor(4))  # CPU tensors: no device to switch to
     assert launches == [([torch.device("cuda:1")], 123), ([], 4)]
     assert all(type(seed) is int for _, seed in launches)
 

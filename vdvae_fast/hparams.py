@@ -143,13 +143,19 @@ FIELDS: dict[str, Field] = {
     # the stochastic layers' Gaussians (Efficient-VDVAE, NVAE, Ladder VAE); the defaults are VDVAE's
     "gradient_smoothing": Field(False, "Efficient-VDVAE's gradient smoothing of the latent scales: sigma = "
                                 "softplus_beta(raw) instead of exp(raw)"),
-    "gradient_smoothing_beta": Field(SOFTPLUS_BETA, "the softplus sharpness beta of gradient smoothing (ln 2: a "
-                                     "raw value of 0 gives sigma = 1, as exp does)", valid=_POSITIVE),
+    "gradient_smoothing_beta": Field(SOFTPLUS_BETA, "the softplus sharpness beta of gradient smoothing, latent "
+                                     "and DMoL scales (ln 2: a raw value of 0 gives sigma = 1, as exp does)", valid=_POSITIVE),
     "posterior": Field("direct", "the posterior's form: direct (VDVAE), residual (NVAE's residual normal: "
                        "mu_q = mu_p + delta_mu, sigma_q = sigma_p * delta_sigma) or precision_weighted (the Ladder "
                        "VAE's precision-weighted merge of the bottom-up and prior Gaussians)", choices=POSTERIORS),
     "num_mixtures": Field(10, "components of the discretized mixture of logistics (DMoL) output layer",
                           valid=_at_least(1)),
+    "dmol_gradient_smoothing": Field(False, "DMoL scales softplus_beta(raw) = log(1 + exp(beta raw)) / beta with "
+                                     "beta = gradient_smoothing_beta (Efficient-VDVAE's gradient smoothing) "
+                                     "instead of VDVAE's exp(raw)"),
+    "dmol_log_scale_min": Field(-7.0, "floor of the DMoL log-scales: VDVAE's -7, -inf for none (write "
+                                "--dmol_log_scale_min=-inf); Efficient-VDVAE uses -250, no floor in effect", float,
+                                valid=Range(-1000.0, 0.0, also=(-math.inf,))),
     # data
     "dataset": Field(None, "cifar10, imagenet32, imagenet64, ffhq_256, ffhq_1024 (VDVAE's files), folder (any "
                      "PNG/JPEG images under data_root) or builtin (photographs shipped with scikit-image: no "

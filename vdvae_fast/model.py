@@ -368,6 +368,12 @@ class DmolNet(nn.Module):
     def __init__(self, H: Hyperparams) -> None:
         super().__init__()
         self.num_bits = H.num_bits
+        # How the raw log-scale channels become scales: VDVAE's exp or Efficient-VDVAE's softplus, and the floor.
+        # Hyperparameters saved before these options existed lack them: the ops' defaults are VDVAE's.
+        self.scale_options = {"scale": "softplus" if H.get("dmol_gradient_smoothing", False) else "exp"}
+        for option, key in (("beta", "gradient_smoothing_beta"), ("log_scale_min", "dmol_log_scale_min")):
+            if key in H:
+                self.scale_options[option] = H[key]
         self.out_conv = _conv(H.width, H.num_mixtures * 10, 1)
 
     def forward(self, px_z: Tensor) -> Tensor:
@@ -376,11 +382,13 @@ class DmolNet(nn.Module):
 
     def nll(self, px_z: Tensor, x: Tensor, backend: str, check_inputs: bool = True) -> Tensor:
         """The distortion: -log p(x | z) in nats per dimension, one float32 value per image."""
-        return ops.dmol_nll(self(px_z), x, num_bits=self.num_bits, backend=backend, check_inputs=check_inputs)
+        return ops.dmol_nll(
+            self(px_z), x, num_bits=self.num_bits, **self.scale_options, backend=backend, check_inputs=check_inputs
+        )
 
     def sample(self, px_z: Tensor, backend: str) -> Tensor:
         """Images drawn from the DMoL as uint8 (B, H, W, 3), the way VDVAE writes them."""
-        image = ops.dmol_sample(self(px_z), backend=backend)
+        image = ops.dmol_sample(self(px_z), **self.scale_options, backend=backend)
         return ((image + 1.0) * 127.5).clamp(0.0, 255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 

@@ -437,23 +437,43 @@ def _dense_layout(*tensors: Tensor) -> tuple[Tensor, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-def _dmol_nll_forward_fake(logits: Tensor, x: Tensor, num_bits: int) -> Tensor:
+def _check_dmol_scale(scale: str, beta: float, log_scale_min: float) -> tuple[int, float, float]:
+    """The DMoL scale options as the kernels take them: (index of scale in reference.SCALES, beta, floor)."""
+    if scale not in reference.SCALES:
+        raise ValueError(f"scale must be one of {reference.SCALES}, got {scale!r}")
+    for name, value in (("beta", beta), ("log_scale_min", log_scale_min)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number (a Python float), got {value!r}")
+    if not (math.isfinite(beta) and beta > 0.0):
+        raise ValueError(f"beta (the softplus sharpness) must be finite and > 0, got {beta}")
+    if math.isnan(log_scale_min) or log_scale_min > 0.0:
+        raise ValueError(
+            f"log_scale_min must be <= 0 (VDVAE's -7.0) or -inf for no floor of the log-scales, got {log_scale_min}"
+        )
+    return reference.SCALES.index(scale), float(beta), float(log_scale_min)
+
+
+def _dmol_nll_forward_fake(
+    logits: Tensor, x: Tensor, num_bits: int, scale: int, beta: float, log_scale_min: float
+) -> Tensor:
     return logits.new_empty((logits.shape[0],), dtype=reference.compute_dtype(logits.dtype))
 
 
-def _dmol_nll_backward_fake(grad_nll: Tensor, logits: Tensor, x: Tensor, num_bits: int) -> Tensor:
+def _dmol_nll_backward_fake(
+    grad_nll: Tensor, logits: Tensor, x: Tensor, num_bits: int, scale: int, beta: float, log_scale_min: float
+) -> Tensor:
     return torch.empty_like(logits)
 
 
 def _dmol_nll_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    logits, x, num_bits = inputs
+    logits, x, *options = inputs
     ctx.save_for_backward(logits, x)
-    ctx.num_bits = num_bits
+    ctx.options = options  # num_bits, scale, beta, log_scale_min
 
 
 def _dmol_nll_grad(backward: Callable, ctx: Any, grad_nll: Tensor) -> tuple:
     logits, x = ctx.saved_tensors
-    return backward(grad_nll.contiguous(), logits, x, ctx.num_bits), None, None
+    return backward(grad_nll.contiguous(), logits, x, *ctx.options), None, *(None for _ in ctx.options)
 
 
 _DMOL_NLL = _kernel_ops("dmol_nll", "dmol_nll_forward", _dmol_nll_forward_fake)
@@ -466,6 +486,9 @@ def dmol_nll(
     x: Tensor,
     *,
     num_bits: int = 8,
+    scale: str = "exp",
+    beta: float = reference.SOFTPLUS_BETA,
+    log_scale_min: float = reference.LOG_SCALE_MIN,
     backend: str = "auto",
     check_inputs: bool = True,
 ) -> Tensor:
@@ -475,10 +498,16 @@ def dmol_nll(
     channels_last); x: (B, 3, H, W) targets in [−1, 1]. Returns float32 of shape (B,). x is data: it
     gets no gradient. check_inputs=False skips the [−1, 1] range check, which synchronizes a GPU (it is
     also skipped while torch.compile traces). NaN logits give a NaN loss, so a trainer can skip the step.
+
+    The scales: scale="exp" (VDVAE: the raw channel is the log-scale) or "softplus" (Efficient-VDVAE's
+    gradient smoothing: scale = log(1 + exp(beta·raw)) / beta, 1 at raw = 0 for the default beta = ln 2);
+    log-scales below log_scale_min (VDVAE's -7; float("-inf"): no floor) are raised to it
+    (reference.dmol_log_scales).
     """
     _check_dmol_logits(logits)
     _check_float("x", x)
     num_bits = _check_num_bits(num_bits)
+    scale_options = _check_dmol_scale(scale, beta, log_scale_min)
     device = _check_device(logits=logits, x=x)
     _check_target_shape(logits, x)
     if _checks_values(check_inputs, device):
@@ -486,8 +515,10 @@ def dmol_nll(
     backend = resolve_backend(backend, device, logits.dtype, op="dmol_nll", layout=layout_of(logits))
     x = x.detach()
     if backend in EAGER_BACKENDS:
-        return reference.dmol_nll(logits, x, num_bits=num_bits)
-    return _DMOL_NLL[backend](logits, x.to(reference.compute_dtype(logits.dtype)), num_bits)
+        return reference.dmol_nll(
+            logits, x, num_bits=num_bits, scale=scale, beta=float(beta), log_scale_min=float(log_scale_min)
+        )
+    return _DMOL_NLL[backend](logits, x.to(reference.compute_dtype(logits.dtype)), num_bits, *scale_options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,7 +526,7 @@ def dmol_nll(
 # --------------------------------------------------------------------------------------------
 
 
-def _dmol_sample_fake(logits: Tensor, seed: Tensor) -> Tensor:
+def _dmol_sample_fake(logits: Tensor, scale: int, beta: float, log_scale_min: float, seed: Tensor) -> Tensor:
     batch, _, height, width = logits.shape
     fmt = reference.memory_format_of(logits)
     return logits.new_empty((batch, 3, height, width), dtype=torch.float32).contiguous(memory_format=fmt)
@@ -504,14 +535,25 @@ def _dmol_sample_fake(logits: Tensor, seed: Tensor) -> Tensor:
 _DMOL_SAMPLE = _kernel_ops("dmol_sample", "dmol_sample", _dmol_sample_fake)
 
 
-def dmol_sample(logits: Tensor, *, seed: int | None = None, backend: str = "auto", check_inputs: bool = True) -> Tensor:
+def dmol_sample(
+    logits: Tensor,
+    *,
+    scale: str = "exp",
+    beta: float = reference.SOFTPLUS_BETA,
+    log_scale_min: float = reference.LOG_SCALE_MIN,
+    seed: int | None = None,
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> Tensor:
     """Draw an image from the DMoL: (B, 3, H, W) float32 in [−1, 1], in logits' layout; not differentiable.
 
+    scale, beta and log_scale_min are dmol_nll's: sample with the options the model was trained with.
     The seed defaults to a draw from torch's default generator (torch.manual_seed reproduces it).
     Non-finite logits raise, since their pixels would be NaN; check_inputs=False skips that check, which
     synchronizes a GPU (it is also skipped while torch.compile traces).
     """
     _check_dmol_logits(logits)
+    scale_options = _check_dmol_scale(scale, beta, log_scale_min)
     device = _check_device(logits=logits)
     batch, _, height, width = logits.shape
     _check_counters(batch * height * width, "pixels")
@@ -521,8 +563,10 @@ def dmol_sample(logits: Tensor, *, seed: int | None = None, backend: str = "auto
     seed_t = _seed_tensor(seed, backend)
     logits = logits.detach()
     if backend in EAGER_BACKENDS:
-        return reference.dmol_sample(logits, seed=seed_t, backend=backend)
-    return _DMOL_SAMPLE[backend](logits, seed_t)
+        return reference.dmol_sample(
+            logits, scale=scale, beta=float(beta), log_scale_min=float(log_scale_min), seed=seed_t, backend=backend
+        )
+    return _DMOL_SAMPLE[backend](logits, *scale_options, seed_t)
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,12 +76,39 @@ def _split_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     )
 
 
-def dmol_nll(logits: torch.Tensor, x: torch.Tensor, *, num_bits: int = 8) -> torch.Tensor:
-    """−log p(x) under the discretized mixture of logistics, nats per dimension, one value per image."""
+def dmol_log_scales(
+    raw: torch.Tensor, *, scale: str = "exp", beta: float = SOFTPLUS_BETA, log_scale_min: float = LOG_SCALE_MIN
+) -> torch.Tensor:
+    """The DMoL log-scales from the raw log-scale channels, floored at log_scale_min (-inf: no floor).
+
+    scale="exp" is VDVAE's: the raw channel is the log-scale, max(raw, log_scale_min). scale="softplus" is
+    Efficient-VDVAE's gradient smoothing: the scale is softplus_beta(raw) = log(1 + exp(beta raw)) / beta, whose
+    gradient in raw stays below 1 where exp's grows with the scale. Efficient-VDVAE floors the scale itself,
+    max(softplus_beta(raw), exp(log_scale_min)); the same floor is applied here in the log domain,
+    max(log softplus_beta(raw), log_scale_min), so that a floor as low as its -250 (exp(-250) underflows in
+    float32) and no floor at all stay exact: log softplus(t) is t itself for t < -20, computed without the
+    underflowing softplus. torch.maximum's gradient: 1 above the floor, 1/2 on it, 0 below; NaN propagates.
+    """
+    log_scales = raw if scale == "exp" else log_softplus_beta(raw, beta)
+    return torch.maximum(log_scales, torch.full_like(log_scales, log_scale_min))
+
+
+def dmol_nll(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    num_bits: int = 8,
+    scale: str = "exp",
+    beta: float = SOFTPLUS_BETA,
+    log_scale_min: float = LOG_SCALE_MIN,
+) -> torch.Tensor:
+    """−log p(x) under the discretized mixture of logistics, nats per dimension, one value per image.
+
+    scale, beta and log_scale_min turn the raw log-scale channels into log-scales (dmol_log_scales)."""
     logits = logits.to(compute_dtype(logits.dtype))
     mixture_logits, means, raw_log_scales, raw_coeffs = _split_logits(logits)
     xs = x.to(logits.dtype).permute(0, 2, 3, 1).unsqueeze(-1)  # (B, H, W, 3, 1)
-    log_scales = torch.maximum(raw_log_scales, torch.full_like(raw_log_scales, LOG_SCALE_MIN))
+    log_scales = dmol_log_scales(raw_log_scales, scale=scale, beta=beta, log_scale_min=log_scale_min)
     coeffs = torch.tanh(raw_coeffs)
     m1 = means[:, :, :, 1, :] + coeffs[:, :, :, 0, :] * xs[:, :, :, 0, :]
     m2 = means[:, :, :, 2, :] + coeffs[:, :, :, 1, :] * xs[:, :, :, 0, :] + coeffs[:, :, :, 2, :] * xs[:, :, :, 1, :]
@@ -117,10 +144,16 @@ def dmol_nll(logits: torch.Tensor, x: torch.Tensor, *, num_bits: int = 8) -> tor
 
 
 def dmol_sample(
-    logits: torch.Tensor, *, seed: int | torch.Tensor | None = None, backend: str = "reference"
+    logits: torch.Tensor,
+    *,
+    scale: str = "exp",
+    beta: float = SOFTPLUS_BETA,
+    log_scale_min: float = LOG_SCALE_MIN,
+    seed: int | torch.Tensor | None = None,
+    backend: str = "reference",
 ) -> torch.Tensor:
     """A (B, 3, H, W) float32 image in [−1, 1], in logits' memory format: Gumbel-max mixture pick, logistic
-    draw, RGB coupling, clamp."""
+    draw with the chosen mixture's log-scale (dmol_log_scales), RGB coupling, clamp."""
     memory_format = memory_format_of(logits)
     logits = logits.float()
     mixture_logits, means, raw_log_scales, raw_coeffs = _split_logits(logits)
@@ -130,7 +163,7 @@ def dmol_sample(
     choice = torch.argmax(mixture_logits - torch.log(-torch.log(gumbel_u)), dim=-1)
     select = F.one_hot(choice, num_classes=num_mix).to(logits.dtype).unsqueeze(3)  # (B, H, W, 1, M)
     mean = (means * select).sum(-1)
-    log_scale = torch.clamp_min((raw_log_scales * select).sum(-1), LOG_SCALE_MIN)
+    log_scale = dmol_log_scales((raw_log_scales * select).sum(-1), scale=scale, beta=beta, log_scale_min=log_scale_min)
     coeff = (torch.tanh(raw_coeffs) * select).sum(-1)
     draw = mean + torch.exp(log_scale) * (torch.log(u) - torch.log(1.0 - u))
     x0 = draw[..., 0].clamp(-1.0, 1.0)
@@ -146,10 +179,17 @@ def scale_and_log(
     below SOFTPLUS_LOG_LINEAR_BELOW so that a very negative raw value gives a finite log sigma."""
     if scale == "exp":
         return raw.exp(), raw
+    return F.softplus(beta * raw) / beta, log_softplus_beta(raw, beta)
+
+
+def log_softplus_beta(raw: torch.Tensor, beta: float) -> torch.Tensor:
+    """log softplus_beta(raw) = log(log(1 + exp(beta raw)) / beta), finite for any finite raw: t = beta raw
+    itself below SOFTPLUS_LOG_LINEAR_BELOW, where softplus(t) = exp(t) to float64 precision but underflows."""
     t = beta * raw
-    softplus = F.softplus(t)
-    log_softplus = torch.where(t < SOFTPLUS_LOG_LINEAR_BELOW, t, softplus.log())
-    return softplus / beta, log_softplus - math.log(beta)
+    linear = t < SOFTPLUS_LOG_LINEAR_BELOW
+    # the untaken branch must not see t far below the threshold: log(0) would give a NaN gradient
+    curved = torch.log(F.softplus(torch.where(linear, torch.zeros_like(t), t)))
+    return torch.where(linear, t, curved) - math.log(beta)
 
 
 def posterior_and_prior(

@@ -8,11 +8,14 @@ channel. Special functions come in two forms selected by the constexpr COMPILED:
 (inline PTX) when compiled for a GPU, plain Triton arithmetic in the interpreter, which cannot run PTX.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-LOG_SCALE_MIN = tl.constexpr(-7.0)
+from ..reference import SCALES
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 NUM_WARPS = 4
@@ -50,17 +53,71 @@ def tanh_parts(raw, COMPILED: tl.constexpr):
 
 
 @triton.jit
-def log_scale(raw):
-    """max(raw, -7) that keeps NaN (tl.maximum may drop it)."""
-    return tl.where(raw < LOG_SCALE_MIN, LOG_SCALE_MIN, raw)
+def log1p_ratio(y, COMPILED: tl.constexpr):
+    """log1p(y) / y for y in [0, 1] (1 at 0) in plain arithmetic: with s = y / (2 + y) <= 1/3, log1p(y) =
+    2 atanh(s) = 2 s (1 + s**2/3 + s**4/5 + ...), whose terms after s**12/13 add less than 2e-8."""
+    r = reciprocal(2.0 + y, COMPILED)
+    s = y * r
+    z = s * s
+    p = z * (1.0 / 13.0) + 1.0 / 11.0
+    p = p * z + 1.0 / 9.0
+    p = p * z + 1.0 / 7.0
+    p = p * z + 1.0 / 5.0
+    p = p * z + 1.0 / 3.0
+    p = p * z + 1.0
+    return 2.0 * r * p
+
+
+@triton.jit
+def log_scale(
+    raw,
+    SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
+    COMPILED: tl.constexpr,
+):
+    """reference.dmol_log_scales as (the floored log-scale, d unfloored log-scale / d raw, whether it is on
+    the floor, whether below): torch.maximum's gradient is that slope, halved on the floor, 0 below. NaN stays
+    NaN (tl.maximum may drop it).
+
+    exp: the raw channel is the log-scale. softplus: log(softplus(beta raw) / beta), with y = exp(-|t|) for
+    t = beta raw, as shift + log(arg): t >= 0 gives shift 0 and arg = softplus(t) = t + y log1p_ratio(y);
+    t < 0 gives shift t and arg = log1p_ratio(y) in [ln 2, 1], which never underflows. The derivative of
+    log softplus(t), sigmoid(t) / softplus(t), is 1 / ((1 + y) arg) in both cases."""
+    if SOFTPLUS:
+        t = BETA * raw
+        y = tl.exp2(-tl.abs(t) * LOG2E)
+        ratio = log1p_ratio(y, COMPILED)
+        negative = t < 0.0
+        arg = tl.where(negative, ratio, t + y * ratio)
+        unfloored = (tl.where(negative, t, 0.0) + fast_log2(arg, COMPILED) * LN2) - LOG_BETA
+        slope = BETA * reciprocal((1.0 + y) * arg, COMPILED)
+    else:
+        unfloored = raw
+        slope = 1.0  # unused
+    below = unfloored < LOG_SCALE_MIN
+    return tl.where(below, LOG_SCALE_MIN, unfloored), slope, unfloored == LOG_SCALE_MIN, below
 
 
 @triton.jit
 def channel_bin(
-    x, mean, raw_log_scale, left, right, HALF: tl.constexpr, LOG_BINS: tl.constexpr, COMPILED: tl.constexpr
+    x,
+    mean,
+    raw_log_scale,
+    left,
+    right,
+    HALF: tl.constexpr,
+    LOG_BINS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
+    COMPILED: tl.constexpr,
 ):
-    """One colour channel under one logistic: its bin probability as exp2(offset) * arg, and d log P / d mean
-    and d log P / d raw log-scale (the compiler drops them where only the probability is used).
+    """One colour channel under one logistic: its bin probability as exp2(offset) * arg, d log P / d mean and
+    d log P / d raw log-scale (the compiler drops them where only the probability is used), and whether the
+    log-scale (log_scale's) is below its floor.
 
     The contract's four cases (docs/kernel-contract.md) in one form: with e = exp(-|v|), r = 1 / (1 + e),
     sigmoid(v) is r or e r and log sigmoid(v) = min(v, 0) + log r, so
@@ -72,7 +129,8 @@ def channel_bin(
     the form d/dmean = -inv_s (wp - wm) and d/dlog_scale = -(plus_in wp - min_in wm + tiny) with wp, wm the
     weights of the two bin edges (sigmoid' / cdf_delta in the bulk) and tiny 1 in the tiny-bin case.
     """
-    ls2 = log_scale(raw_log_scale) * LOG2E
+    ls, slope, on_floor, below = log_scale(raw_log_scale, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
+    ls2 = ls * LOG2E
     inv_s = tl.exp2(-ls2)
     scale2 = inv_s * LOG2E
     centered = x - mean
@@ -112,10 +170,12 @@ def channel_bin(
     tiny = tl.where(left | right | bulk, 0.0, 1.0)
     d_mean = inv_s * (w_min - w_plus)
     d_log_scale = -((plus2 * w_plus - min2 * w_min) * LN2 + tiny)
-    # torch.maximum's gradient: halved at the tie (zeroing below the clamp is left to the caller, after the
-    # product with the upstream gradient, so that a NaN upstream still gives 0 there)
-    d_raw_log_scale = tl.where(raw_log_scale == LOG_SCALE_MIN, 0.5 * d_log_scale, d_log_scale)
-    return offset, arg, d_mean, d_raw_log_scale
+    # torch.maximum's gradient: halved on the floor (zeroing below it is left to the caller, after the product
+    # with the upstream gradient, so that a NaN upstream still gives 0 there)
+    d_raw_log_scale = tl.where(on_floor, 0.5 * d_log_scale, d_log_scale)
+    if SOFTPLUS:
+        d_raw_log_scale = d_raw_log_scale * slope
+    return offset, arg, d_mean, d_raw_log_scale, below
 
 
 @triton.jit
@@ -149,6 +209,17 @@ def store_channel(rows, channel, stride_c, value, mask):
     """Store one channel of this program's pixels in the element type of rows' base pointer."""
     base, offsets = rows
     tl.store(base + (offsets + channel * stride_c), value.to(base.dtype.element_ty), mask=mask)
+
+
+def scale_constexprs(scale: int, beta: float, log_scale_min: float) -> dict:
+    """The constexprs of log_scale from the entry points' scale options (scale indexes reference.SCALES): a model
+    keeps one set, so they compile into the kernels as VDVAE's floor of -7 always did."""
+    return {
+        "SOFTPLUS": SCALES[scale] == "softplus",
+        "BETA": beta,
+        "LOG_BETA": math.log(beta),
+        "LOG_SCALE_MIN": log_scale_min,
+    }
 
 
 def pixel_strides(t: torch.Tensor) -> tuple[int, int, int, int, bool]:

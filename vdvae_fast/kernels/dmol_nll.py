@@ -21,7 +21,6 @@ from ..reference import bin_constants
 from .dmol_math import (
     LN2,
     LOG2E,
-    LOG_SCALE_MIN,
     NUM_WARPS,
     block_pixels,
     channel_bin,
@@ -29,6 +28,7 @@ from .dmol_math import (
     load_channel,
     pixel_offsets,
     pixel_strides,
+    scale_constexprs,
     shift,
     store_channel,
     tanh_parts,
@@ -64,10 +64,15 @@ def _mixture(
     NUM_MIX: tl.constexpr,
     HALF: tl.constexpr,
     LOG_BINS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
     COMPILED: tl.constexpr,
 ):
     """Mixture k of each pixel: its logit in bits, its log2-probability split as exponent + log2(product), and
-    what its gradients need (the compiler keeps only what the caller uses).
+    what its gradients need (the compiler keeps only what the caller uses). SOFTPLUS, BETA, LOG_BETA and
+    LOG_SCALE_MIN make the log-scales (dmol_math.log_scale).
 
     Channel order: [0, M) mixture logits; colour c's block starts at M + 3Mc: M means, M raw log-scales,
     M raw coefficients.
@@ -83,10 +88,21 @@ def _mixture(
     raw_ls0 = load_channel(l_rows, 2 * NUM_MIX, l_sc, mask)
     raw_ls1 = load_channel(l_rows, 5 * NUM_MIX, l_sc, mask)
     raw_ls2 = load_channel(l_rows, 8 * NUM_MIX, l_sc, mask)
-    off0, arg0, d_mean0, d_ls0 = channel_bin(
-        x0, load_channel(l_rows, NUM_MIX, l_sc, mask), raw_ls0, x0 < -0.999, x0 > 0.999, HALF, LOG_BINS, COMPILED
+    off0, arg0, d_mean0, d_ls0, below0 = channel_bin(
+        x0,
+        load_channel(l_rows, NUM_MIX, l_sc, mask),
+        raw_ls0,
+        x0 < -0.999,
+        x0 > 0.999,
+        HALF,
+        LOG_BINS,
+        SOFTPLUS,
+        BETA,
+        LOG_BETA,
+        LOG_SCALE_MIN,
+        COMPILED,
     )
-    off1, arg1, d_mean1, d_ls1 = channel_bin(
+    off1, arg1, d_mean1, d_ls1, below1 = channel_bin(
         x1,
         load_channel(l_rows, 4 * NUM_MIX, l_sc, mask) + coeff0 * x0,
         raw_ls1,
@@ -94,9 +110,13 @@ def _mixture(
         x1 > 0.999,
         HALF,
         LOG_BINS,
+        SOFTPLUS,
+        BETA,
+        LOG_BETA,
+        LOG_SCALE_MIN,
         COMPILED,
     )
-    off2, arg2, d_mean2, d_ls2 = channel_bin(
+    off2, arg2, d_mean2, d_ls2, below2 = channel_bin(
         x2,
         load_channel(l_rows, 7 * NUM_MIX, l_sc, mask) + coeff1 * x0 + coeff2 * x1,
         raw_ls2,
@@ -104,13 +124,17 @@ def _mixture(
         x2 > 0.999,
         HALF,
         LOG_BINS,
+        SOFTPLUS,
+        BETA,
+        LOG_BETA,
+        LOG_SCALE_MIN,
         COMPILED,
     )
     pi2 = pi * LOG2E
     # log2 P(pixel, k) + log2 softmax weight numerator = exponent + log2(product)
     exponent = pi2 + off0 + off1 + off2
     product = arg0 * arg1 * arg2
-    clamped = (raw_ls0 < LOG_SCALE_MIN, raw_ls1 < LOG_SCALE_MIN, raw_ls2 < LOG_SCALE_MIN)
+    clamped = (below0, below1, below2)  # log-scales below the floor
     return (
         pi2,
         exponent,
@@ -145,19 +169,39 @@ def _log_likelihoods(
     NUM_MIX: tl.constexpr,
     HALF: tl.constexpr,
     LOG_BINS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
     COMPILED: tl.constexpr,
 ):
     """Per pixel, in bits, log2-sum-exp2 of the mixture logits and of the joint log-probabilities, each as
     (max, sum of 2**(value - max)): kept apart, so that a large logit does not round away the sum's bits.
     """
-    pi2, exponent, product, _, _, _, _ = _mixture(l_rows, l_sc, mask, 0, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED)
+    pi2, exponent, product, _, _, _, _ = _mixture(
+        l_rows, l_sc, mask, 0, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED
+    )
     pi_max = pi2
     pi_sum = tl.full(pi2.shape, 1.0, tl.float32)
     joint_max = exponent
     joint_sum = product
     for k in range(1, NUM_MIX):
         pi2, exponent, product, _, _, _, _ = _mixture(
-            l_rows, l_sc, mask, k, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
+            l_rows,
+            l_sc,
+            mask,
+            k,
+            x0,
+            x1,
+            x2,
+            NUM_MIX,
+            HALF,
+            LOG_BINS,
+            SOFTPLUS,
+            BETA,
+            LOG_BETA,
+            LOG_SCALE_MIN,
+            COMPILED,
         )
         pi_max, pi_sum = _accumulate(pi_max, pi_sum, pi2, 1.0)
         joint_max, joint_sum = _accumulate(joint_max, joint_sum, exponent, product)
@@ -184,6 +228,10 @@ def _dmol_nll_forward_kernel(
     BLOCK_P: tl.constexpr,
     HALF: tl.constexpr,
     LOG_BINS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
     MERGED_HW: tl.constexpr,
     COMPILED: tl.constexpr,
 ):
@@ -191,7 +239,7 @@ def _dmol_nll_forward_kernel(
         logits_ptr, x_ptr, HW, W, l_sb, l_sh, l_sw, x_sb, x_sc, x_sh, x_sw, BLOCK_P, MERGED_HW
     )
     pi_max, pi_sum, joint_max, joint_sum = _log_likelihoods(
-        l_rows, l_sc, mask, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
+        l_rows, l_sc, mask, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED
     )
     # -logsumexp_k(log_prob_k + log_softmax(pi)_k) = logsumexp(pi) - logsumexp(log_prob + pi), with one log
     nll = ((pi_max - joint_max) + fast_log2(pi_sum / joint_sum, COMPILED)) * LN2
@@ -224,6 +272,10 @@ def _dmol_nll_backward_kernel(
     BLOCK_P: tl.constexpr,
     HALF: tl.constexpr,
     LOG_BINS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
     MERGED_HW: tl.constexpr,
     COMPILED: tl.constexpr,
 ):
@@ -231,7 +283,7 @@ def _dmol_nll_backward_kernel(
         logits_ptr, x_ptr, HW, W, l_sb, l_sh, l_sw, x_sb, x_sc, x_sh, x_sw, BLOCK_P, MERGED_HW
     )
     pi_max, pi_sum, joint_max, joint_sum = _log_likelihoods(
-        l_rows, l_sc, mask, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
+        l_rows, l_sc, mask, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED
     )
     inv_pi_sum = 1.0 / pi_sum
     inv_joint_sum = 1.0 / joint_sum
@@ -240,7 +292,21 @@ def _dmol_nll_backward_kernel(
     g_rows = (grad_ptr + b * g_sb, pixel_offsets(pixels, W, g_sh, g_sw, MERGED_HW))
     for k in range(NUM_MIX):
         pi2, exponent, product, d_mean, d_ls, clamped, dcoeff = _mixture(
-            l_rows, l_sc, mask, k, x0, x1, x2, NUM_MIX, HALF, LOG_BINS, COMPILED
+            l_rows,
+            l_sc,
+            mask,
+            k,
+            x0,
+            x1,
+            x2,
+            NUM_MIX,
+            HALF,
+            LOG_BINS,
+            SOFTPLUS,
+            BETA,
+            LOG_BETA,
+            LOG_SCALE_MIN,
+            COMPILED,
         )
         d_mean0, d_mean1, d_mean2 = d_mean
         d_ls0, d_ls1, d_ls2 = d_ls
@@ -268,8 +334,12 @@ def _dmol_nll_backward_kernel(
         store_channel(g_rows_k, 9 * NUM_MIX, g_sc, grad_mean2 * x1 * dcoeff2, mask)
 
 
-def _launch_args(logits: torch.Tensor, x: torch.Tensor, num_bits: int, *outputs: torch.Tensor) -> tuple:
-    """Grid, the scalar arguments after the pointers, and the constexprs, shared by both launches."""
+def _launch_args(
+    logits: torch.Tensor, x: torch.Tensor, options: tuple[int, int, float, float], *outputs: torch.Tensor
+) -> tuple:
+    """Grid, the scalar arguments after the pointers, and the constexprs, shared by both launches; options are
+    the entry points' (num_bits, scale, beta, log_scale_min)."""
+    num_bits, scale, beta, log_scale_min = options
     batch, channels, height, width = logits.shape
     block_p = block_pixels(height * width)
     strides = [pixel_strides(t) for t in (logits, x, *outputs)]
@@ -280,6 +350,7 @@ def _launch_args(logits: torch.Tensor, x: torch.Tensor, num_bits: int, *outputs:
         "BLOCK_P": block_p,
         "HALF": half,
         "LOG_BINS": log_bins,
+        **scale_constexprs(scale, beta, log_scale_min),
         "MERGED_HW": all(s[4] for s in strides),
         "COMPILED": isinstance(_dmol_nll_forward_kernel, JITFunction),
         "num_warps": NUM_WARPS,
@@ -287,22 +358,32 @@ def _launch_args(logits: torch.Tensor, x: torch.Tensor, num_bits: int, *outputs:
     return (triton.cdiv(height * width, block_p), batch), args, meta
 
 
-def dmol_nll_forward(logits: torch.Tensor, x: torch.Tensor, num_bits: int) -> torch.Tensor:
-    """Per-image NLL in nats per dimension, float32 (B,)."""
+def dmol_nll_forward(
+    logits: torch.Tensor, x: torch.Tensor, num_bits: int, scale: int, beta: float, log_scale_min: float
+) -> torch.Tensor:
+    """Per-image NLL in nats per dimension, float32 (B,); scale indexes reference.SCALES."""
     batch = logits.shape[0]
     if logits.numel() == 0:  # no pixels: 0 / 0 as in the reference
         return torch.full((batch,), float("nan"), dtype=torch.float32, device=logits.device)
-    grid, args, meta = _launch_args(logits, x, num_bits)
+    grid, args, meta = _launch_args(logits, x, (num_bits, scale, beta, log_scale_min))
     partials = torch.empty((batch, grid[0]), dtype=torch.float32, device=logits.device)
     wrap_triton(_dmol_nll_forward_kernel)[grid](logits, x, partials, *args, **meta)
     return partials.view(batch) if grid[0] == 1 else partials.sum(dim=1)
 
 
-def dmol_nll_backward(grad_nll: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, num_bits: int) -> torch.Tensor:
+def dmol_nll_backward(
+    grad_nll: torch.Tensor,
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    num_bits: int,
+    scale: int,
+    beta: float,
+    log_scale_min: float,
+) -> torch.Tensor:
     """grad_logits (logits' dtype and strides) of sum(grad_nll * nll)."""
     grad_logits = torch.empty_like(logits)
     if logits.numel() == 0:
         return grad_logits
-    grid, args, meta = _launch_args(logits, x, num_bits, grad_logits)
+    grid, args, meta = _launch_args(logits, x, (num_bits, scale, beta, log_scale_min), grad_logits)
     wrap_triton(_dmol_nll_backward_kernel)[grid](grad_nll, logits, x, grad_logits, *args, **meta)
     return grad_logits

@@ -24,6 +24,7 @@ from .dmol_math import (
     log_scale,
     pixel_offsets,
     pixel_strides,
+    scale_constexprs,
     shift,
     tanh_parts,
 )
@@ -46,11 +47,24 @@ def _gumbel_score(l_rows, l_sc, mask, k0, k1, counters, k, COMPILED: tl.constexp
 
 
 @triton.jit
-def _logistic_draw(k0, k1, counters, stream, mean, raw_log_scale, COMPILED: tl.constexpr):
-    """mean + scale * logit(u) with u from counter (pixel, stream)."""
+def _logistic_draw(
+    k0,
+    k1,
+    counters,
+    stream,
+    mean,
+    raw_log_scale,
+    SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
+    COMPILED: tl.constexpr,
+):
+    """mean + scale * logit(u) with u from counter (pixel, stream), the log-scale from dmol_math.log_scale."""
     u = open_uniform(k0, k1, counters, stream)
     logit = (fast_log2(u, COMPILED) - fast_log2(1.0 - u, COMPILED)) * LN2
-    return mean + tl.exp2(log_scale(raw_log_scale) * LOG2E) * logit
+    ls = log_scale(raw_log_scale, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)[0]
+    return mean + tl.exp2(ls * LOG2E) * logit
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -70,6 +84,10 @@ def _dmol_sample_kernel(
     o_sw,
     NUM_MIX: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BETA: tl.constexpr,
+    LOG_BETA: tl.constexpr,
+    LOG_SCALE_MIN: tl.constexpr,
     MERGED_HW: tl.constexpr,
     COMPILED: tl.constexpr,
 ):
@@ -101,10 +119,17 @@ def _dmol_sample_kernel(
     raw_ls2 = load_channel(rows, 8 * NUM_MIX, l_sc, mask)
     coeff2 = tanh_parts(load_channel(rows, 9 * NUM_MIX, l_sc, mask), COMPILED)[0]
 
-    x0 = _clamp_unit(_logistic_draw(k0, k1, counters, NUM_MIX, mean0, raw_ls0, COMPILED))
-    x1 = _clamp_unit(_logistic_draw(k0, k1, counters, NUM_MIX + 1, mean1, raw_ls1, COMPILED) + coeff0 * x0)
+    x0 = _clamp_unit(
+        _logistic_draw(k0, k1, counters, NUM_MIX, mean0, raw_ls0, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
+    )
+    x1 = _clamp_unit(
+        _logistic_draw(k0, k1, counters, NUM_MIX + 1, mean1, raw_ls1, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
+        + coeff0 * x0
+    )
     x2 = _clamp_unit(
-        _logistic_draw(k0, k1, counters, NUM_MIX + 2, mean2, raw_ls2, COMPILED) + coeff1 * x0 + coeff2 * x1
+        _logistic_draw(k0, k1, counters, NUM_MIX + 2, mean2, raw_ls2, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
+        + coeff1 * x0
+        + coeff2 * x1
     )
     out_ptrs = out_ptr + b * o_sb + pixel_offsets(pixels, W, o_sh, o_sw, MERGED_HW)
     tl.store(out_ptrs, x0, mask=mask)
@@ -112,8 +137,8 @@ def _dmol_sample_kernel(
     tl.store(out_ptrs + 2 * o_sc, x2, mask=mask)
 
 
-def dmol_sample(logits: torch.Tensor, seed: int) -> torch.Tensor:
-    """A (B, 3, H, W) float32 image in [-1, 1], channels_last when logits is."""
+def dmol_sample(logits: torch.Tensor, scale: int, beta: float, log_scale_min: float, seed: int) -> torch.Tensor:
+    """A (B, 3, H, W) float32 image in [-1, 1], channels_last when logits is; scale indexes reference.SCALES."""
     batch, channels, height, width = logits.shape
     memory_format = memory_format_of(logits)
     out = torch.empty((batch, 3, height, width), dtype=torch.float32, device=logits.device, memory_format=memory_format)
@@ -132,6 +157,7 @@ def dmol_sample(logits: torch.Tensor, seed: int) -> torch.Tensor:
         *o_strides[:4],
         NUM_MIX=channels // 10,
         BLOCK_P=block_p,
+        **scale_constexprs(scale, beta, log_scale_min),
         MERGED_HW=l_strides[4] and o_strides[4],
         COMPILED=isinstance(_dmol_sample_kernel, JITFunction),
         num_warps=NUM_WARPS,
