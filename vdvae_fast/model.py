@@ -386,7 +386,7 @@ class DmolNet(nn.Module):
             self(px_z), x, num_bits=self.num_bits, **self.scale_options, backend=backend, check_inputs=check_inputs
         )
 
-    def sample(self, px_z: Tensor, backend: str) -> Tensor:
+    def sample(self, px_z: Tensor, backend: str = "auto") -> Tensor:
         """Images drawn from the DMoL as uint8 (B, H, W, 3), the way VDVAE writes them."""
         image = ops.dmol_sample(self(px_z), **self.scale_options, backend=backend)
         return ((image + 1.0) * 127.5).clamp(0.0, 255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
