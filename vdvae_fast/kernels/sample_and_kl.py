@@ -34,9 +34,10 @@ def _kl_and_derivatives(gap, eps, sigma_q, log_sigma_q, sigma_p, log_sigma_p, KL
     eps held fixed. Sampled: log q(z) - log p(z) at z = mu_q + sigma_q * eps (the constants cancel), whose
     z - mu_p = gap + sigma_q * eps moves with log sigma_q by sigma_q * eps."""
     if KL_ESTIMATOR == SAMPLED:
-        u = (gap + sigma_q * eps) / sigma_p
+        inv_sigma_p = tl.fdiv(1.0, sigma_p, ieee_rounding=False)  # within 2 ulp, no exact-rounding path
+        u = (gap + sigma_q * eps) * inv_sigma_p
         kl = log_sigma_p - log_sigma_q + 0.5 * u * u - 0.5 * eps * eps
-        d_gap = u / sigma_p
+        d_gap = u * inv_sigma_p
         d_log_sigma_q = d_gap * sigma_q * eps - 1.0
         d_log_sigma_p = 1.0 - u * u
     else:
