@@ -38,7 +38,7 @@ def _gaussian_kl_forward_kernel(
     BLOCK: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    offsets, mask = block_offsets(numel, BLOCK, INT64)
+    offsets, mask, _ = block_offsets(numel, BLOCK, INT64)
     a = tl.load(mu_q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(logsigma_q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     mu_p = tl.load(mu_p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -67,7 +67,7 @@ def _gaussian_kl_backward_kernel(
     BLOCK: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    offsets, mask = block_offsets(numel, BLOCK, INT64)
+    offsets, mask, _ = block_offsets(numel, BLOCK, INT64)
     grad = tl.load(grad_kl_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(mu_q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(logsigma_q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)

@@ -219,12 +219,14 @@ def softplus_betas(scale: int, beta: float, posterior: int = 0, kl_estimator: in
 
 @triton.jit
 def block_offsets(numel, BLOCK: tl.constexpr, INT64: tl.constexpr):
-    """Memory offsets of this program's elements and their mask; int64 only for tensors past int32."""
+    """Memory offsets of this program's elements, their mask and the first offset; int64 only for tensors past
+    int32."""
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
-    offsets = pid * BLOCK + tl.arange(0, BLOCK)
-    return offsets, offsets < numel
+    block_start = pid * BLOCK
+    offsets = block_start + tl.arange(0, BLOCK)
+    return offsets, offsets < numel, block_start
 
 
 def layout_args(t: torch.Tensor) -> tuple[int, int, int, bool]:

@@ -25,7 +25,7 @@ from .gaussian_math import (
     posterior_and_prior,
     softplus_betas,
 )
-from .philox import logical_index, normal, philox_key
+from .philox import block_normals, philox_key
 
 
 @triton.jit
@@ -46,13 +46,14 @@ def _kl_and_derivatives(gap, eps, sigma_q, log_sigma_q, sigma_p, log_sigma_p, KL
 
 
 @triton.jit
-def _image_block(per_image, C, H, W, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    """Offsets of this program's elements within its image, their mask, the image's base offset and
-    the uint32 counters of their logical indices."""
+def _image_block(seed, per_image, C, H, W, CHANNELS_LAST: tl.constexpr, GROUPED: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets of this program's elements within its image, their mask, the image's base offset and their eps."""
     image_base = tl.program_id(1).to(tl.int64) * per_image
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    counters = (image_base + logical_index(offsets, C, H, W, CHANNELS_LAST)).to(tl.uint32)
-    return offsets, offsets < per_image, image_base, counters
+    block_start = tl.program_id(0) * BLOCK
+    k0, k1 = philox_key(seed)
+    eps = block_normals(k0, k1, image_base, block_start, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
+    offsets = block_start + tl.arange(0, BLOCK)
+    return offsets, offsets < per_image, image_base, eps
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -74,11 +75,10 @@ def _sample_and_kl_forward_kernel(
     POSTERIOR: tl.constexpr,
     KL_ESTIMATOR: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    GROUPED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offsets, mask, image_base, counters = _image_block(per_image, C, H, W, CHANNELS_LAST, BLOCK)
-    k0, k1 = philox_key(seed)
-    eps = normal(k0, k1, counters)
+    offsets, mask, image_base, eps = _image_block(seed, per_image, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
     a = tl.load(mu_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(logsigma_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
     mu_p = tl.load(mu_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -116,11 +116,10 @@ def _sample_and_kl_backward_kernel(
     POSTERIOR: tl.constexpr,
     KL_ESTIMATOR: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    GROUPED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offsets, mask, image_base, counters = _image_block(per_image, C, H, W, CHANNELS_LAST, BLOCK)
-    k0, k1 = philox_key(seed)
-    eps = normal(k0, k1, counters)
+    offsets, mask, image_base, eps = _image_block(seed, per_image, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
     grad_kl = tl.load(grad_kl_ptr + tl.program_id(1)).to(tl.float32)
     grad_z = tl.load(grad_z_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(mu_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -194,6 +193,7 @@ def sample_and_kl_forward(
         POSTERIOR=posterior,
         KL_ESTIMATOR=kl_estimator,
         CHANNELS_LAST=channels_last,
+        GROUPED=not channels_last and per_image % 4 == 0,
         BLOCK=block,
         num_warps=NUM_WARPS,
     )
@@ -240,6 +240,7 @@ def sample_and_kl_backward(
         POSTERIOR=posterior,
         KL_ESTIMATOR=kl_estimator,
         CHANNELS_LAST=channels_last,
+        GROUPED=not channels_last and per_image % 4 == 0,
         BLOCK=block,
         num_warps=NUM_WARPS,
     )

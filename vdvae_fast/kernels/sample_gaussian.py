@@ -17,7 +17,7 @@ from .gaussian_math import (
     scale_slope,
     softplus_betas,
 )
-from .philox import logical_index, normal, philox_key
+from .philox import block_normals, philox_key
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -38,9 +38,9 @@ def _sample_gaussian_forward_kernel(
     BLOCK: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    offsets, mask = block_offsets(numel, BLOCK, INT64)
+    offsets, mask, block_start = block_offsets(numel, BLOCK, INT64)
     k0, k1 = philox_key(seed)
-    eps = normal(k0, k1, logical_index(offsets, C, H, W, CHANNELS_LAST).to(tl.uint32))
+    eps = block_normals(k0, k1, 0, block_start, C, H, W, CHANNELS_LAST, not CHANNELS_LAST, BLOCK)
     mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     logsigma = tl.load(logsigma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     sigma, _ = scale_and_log(logsigma, beta, log_beta, SCALE)
@@ -67,9 +67,9 @@ def _sample_gaussian_backward_kernel(
     BLOCK: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    offsets, mask = block_offsets(numel, BLOCK, INT64)
+    offsets, mask, block_start = block_offsets(numel, BLOCK, INT64)
     k0, k1 = philox_key(seed)
-    eps = normal(k0, k1, logical_index(offsets, C, H, W, CHANNELS_LAST).to(tl.uint32))
+    eps = block_normals(k0, k1, 0, block_start, C, H, W, CHANNELS_LAST, not CHANNELS_LAST, BLOCK)
     grad_z = tl.load(grad_z_ptr + offsets, mask=mask, other=0.0)
     logsigma = tl.load(logsigma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     grad_logsigma = grad_z.to(tl.float32) * eps * temperature * scale_slope(logsigma, beta, SCALE)
