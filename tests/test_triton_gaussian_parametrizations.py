@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.op_cases import DEVICE, INTERPRETED, grad_tolerance, tolerance
-from vdvae_fast import reference
+from vdvae_fast import philox, reference
 from vdvae_fast.kernels import gaussian_kl, sample_and_kl, sample_gaussian
 
 SEED = 99
@@ -104,10 +104,11 @@ def test_gaussian_kl_matches_float64_reference(scale: int, posterior: int, dtype
         torch.testing.assert_close(grad.cpu().double(), leaf.grad, **grad_tolerance(dtype, leaf.grad))
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 3, 2, 8)], ids=["width5", "width8"])  # see DEFAULT_DIGESTS
 @pytest.mark.parametrize("dtype,layout", DTYPES_AND_LAYOUTS, ids=_case_id)
 @pytest.mark.parametrize("scale", SCALES, ids=lambda s: reference.SCALES[s])
-def test_sample_gaussian_matches_float64_reference(scale: int, dtype: torch.dtype, layout: str) -> None:
-    mu, raw, upstream = _tensors(3, dtype, layout)
+def test_sample_gaussian_matches_float64_reference(scale: int, dtype: torch.dtype, layout: str, shape: tuple) -> None:
+    mu, raw, upstream = _tensors(3, dtype, layout, shape=shape)
     leaves = _float64_leaves([mu, raw])
     ref_z = reference.sample_gaussian(*leaves, temperature=0.7, **_names(scale), seed=SEED, backend="reference")
     (ref_z * upstream.cpu().double()).sum().backward()
@@ -132,6 +133,22 @@ EXTREME_RAW = {
                   _EDGE + 0.05, 40.0, 200.0], [-_EDGE - 0.5, -_EDGE + 0.05, -3.0, 0.0, 3.0, _EDGE + 0.05, 60.0]),
     "exp": ([-40.0, -20.0, -5.0, 0.0, 5.0, 12.0], [-10.0, -3.0, 0.0, 3.0, 10.0]),
 }  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 12, 8), (2, 5, 13, 7)], ids=["groups", "per_element"])
+def test_eps_is_the_reference_stream_bit_for_bit_in_both_layouts(shape: tuple) -> None:
+    """Over several blocks, with blocks and images starting mid-row: in channels_last tensors of width 8 each
+    four w-neighbours are one Philox group, of width 7 (and images of 7 * 13 * 5 elements) each element draws
+    alone; every path gives the same eps bit for bit, and the reference stream's to float32 rounding."""
+    expected = philox.normal(SEED, torch.Size(shape), torch.device("cpu")).double()
+    drawn = []
+    for layout in ("contiguous", "channels_last"):
+        zeros = _tensors(1, torch.float32, layout, shape=shape)[0] * 0.0
+        drawn.append(sample_gaussian.sample_gaussian_forward(zeros, zeros, 1.0, SEED))  # 0 + 1 * e^0 * eps
+        drawn.append(sample_and_kl.sample_and_kl_forward(zeros, zeros, zeros, zeros, SEED)[0])
+    for eps in drawn:
+        assert torch.equal(eps, drawn[0])
+    torch.testing.assert_close(drawn[0].cpu().double(), expected, rtol=1e-6, atol=1e-6)
 
 
 # The interpreter evaluates both sides of a tl.where: the side discarded for far-negative raw values divides by 0.
@@ -160,16 +177,22 @@ def test_extreme_raw_values_stay_finite_and_accurate(scale: int, posterior: int,
 
 
 # sha256 (first 16 hex digits) of the default parametrization's outputs (forward, then backward) on _tensors(6,
-# dtype, layout, spread=0.7) by the kernels as they were before the parametrizations (commit 0ef2dce), under the
-# interpreter; the same in both layouts, since every draw and sum follows logical order. Contiguous tensors of
-# these shapes draw four normals per Philox call, channels_last ones one per element: both paths are held to it.
+# dtype, layout, spread=0.7, shape) by the kernels as they were before the parametrizations (commit 0ef2dce), under
+# the interpreter: (contiguous, channels_last). Contiguous tensors of these shapes, and channels_last ones of width
+# 8, draw four normals per Philox call; channels_last ones of width 5 one per element: both paths are held to it.
 DEFAULT_DIGESTS = {
-    ("sample_and_kl", torch.float32): "ea9cafbe817a6405",
-    ("gaussian_kl", torch.float32): "52a2e5ac640405ac",
-    ("sample_gaussian", torch.float32): "787380a70d84fdb9",
-    ("sample_and_kl", torch.bfloat16): "821f3dded5c359d5",
-    ("gaussian_kl", torch.bfloat16): "755e6051a2551ac4",
-    ("sample_gaussian", torch.bfloat16): "f53c73c24171de86",
+    ("sample_and_kl", torch.float32, (2, 3, 4, 5)): ("ea9cafbe817a6405", "ea9cafbe817a6405"),
+    ("gaussian_kl", torch.float32, (2, 3, 4, 5)): ("52a2e5ac640405ac", "52a2e5ac640405ac"),
+    ("sample_gaussian", torch.float32, (2, 3, 4, 5)): ("787380a70d84fdb9", "787380a70d84fdb9"),
+    ("sample_and_kl", torch.bfloat16, (2, 3, 4, 5)): ("821f3dded5c359d5", "821f3dded5c359d5"),
+    ("gaussian_kl", torch.bfloat16, (2, 3, 4, 5)): ("755e6051a2551ac4", "755e6051a2551ac4"),
+    ("sample_gaussian", torch.bfloat16, (2, 3, 4, 5)): ("f53c73c24171de86", "f53c73c24171de86"),
+    ("sample_and_kl", torch.float32, (2, 3, 2, 8)): ("a7f9bea971e7ed7c", "a7f9bea971e7ed7c"),
+    ("gaussian_kl", torch.float32, (2, 3, 2, 8)): ("afc70df753ce3f08", "afc70df753ce3f08"),
+    ("sample_gaussian", torch.float32, (2, 3, 2, 8)): ("eb026139b127c8dc", "eb026139b127c8dc"),
+    ("sample_and_kl", torch.bfloat16, (2, 3, 2, 8)): ("2ca80cddcf40008d", "bfe0c9a3b9035175"),
+    ("gaussian_kl", torch.bfloat16, (2, 3, 2, 8)): ("9e60e5d9f9f13428", "9e60e5d9f9f13428"),
+    ("sample_gaussian", torch.bfloat16, (2, 3, 2, 8)): ("65415ec8c81a8494", "65415ec8c81a8494"),
 }
 
 
@@ -180,8 +203,8 @@ def _digest(tensors) -> str:
     return h.hexdigest()[:16]
 
 
-def _default_outputs(op: str, dtype: torch.dtype, layout: str) -> list:
-    a, b, mu_p, raw_p, grad_z, grad_kl = _tensors(6, dtype, layout, spread=0.7)
+def _default_outputs(op: str, dtype: torch.dtype, layout: str, shape: tuple) -> list:
+    a, b, mu_p, raw_p, grad_z, grad_kl = _tensors(6, dtype, layout, spread=0.7, shape=shape)
     defaults = (0, BETA, 0, 0)  # exp, direct, analytic
     if op == "sample_and_kl":
         per_image = grad_kl.float().reshape(-1)[:2].contiguous()
@@ -196,9 +219,10 @@ def _default_outputs(op: str, dtype: torch.dtype, layout: str) -> list:
 
 @pytest.mark.skipif(not INTERPRETED, reason="the digests are of the interpreter's float32 arithmetic (numpy)")
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("op,dtype", list(DEFAULT_DIGESTS), ids=_case_id)
-def test_default_parametrization_is_bit_identical_to_before(op: str, dtype: torch.dtype, layout: str) -> None:
-    assert _digest(_default_outputs(op, dtype, layout)) == DEFAULT_DIGESTS[(op, dtype)]
+@pytest.mark.parametrize("op,dtype,shape", list(DEFAULT_DIGESTS), ids=_case_id)
+def test_default_parametrization_is_bit_identical_to_before(op: str, dtype: torch.dtype, shape: tuple, layout: str):
+    expected = DEFAULT_DIGESTS[(op, dtype, shape)][layout == "channels_last"]
+    assert _digest(_default_outputs(op, dtype, layout, shape)) == expected
 
 
 @pytest.mark.parametrize(

@@ -101,16 +101,40 @@ def normal(k0, k1, index):
 
 
 @triton.jit
-def normal_groups(k0, k1, first_group, GROUPS: tl.constexpr):
-    """normal() of the 4 * GROUPS consecutive logical elements from 4 * first_group, in order, with one Philox
-    call per group of four (the same values bit for bit: the same words and per-lane arithmetic)."""
-    group = (first_group + tl.arange(0, GROUPS)).to(tl.uint32)
+def _normals_of_groups(k0, k1, group):
+    """The four normals of each uint32 group counter, one Philox call each, in element order: lane k of
+    group[s] at position 4 s + k; the same values as normal() bit for bit (the same words, per-lane arithmetic)."""
     zero = group * 0
     w0, w1, w2, w3 = philox(k0, k1, group, zero, zero, zero)
     cos_01, sin_01 = _box_muller(w0, w1, False), _box_muller(w0, w1, True)
     cos_23, sin_23 = _box_muller(w2, w3, False), _box_muller(w2, w3, True)
-    # (lane 0, lane 2, ...) and (lane 1, lane 3, ...) interleaved: lane k of group g lands at 4 g + k
+    # (lane 0, lane 2, ...) and (lane 1, lane 3, ...) interleaved: lane k of group s lands at 4 s + k
     return tl.interleave(tl.interleave(cos_01, cos_23), tl.interleave(sin_01, sin_23))
+
+
+@triton.jit
+def normal_groups(k0, k1, first_group, GROUPS: tl.constexpr):
+    """normal() of the 4 * GROUPS consecutive logical elements from 4 * first_group, in order, with one Philox
+    call per four."""
+    return _normals_of_groups(k0, k1, (first_group + tl.arange(0, GROUPS)).to(tl.uint32))
+
+
+@triton.jit
+def channels_last_groups(k0, k1, block_start, C, H, W, BLOCK: tl.constexpr):
+    """(memory offsets, eps) of BLOCK elements of a channels_last tensor with W % 4 == 0, taken four
+    w-neighbours at a time so that each four is one Philox group: position 4 s + k holds lane k (w = w0 + k)
+    of slot block_start / 4 + s, which is channel slot % C of pixels 4 (slot // C) + k. block_start is a
+    multiple of BLOCK, so a block's positions below numel - block_start are exactly its elements."""
+    slot = block_start // 4 + tl.arange(0, BLOCK // 4)
+    first_pixel = (slot // C) * 4
+    channel = slot % C
+    plane = H * W
+    image = first_pixel // plane
+    group = (((image * C + channel) * plane + (first_pixel - image * plane)) >> 2).to(tl.uint32)
+    position = tl.arange(0, BLOCK)
+    element_slot = block_start // 4 + (position >> 2)
+    offsets = ((element_slot // C) * 4 + (position & 3)) * C + element_slot % C
+    return offsets, _normals_of_groups(k0, k1, group)
 
 
 @triton.jit

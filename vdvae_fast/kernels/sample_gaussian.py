@@ -17,7 +17,22 @@ from .gaussian_math import (
     scale_slope,
     softplus_betas,
 )
-from .philox import block_normals, philox_key
+from .philox import block_normals, channels_last_groups, philox_key
+
+
+@triton.jit
+def _elements_and_eps(
+    seed, numel, C, H, W, CHANNELS_LAST: tl.constexpr, GROUPED: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr
+):
+    """This program's memory offsets, their mask and their eps. GROUPED: one Philox call per four elements
+    (contiguous; channels_last with W % 4 == 0, whose elements are then taken four w-neighbours at a time)."""
+    offsets, mask, block_start = block_offsets(numel, BLOCK, INT64)
+    k0, k1 = philox_key(seed)
+    if CHANNELS_LAST and GROUPED:
+        offsets, eps = channels_last_groups(k0, k1, block_start, C, H, W, BLOCK)
+    else:
+        eps = block_normals(k0, k1, 0, block_start, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
+    return offsets, mask, eps
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -35,12 +50,11 @@ def _sample_gaussian_forward_kernel(
     log_beta,
     SCALE: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    GROUPED: tl.constexpr,
     BLOCK: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    offsets, mask, block_start = block_offsets(numel, BLOCK, INT64)
-    k0, k1 = philox_key(seed)
-    eps = block_normals(k0, k1, 0, block_start, C, H, W, CHANNELS_LAST, not CHANNELS_LAST, BLOCK)
+    offsets, mask, eps = _elements_and_eps(seed, numel, C, H, W, CHANNELS_LAST, GROUPED, BLOCK, INT64)
     mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     logsigma = tl.load(logsigma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     sigma, _ = scale_and_log(logsigma, beta, log_beta, SCALE)
@@ -64,12 +78,11 @@ def _sample_gaussian_backward_kernel(
     log_beta,
     SCALE: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    GROUPED: tl.constexpr,
     BLOCK: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    offsets, mask, block_start = block_offsets(numel, BLOCK, INT64)
-    k0, k1 = philox_key(seed)
-    eps = block_normals(k0, k1, 0, block_start, C, H, W, CHANNELS_LAST, not CHANNELS_LAST, BLOCK)
+    offsets, mask, eps = _elements_and_eps(seed, numel, C, H, W, CHANNELS_LAST, GROUPED, BLOCK, INT64)
     grad_z = tl.load(grad_z_ptr + offsets, mask=mask, other=0.0)
     logsigma = tl.load(logsigma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     grad_logsigma = grad_z.to(tl.float32) * eps * temperature * scale_slope(logsigma, beta, SCALE)
@@ -104,6 +117,7 @@ def sample_gaussian_forward(
         log_beta,
         SCALE=scale,
         CHANNELS_LAST=channels_last,
+        GROUPED=not channels_last or width % 4 == 0,
         BLOCK=BLOCK,
         INT64=needs_int64(numel),
         num_warps=NUM_WARPS,
@@ -142,6 +156,7 @@ def sample_gaussian_backward(
         log_beta,
         SCALE=scale,
         CHANNELS_LAST=channels_last,
+        GROUPED=not channels_last or width % 4 == 0,
         BLOCK=BLOCK,
         INT64=needs_int64(numel),
         num_warps=NUM_WARPS,
