@@ -3,9 +3,9 @@
 The parametrizations of reference.posterior_and_prior are compile-time codes (indices into reference.SCALES,
 POSTERIORS, KL_ESTIMATORS), so each combination is its own specialization and VDVAE's default (exp, direct,
 analytic) compiles to the arithmetic it always had. The chain rule is written once, in three steps: the
-canonical Gaussians (mu_q, sigma_q, log sigma_q, mu_p, sigma_p, log sigma_p) from the four inputs
-(posterior_and_prior), an output's gradient in (mu_q, log sigma_q, mu_p, log sigma_p) (gaussian_kl here,
-sampled_kl in sample_and_kl.py), and the vector-Jacobian product back to the inputs (input_vjp).
+canonical Gaussians (mu_q, gap = mu_q - mu_p, sigma_q, log sigma_q, sigma_p, log sigma_p) from the four inputs
+(posterior_and_prior), a KL's derivatives in (gap, log sigma_q, log sigma_p) (gaussian_kl here, the sampled
+estimate in sample_and_kl.py), and the vector-Jacobian product back to the inputs (input_vjp).
 """
 
 import math
@@ -43,7 +43,7 @@ def gaussian_kl(gap, logsigma_q, logsigma_p):
 
 
 @triton.jit
-def _div(a, b):
+def fast_div(a, b):
     """a / b within 2 ulp (div.full.f32): an IEEE division's exact-rounding path costs tens of instructions."""
     return tl.fdiv(a, b, ieee_rounding=False)
 
@@ -55,9 +55,9 @@ def _softplus(raw, beta):
     t = beta * raw
     x = tl.exp(-tl.abs(t))
     u = 1.0 + x
-    log1p_x = tl.where(u == 1.0, x, tl.log(u) * _div(x, u - 1.0))
+    log1p_x = tl.where(u == 1.0, x, tl.log(u) * fast_div(x, u - 1.0))
     softplus = tl.where(t > SOFTPLUS_LINEAR_ABOVE, t, tl.maximum(t, 0.0) + log1p_x)
-    sigmoid = _div(tl.where(t >= 0.0, 1.0, x), u)
+    sigmoid = fast_div(tl.where(t >= 0.0, 1.0, x), u)
     return t, softplus, sigmoid
 
 
@@ -67,7 +67,7 @@ def scale_and_log(raw, beta, log_beta, SCALE: tl.constexpr):
     log sigma linear in t = beta * raw below LOG_LINEAR_BELOW (finite for any finite raw)."""
     if SCALE == SOFTPLUS:
         t, softplus, _ = _softplus(raw, beta)
-        sigma = _div(softplus, beta)
+        sigma = fast_div(softplus, beta)
         log_sigma = tl.where(t < LOG_LINEAR_BELOW, t, tl.log(softplus)) - log_beta
     else:
         sigma = tl.exp(raw)
@@ -91,7 +91,7 @@ def _log_scale_vjp(grad_log_sigma, raw, beta, SCALE: tl.constexpr):
     (softplus; beta where log sigma is linear in t)."""
     if SCALE == SOFTPLUS:
         t, softplus, sigmoid = _softplus(raw, beta)
-        grad = grad_log_sigma * tl.where(t < LOG_LINEAR_BELOW, beta, _div(beta * sigmoid, softplus))
+        grad = grad_log_sigma * tl.where(t < LOG_LINEAR_BELOW, beta, fast_div(beta * sigmoid, softplus))
     else:
         grad = grad_log_sigma
     return grad
@@ -103,7 +103,7 @@ def _precision_weights(log_sigma_b, log_sigma_p):
     precision-weighted mean, from the log scales (no variance is formed, so none over- or underflows)."""
     diff = log_sigma_b - log_sigma_p
     e = tl.exp(-2.0 * tl.abs(diff))
-    larger = _div(1.0, 1.0 + e)
+    larger = fast_div(1.0, 1.0 + e)
     smaller = e * larger
     b_wider = diff >= 0.0
     return tl.where(b_wider, smaller, larger), tl.where(b_wider, larger, smaller)

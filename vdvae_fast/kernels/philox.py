@@ -3,6 +3,8 @@
 The Philox rounds are written out here (rather than calling tl.randint4x) because tl.random's
 counter and key handling has changed between Triton releases; the contract fixes the arithmetic
 (docs/kernel-contract.md), so every backend must reproduce it whatever Triton version is installed.
+Where four elements of one Philox group can be drawn together (normal_groups, channels_last_groups), one
+call serves all four with the per-element arithmetic of normal(), so every path gives the same eps.
 """
 
 import triton

@@ -19,6 +19,7 @@ from .gaussian_math import (
     BLOCK,
     NUM_WARPS,
     SAMPLED,
+    fast_div,
     gaussian_kl,
     input_vjp,
     layout_args,
@@ -34,7 +35,7 @@ def _kl_and_derivatives(gap, eps, sigma_q, log_sigma_q, sigma_p, log_sigma_p, KL
     eps held fixed. Sampled: log q(z) - log p(z) at z = mu_q + sigma_q * eps (the constants cancel), whose
     z - mu_p = gap + sigma_q * eps moves with log sigma_q by sigma_q * eps."""
     if KL_ESTIMATOR == SAMPLED:
-        inv_sigma_p = tl.fdiv(1.0, sigma_p, ieee_rounding=False)  # within 2 ulp, no exact-rounding path
+        inv_sigma_p = fast_div(1.0, sigma_p)
         u = (gap + sigma_q * eps) * inv_sigma_p
         kl = log_sigma_p - log_sigma_q + 0.5 * u * u - 0.5 * eps * eps
         d_gap = u * inv_sigma_p
