@@ -3,6 +3,8 @@
 The Philox rounds are written out here (rather than calling tl.randint4x) because tl.random's
 counter and key handling has changed between Triton releases; the contract fixes the arithmetic
 (docs/kernel-contract.md), so every backend must reproduce it whatever Triton version is installed.
+Where four elements of one Philox group can be drawn together (normal_groups, channels_last_groups), one
+call serves all four with the per-element arithmetic of normal(), so every path gives the same eps.
 """
 
 import triton
@@ -79,17 +81,62 @@ def cos_or_sin_two_pi(u, sine):
 
 
 @triton.jit
+def _box_muller(radius_word, angle_word, sine):
+    """One Box-Muller normal of the stream: u1 = max(U(radius_word), 1e-7), u2 = U(angle_word),
+    sqrt(-2 ln u1) times cos(2 pi u2), or sin(2 pi u2) where `sine`."""
+    u1 = uint_to_uniform(radius_word)
+    u1 = tl.where(u1 < 1.0e-7, 1.0e-7, u1)
+    u2 = uint_to_uniform(angle_word)
+    return tl.sqrt(-2.0 * tl.log(u1)) * cos_or_sin_two_pi(u2, sine)
+
+
+@triton.jit
 def normal(k0, k1, index):
     """tl.randn4x(seed, index // 4)[index % 4] for uint32 logical indices (the stream of vdvae_fast/philox.py):
     lanes 0, 1 of counter (index // 4, 0, 0, 0) use words (out0, out1), lanes 2, 3 words (out2, out3); even
-    lanes take the cosine, odd lanes the sine branch of Box-Muller."""
+    lanes take the cosine, odd lanes the sine branch of Box-Muller. One Philox call per element: for elements
+    whose memory order is not logical order; normal_groups serves four at a time."""
     zero = index * 0
     w0, w1, w2, w3 = philox(k0, k1, index >> 2, zero, zero, zero)
     high_pair = (index & 2) != 0
-    u1 = uint_to_uniform(tl.where(high_pair, w2, w0))
-    u1 = tl.where(u1 < 1.0e-7, 1.0e-7, u1)
-    u2 = uint_to_uniform(tl.where(high_pair, w3, w1))
-    return tl.sqrt(-2.0 * tl.log(u1)) * cos_or_sin_two_pi(u2, (index & 1) != 0)
+    return _box_muller(tl.where(high_pair, w2, w0), tl.where(high_pair, w3, w1), (index & 1) != 0)
+
+
+@triton.jit
+def _normals_of_groups(k0, k1, group):
+    """The four normals of each uint32 group counter, one Philox call each, in element order: lane k of
+    group[s] at position 4 s + k; the same values as normal() bit for bit (the same words, per-lane arithmetic)."""
+    zero = group * 0
+    w0, w1, w2, w3 = philox(k0, k1, group, zero, zero, zero)
+    cos_01, sin_01 = _box_muller(w0, w1, False), _box_muller(w0, w1, True)
+    cos_23, sin_23 = _box_muller(w2, w3, False), _box_muller(w2, w3, True)
+    # (lane 0, lane 2, ...) and (lane 1, lane 3, ...) interleaved: lane k of group s lands at 4 s + k
+    return tl.interleave(tl.interleave(cos_01, cos_23), tl.interleave(sin_01, sin_23))
+
+
+@triton.jit
+def normal_groups(k0, k1, first_group, GROUPS: tl.constexpr):
+    """normal() of the 4 * GROUPS consecutive logical elements from 4 * first_group, in order, with one Philox
+    call per four."""
+    return _normals_of_groups(k0, k1, (first_group + tl.arange(0, GROUPS)).to(tl.uint32))
+
+
+@triton.jit
+def channels_last_groups(k0, k1, block_start, C, H, W, BLOCK: tl.constexpr):
+    """(memory offsets, eps) of BLOCK elements of a channels_last tensor with W % 4 == 0, taken four
+    w-neighbours at a time so that each four is one Philox group: position 4 s + k holds lane k (w = w0 + k)
+    of slot block_start / 4 + s, which is channel slot % C of pixels 4 (slot // C) + k. block_start is a
+    multiple of BLOCK, so a block's positions below numel - block_start are exactly its elements."""
+    slot = block_start // 4 + tl.arange(0, BLOCK // 4)
+    first_pixel = (slot // C) * 4
+    channel = slot % C
+    plane = H * W
+    image = first_pixel // plane
+    group = (((image * C + channel) * plane + (first_pixel - image * plane)) >> 2).to(tl.uint32)
+    position = tl.arange(0, BLOCK)
+    element_slot = block_start // 4 + (position >> 2)
+    offsets = ((element_slot // C) * 4 + (position & 3)) * C + element_slot % C
+    return offsets, _normals_of_groups(k0, k1, group)
 
 
 @triton.jit
@@ -116,3 +163,18 @@ def logical_index(offset, C, H, W, CHANNELS_LAST: tl.constexpr):
         return ((b * C + c) * H + h) * W + w
     else:
         return offset
+
+
+@triton.jit
+def block_normals(
+    k0, k1, base, block_start, C, H, W, CHANNELS_LAST: tl.constexpr, GROUPED: tl.constexpr, BLOCK: tl.constexpr
+):
+    """eps of the BLOCK elements at memory offsets base + block_start + arange(BLOCK) of a dense tensor (base:
+    an image's first offset, both layouts keeping images whole). GROUPED, for contiguous tensors with base +
+    block_start a multiple of 4: one Philox call per four elements; else one per element, at its logical index."""
+    if GROUPED:
+        eps = normal_groups(k0, k1, (base + block_start) >> 2, BLOCK // 4)
+    else:
+        offsets = block_start + tl.arange(0, BLOCK)
+        eps = normal(k0, k1, (base + logical_index(offsets, C, H, W, CHANNELS_LAST)).to(tl.uint32))
+    return eps

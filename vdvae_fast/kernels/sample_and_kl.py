@@ -1,5 +1,8 @@
 """One stochastic layer in one kernel each way: z = mu_q + sigma_q * eps and the per-image KL(q||p) sum.
 
+The inputs are read under the parametrization the codes name (gaussian_math.posterior_and_prior); the KL is
+the analytic one or, with kl_estimator "sampled", log q(z) - log p(z) at the drawn z.
+
 Programs are laid out (block, image): the batch index is outermost in memory for contiguous and
 channels_last tensors alike, so an image is one contiguous range and each program's KL partial
 belongs to a single image. Partials are summed by torch in a fixed order (deterministic, no atomics);
@@ -11,18 +14,47 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .gaussian_math import BLOCK, NUM_WARPS, gaussian_kl, layout_args
-from .philox import logical_index, normal, philox_key
+from ..reference import SOFTPLUS_BETA
+from .gaussian_math import (
+    BLOCK,
+    NUM_WARPS,
+    SAMPLED,
+    fast_div,
+    gaussian_kl,
+    input_vjp,
+    layout_args,
+    posterior_and_prior,
+    softplus_betas,
+)
+from .philox import block_normals, philox_key
 
 
 @triton.jit
-def _image_block(per_image, C, H, W, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    """Offsets of this program's elements within its image, their mask, the image's base offset and
-    the uint32 counters of their logical indices."""
+def _kl_and_derivatives(gap, eps, sigma_q, log_sigma_q, sigma_p, log_sigma_p, KL_ESTIMATOR: tl.constexpr):
+    """The estimator's per-element KL and its derivatives in (gap = mu_q - mu_p, log sigma_q, log sigma_p) with
+    eps held fixed. Sampled: log q(z) - log p(z) at z = mu_q + sigma_q * eps (the constants cancel), whose
+    z - mu_p = gap + sigma_q * eps moves with log sigma_q by sigma_q * eps."""
+    if KL_ESTIMATOR == SAMPLED:
+        inv_sigma_p = fast_div(1.0, sigma_p)
+        u = (gap + sigma_q * eps) * inv_sigma_p
+        kl = log_sigma_p - log_sigma_q + 0.5 * u * u - 0.5 * eps * eps
+        d_gap = u * inv_sigma_p
+        d_log_sigma_q = d_gap * sigma_q * eps - 1.0
+        d_log_sigma_p = 1.0 - u * u
+    else:
+        kl, d_gap, d_log_sigma_q, d_log_sigma_p = gaussian_kl(gap, log_sigma_q, log_sigma_p)
+    return kl, d_gap, d_log_sigma_q, d_log_sigma_p
+
+
+@triton.jit
+def _image_block(seed, per_image, C, H, W, CHANNELS_LAST: tl.constexpr, GROUPED: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets of this program's elements within its image, their mask, the image's base offset and their eps."""
     image_base = tl.program_id(1).to(tl.int64) * per_image
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    counters = (image_base + logical_index(offsets, C, H, W, CHANNELS_LAST)).to(tl.uint32)
-    return offsets, offsets < per_image, image_base, counters
+    block_start = tl.program_id(0) * BLOCK
+    k0, k1 = philox_key(seed)
+    eps = block_normals(k0, k1, image_base, block_start, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
+    offsets = block_start + tl.arange(0, BLOCK)
+    return offsets, offsets < per_image, image_base, eps
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -38,19 +70,26 @@ def _sample_and_kl_forward_kernel(
     C,
     H,
     W,
+    beta,
+    log_beta,
+    SCALE: tl.constexpr,
+    POSTERIOR: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    GROUPED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offsets, mask, image_base, counters = _image_block(per_image, C, H, W, CHANNELS_LAST, BLOCK)
-    k0, k1 = philox_key(seed)
-    eps = normal(k0, k1, counters)
-    mu_q = tl.load(mu_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    logsigma_q = tl.load(logsigma_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    offsets, mask, image_base, eps = _image_block(seed, per_image, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
+    a = tl.load(mu_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(logsigma_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
     mu_p = tl.load(mu_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    logsigma_p = tl.load(logsigma_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    z = mu_q + tl.exp(logsigma_q) * eps
+    raw_p = tl.load(logsigma_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    mu_q, gap, sigma_q, log_sigma_q, sigma_p, log_sigma_p = posterior_and_prior(
+        a, b, mu_p, raw_p, beta, log_beta, SCALE, POSTERIOR
+    )
+    z = mu_q + sigma_q * eps
     tl.store(z_ptr + image_base + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
-    kl, _, _, _ = gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p)
+    kl, _, _, _ = _kl_and_derivatives(gap, eps, sigma_q, log_sigma_q, sigma_p, log_sigma_p, KL_ESTIMATOR)
     partial = tl.sum(tl.where(mask, kl, 0.0), axis=0)
     tl.store(partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), partial)
 
@@ -72,26 +111,41 @@ def _sample_and_kl_backward_kernel(
     C,
     H,
     W,
+    beta,
+    log_beta,
+    SCALE: tl.constexpr,
+    POSTERIOR: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    GROUPED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offsets, mask, image_base, counters = _image_block(per_image, C, H, W, CHANNELS_LAST, BLOCK)
-    k0, k1 = philox_key(seed)
-    eps = normal(k0, k1, counters)
+    offsets, mask, image_base, eps = _image_block(seed, per_image, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
     grad_kl = tl.load(grad_kl_ptr + tl.program_id(1)).to(tl.float32)
     grad_z = tl.load(grad_z_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    mu_q = tl.load(mu_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    logsigma_q = tl.load(logsigma_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(mu_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(logsigma_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
     mu_p = tl.load(mu_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    logsigma_p = tl.load(logsigma_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    _, d_mu_q, d_logsigma_q, d_logsigma_p = gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p)
+    raw_p = tl.load(logsigma_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
+    _, gap, sigma_q, log_sigma_q, sigma_p, log_sigma_p = posterior_and_prior(
+        a, b, mu_p, raw_p, beta, log_beta, SCALE, POSTERIOR
+    )
+    _, d_gap, d_log_sigma_q, d_log_sigma_p = _kl_and_derivatives(
+        gap, eps, sigma_q, log_sigma_q, sigma_p, log_sigma_p, KL_ESTIMATOR
+    )
+    grad_a, grad_b, grad_mu_p, grad_raw_p = input_vjp(
+        grad_kl * d_gap,
+        grad_kl * d_log_sigma_q,
+        grad_kl * d_log_sigma_p,
+        grad_z,
+        grad_z * eps * sigma_q,
+        a, b, mu_p, raw_p, beta, log_beta, SCALE, POSTERIOR,
+    )  # fmt: skip
     out_dtype = grad_mu_q_ptr.dtype.element_ty
-    grad_mu_q = grad_z + grad_kl * d_mu_q
-    grad_logsigma_q = grad_z * eps * tl.exp(logsigma_q) + grad_kl * d_logsigma_q
-    tl.store(grad_mu_q_ptr + image_base + offsets, grad_mu_q.to(out_dtype), mask=mask)
-    tl.store(grad_logsigma_q_ptr + image_base + offsets, grad_logsigma_q.to(out_dtype), mask=mask)
-    tl.store(grad_mu_p_ptr + image_base + offsets, (-(grad_kl * d_mu_q)).to(out_dtype), mask=mask)
-    tl.store(grad_logsigma_p_ptr + image_base + offsets, (grad_kl * d_logsigma_p).to(out_dtype), mask=mask)
+    tl.store(grad_mu_q_ptr + image_base + offsets, grad_a.to(out_dtype), mask=mask)
+    tl.store(grad_logsigma_q_ptr + image_base + offsets, grad_b.to(out_dtype), mask=mask)
+    tl.store(grad_mu_p_ptr + image_base + offsets, grad_mu_p.to(out_dtype), mask=mask)
+    tl.store(grad_logsigma_p_ptr + image_base + offsets, grad_raw_p.to(out_dtype), mask=mask)
 
 
 def _grid(mu_q: torch.Tensor) -> tuple[int, int, int]:
@@ -102,9 +156,19 @@ def _grid(mu_q: torch.Tensor) -> tuple[int, int, int]:
 
 
 def sample_and_kl_forward(
-    mu_q: torch.Tensor, logsigma_q: torch.Tensor, mu_p: torch.Tensor, logsigma_p: torch.Tensor, seed: int
+    mu_q: torch.Tensor,
+    logsigma_q: torch.Tensor,
+    mu_p: torch.Tensor,
+    logsigma_p: torch.Tensor,
+    seed: int,
+    scale: int = 0,
+    beta: float = SOFTPLUS_BETA,
+    posterior: int = 0,
+    kl_estimator: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z in mu_q's dtype and layout, KL summed over all dims but the first, float32 (B,))."""
+    """(z in mu_q's dtype and layout, KL summed over all dims but the first, float32 (B,)). scale, posterior
+    and kl_estimator index reference.SCALES, POSTERIORS and KL_ESTIMATORS."""
+    beta, log_beta = softplus_betas(scale, beta, posterior, kl_estimator)
     batch = mu_q.shape[0]
     per_image, block, programs = _grid(mu_q)
     z = torch.empty_like(mu_q)
@@ -124,7 +188,13 @@ def sample_and_kl_forward(
         channels,
         height,
         width,
+        beta,
+        log_beta,
+        SCALE=scale,
+        POSTERIOR=posterior,
+        KL_ESTIMATOR=kl_estimator,
         CHANNELS_LAST=channels_last,
+        GROUPED=not channels_last and per_image % 4 == 0,
         BLOCK=block,
         num_warps=NUM_WARPS,
     )
@@ -139,8 +209,13 @@ def sample_and_kl_backward(
     mu_p: torch.Tensor,
     logsigma_p: torch.Tensor,
     seed: int,
+    scale: int = 0,
+    beta: float = SOFTPLUS_BETA,
+    posterior: int = 0,
+    kl_estimator: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients in (mu_q, logsigma_q, mu_p, logsigma_p) from grad_z (z's dtype/layout) and grad_kl (float32 (B,))."""
+    """Gradients in the four inputs from grad_z (z's dtype/layout) and grad_kl (float32 (B,)), eps held fixed."""
+    beta, log_beta = softplus_betas(scale, beta, posterior, kl_estimator)
     batch = mu_q.shape[0]
     per_image, block, programs = _grid(mu_q)
     grads = tuple(torch.empty_like(t) for t in (mu_q, logsigma_q, mu_p, logsigma_p))
@@ -160,7 +235,13 @@ def sample_and_kl_backward(
         channels,
         height,
         width,
+        beta,
+        log_beta,
+        SCALE=scale,
+        POSTERIOR=posterior,
+        KL_ESTIMATOR=kl_estimator,
         CHANNELS_LAST=channels_last,
+        GROUPED=not channels_last and per_image % 4 == 0,
         BLOCK=block,
         num_warps=NUM_WARPS,
     )

@@ -1,12 +1,38 @@
-"""z = mu + t * exp(logsigma) * eps with eps regenerated from (seed, logical index), never stored."""
+"""z = mu + t * sigma * eps with eps regenerated from (seed, logical index), never stored; sigma = exp(logsigma)
+or softplus_beta(logsigma) as the scale code says (gaussian_math.scale_and_log)."""
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .gaussian_math import BLOCK, NUM_WARPS, block_offsets, layout_args, needs_int64
-from .philox import logical_index, normal, philox_key
+from ..reference import SOFTPLUS_BETA
+from .gaussian_math import (
+    BLOCK,
+    NUM_WARPS,
+    block_offsets,
+    layout_args,
+    needs_int64,
+    scale_and_log,
+    scale_slope,
+    softplus_betas,
+)
+from .philox import block_normals, channels_last_groups, philox_key
+
+
+@triton.jit
+def _elements_and_eps(
+    seed, numel, C, H, W, CHANNELS_LAST: tl.constexpr, GROUPED: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr
+):
+    """This program's memory offsets, their mask and their eps. GROUPED: one Philox call per four elements
+    (contiguous; channels_last with W % 4 == 0, whose elements are then taken four w-neighbours at a time)."""
+    offsets, mask, block_start = block_offsets(numel, BLOCK, INT64)
+    k0, k1 = philox_key(seed)
+    if CHANNELS_LAST and GROUPED:
+        offsets, eps = channels_last_groups(k0, k1, block_start, C, H, W, BLOCK)
+    else:
+        eps = block_normals(k0, k1, 0, block_start, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
+    return offsets, mask, eps
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -20,16 +46,19 @@ def _sample_gaussian_forward_kernel(
     C,
     H,
     W,
+    beta,
+    log_beta,
+    SCALE: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    GROUPED: tl.constexpr,
     BLOCK: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    offsets, mask = block_offsets(numel, BLOCK, INT64)
-    k0, k1 = philox_key(seed)
-    eps = normal(k0, k1, logical_index(offsets, C, H, W, CHANNELS_LAST).to(tl.uint32))
+    offsets, mask, eps = _elements_and_eps(seed, numel, C, H, W, CHANNELS_LAST, GROUPED, BLOCK, INT64)
     mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     logsigma = tl.load(logsigma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    z = mu + temperature * tl.exp(logsigma) * eps
+    sigma, _ = scale_and_log(logsigma, beta, log_beta, SCALE)
+    z = mu + temperature * sigma * eps
     tl.store(z_ptr + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
 
 
@@ -45,22 +74,32 @@ def _sample_gaussian_backward_kernel(
     C,
     H,
     W,
+    beta,
+    log_beta,
+    SCALE: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
+    GROUPED: tl.constexpr,
     BLOCK: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    offsets, mask = block_offsets(numel, BLOCK, INT64)
-    k0, k1 = philox_key(seed)
-    eps = normal(k0, k1, logical_index(offsets, C, H, W, CHANNELS_LAST).to(tl.uint32))
+    offsets, mask, eps = _elements_and_eps(seed, numel, C, H, W, CHANNELS_LAST, GROUPED, BLOCK, INT64)
     grad_z = tl.load(grad_z_ptr + offsets, mask=mask, other=0.0)
     logsigma = tl.load(logsigma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    grad_logsigma = grad_z.to(tl.float32) * eps * temperature * tl.exp(logsigma)
+    grad_logsigma = grad_z.to(tl.float32) * eps * temperature * scale_slope(logsigma, beta, SCALE)
     tl.store(grad_mu_ptr + offsets, grad_z, mask=mask)
     tl.store(grad_logsigma_ptr + offsets, grad_logsigma.to(grad_logsigma_ptr.dtype.element_ty), mask=mask)
 
 
-def sample_gaussian_forward(mu: torch.Tensor, logsigma: torch.Tensor, temperature: float, seed: int) -> torch.Tensor:
-    """z in mu's dtype and layout."""
+def sample_gaussian_forward(
+    mu: torch.Tensor,
+    logsigma: torch.Tensor,
+    temperature: float,
+    seed: int,
+    scale: int = 0,
+    beta: float = SOFTPLUS_BETA,
+) -> torch.Tensor:
+    """z in mu's dtype and layout; scale indexes reference.SCALES."""
+    beta, log_beta = softplus_betas(scale, beta)
     z = torch.empty_like(mu)
     numel = mu.numel()
     channels, height, width, channels_last = layout_args(mu)
@@ -74,7 +113,11 @@ def sample_gaussian_forward(mu: torch.Tensor, logsigma: torch.Tensor, temperatur
         channels,
         height,
         width,
+        beta,
+        log_beta,
+        SCALE=scale,
         CHANNELS_LAST=channels_last,
+        GROUPED=not channels_last or width % 4 == 0,
         BLOCK=BLOCK,
         INT64=needs_int64(numel),
         num_warps=NUM_WARPS,
@@ -83,9 +126,17 @@ def sample_gaussian_forward(mu: torch.Tensor, logsigma: torch.Tensor, temperatur
 
 
 def sample_gaussian_backward(
-    grad_z: torch.Tensor, mu: torch.Tensor, logsigma: torch.Tensor, temperature: float, seed: int
+    grad_z: torch.Tensor,
+    mu: torch.Tensor,
+    logsigma: torch.Tensor,
+    temperature: float,
+    seed: int,
+    scale: int = 0,
+    beta: float = SOFTPLUS_BETA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_mu, grad_logsigma): grad_mu is grad_z itself (copied), grad_logsigma = grad_z * t * sigma * eps."""
+    """(grad_mu, grad_logsigma): grad_mu is grad_z itself (copied), grad_logsigma = grad_z * t * eps * d sigma / d
+    logsigma."""
+    beta, log_beta = softplus_betas(scale, beta)
     grad_mu = torch.empty_like(mu)
     grad_logsigma = torch.empty_like(logsigma)
     numel = mu.numel()
@@ -101,7 +152,11 @@ def sample_gaussian_backward(
         channels,
         height,
         width,
+        beta,
+        log_beta,
+        SCALE=scale,
         CHANNELS_LAST=channels_last,
+        GROUPED=not channels_last or width % 4 == 0,
         BLOCK=BLOCK,
         INT64=needs_int64(numel),
         num_warps=NUM_WARPS,
