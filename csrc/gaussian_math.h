@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "fast_math.h"
@@ -133,11 +134,22 @@ struct ScaleConstants {
   static ScaleConstants of(double beta) { return {static_cast<T>(beta), static_cast<T>(std::log(beta))}; }
 };
 
-// The opmath logarithms: fast_math.h's polynomials for float, libm for double. log1p_op takes v in [0, 1].
-VF_HOST_DEVICE float log_op(float x) { return log_poly(x); }
-VF_HOST_DEVICE double log_op(double x) { return std::log(x); }
+// log1p in the opmath dtype, for v in [0, 1]: fast_math.h's polynomial for float, libm for double.
 VF_HOST_DEVICE float log1p_op(float v) { return log_or_log1p_poly(false, v); }
 VF_HOST_DEVICE double log1p_op(double v) { return std::log1p(v); }
+
+// log of a softplus value where it is used (beta·raw >= -20: positive and normal), +inf and NaN passing through.
+// The polynomial, not log_poly, and the selects below on bits: gcc moves an expensive value that only one arm of
+// a float select uses into a branch, and a loop with a branch does not vectorize.
+VF_HOST_DEVICE float select(bool take_first, float first, float second) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(take_first);
+  return bits_float((float_bits(first) & mask) | (float_bits(second) & ~mask));
+}
+VF_HOST_DEVICE double select(bool take_first, double first, double second) { return take_first ? first : second; }
+VF_HOST_DEVICE float log_softplus(float softplus) {
+  return select(softplus < std::numeric_limits<float>::infinity(), log_positive_poly(softplus), softplus);
+}
+VF_HOST_DEVICE double log_softplus(double softplus) { return std::log(softplus); }
 
 // sigma = f(raw), log sigma, and d log sigma / d raw.
 template <typename T>
@@ -158,7 +170,7 @@ VF_HOST_DEVICE Scaled<T> scaled(T raw, const ScaleConstants<T>& k) {
     const T inv = T(1) / (T(1) + e);
     const T sigmoid = t < T(0) ? e * inv : inv;
     const bool linear = t < T(kSoftplusLogLinearBelow);
-    return {softplus / k.beta, (linear ? t : log_op(softplus)) - k.log_beta,
+    return {softplus / k.beta, select(linear, t, log_softplus(softplus)) - k.log_beta,
             linear ? k.beta : k.beta * sigmoid / softplus};
   }
 }
