@@ -37,7 +37,8 @@ VF_VECTOR_LOOP void backward_tile(const T* __restrict__ grad_kl, const T* __rest
                                   T* __restrict__ g_b, T* __restrict__ g_mu_p, T* __restrict__ g_raw_p, int count,
                                   gaussian::ScaleConstants<T> constants) {
   for (int k = 0; k < count; ++k) {
-    const gaussian::InputGrads<T> d = gaussian::gaussian_kl_grads<F>(grad_kl[k], a[k], b[k], mu_p[k], raw_p[k], constants);
+    const gaussian::InputGrads<T> d =
+        gaussian::gaussian_kl_grads<F>(grad_kl[k], a[k], b[k], mu_p[k], raw_p[k], constants);
     g_a[k] = d.a;
     g_b[k] = d.b;
     g_mu_p[k] = d.mu_p;
@@ -72,9 +73,9 @@ void backward_parallel(const at::opmath_type<scalar_t>* grad_kl, const scalar_t*
     for (int64_t start = begin; start < end; start += kTile) {
       const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
       backward_tile<F>(grad_kl + start, tile.load(mu_q + start, 0, count), tile.load(logsigma_q + start, 1, count),
-                    tile.load(mu_p + start, 2, count), tile.load(logsigma_p + start, 3, count),
-                    tile.output(g_mu_q + start, 4), tile.output(g_logsigma_q + start, 5),
-                    tile.output(g_mu_p + start, 6), tile.output(g_logsigma_p + start, 7), count, constants);
+                       tile.load(mu_p + start, 2, count), tile.load(logsigma_p + start, 3, count),
+                       tile.output(g_mu_q + start, 4), tile.output(g_logsigma_q + start, 5),
+                       tile.output(g_mu_p + start, 6), tile.output(g_logsigma_p + start, 7), count, constants);
       tile.store(g_mu_q + start, 4, count);
       tile.store(g_logsigma_q + start, 5, count);
       tile.store(g_mu_p + start, 6, count);

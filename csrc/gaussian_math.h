@@ -104,7 +104,8 @@ inline DenseLayout layout_of(const TensorT& t) {
 // direct) that product multiplies by 1 and adds nothing: the arithmetic, and the bits, of the plain formulas.
 // ----------------------------------------------------------------------------------------------
 
-// sigma = f(raw): VDVAE's exp, or Efficient-VDVAE's gradient smoothing softplus_beta(raw) = log(1 + e^(beta raw)) / beta.
+// sigma = f(raw): VDVAE's exp, or Efficient-VDVAE's gradient smoothing
+// softplus_beta(raw) = log(1 + e^(beta raw)) / beta.
 enum class Scale : int { kExp = 0, kSoftplus = 1 };
 // (a, b) is (mu_q, raw sigma_q), NVAE's residual (delta mu, raw delta sigma), or the Ladder VAE's bottom-up
 // Gaussian that precision weighting merges with the prior.

@@ -140,10 +140,10 @@ void backward_parallel(const scalar_t* grad_z, const at::opmath_type<scalar_t>* 
         const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
         gaussian::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
         backward_tile<F>(tile.load(grad_z + start, 0, count), grad_kl[chunks.image(item)],
-                      tile.load(mu_q + start, 1, count), tile.load(logsigma_q + start, 2, count),
-                      tile.load(mu_p + start, 3, count), tile.load(logsigma_p + start, 4, count), eps,
-                      tile.output(g_mu_q + start, 5), tile.output(g_logsigma_q + start, 6),
-                      tile.output(g_mu_p + start, 7), tile.output(g_logsigma_p + start, 8), count, constants);
+                         tile.load(mu_q + start, 1, count), tile.load(logsigma_q + start, 2, count),
+                         tile.load(mu_p + start, 3, count), tile.load(logsigma_p + start, 4, count), eps,
+                         tile.output(g_mu_q + start, 5), tile.output(g_logsigma_q + start, 6),
+                         tile.output(g_mu_p + start, 7), tile.output(g_logsigma_p + start, 8), count, constants);
         tile.store(g_mu_q + start, 5, count);
         tile.store(g_logsigma_q + start, 6, count);
         tile.store(g_mu_p + start, 7, count);

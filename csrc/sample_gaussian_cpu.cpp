@@ -1,5 +1,6 @@
 // CPU kernels of sample_gaussian: VDVAE's prior sampling at temperature t, z = mu + t·sigma·eps with
-// sigma = exp(raw) or softplus_beta(raw), and its gradients. eps comes from (seed, logical index) in forward and is regenerated in backward.
+// sigma = exp(raw) or softplus_beta(raw), and its gradients. eps comes from (seed, logical index) in forward
+// and is regenerated in backward.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -1,5 +1,6 @@
 // CUDA kernels of sample_gaussian: VDVAE's prior sampling at temperature t, z = mu + t·sigma·eps with
-// sigma = exp(raw) or softplus_beta(raw), and its gradients (per-packet bodies in gaussian_packets.h). eps comes from (seed, logical index) in forward and is regenerated in backward.
+// sigma = exp(raw) or softplus_beta(raw), and its gradients (per-packet bodies in gaussian_packets.h). eps comes
+// from (seed, logical index) in forward and is regenerated in backward.
 //
 // Grid-stride loops over flat memory, 16-byte packets when every pointer is aligned and the size divides.
 
