@@ -121,7 +121,6 @@ struct Form {
   static constexpr Posterior posterior = P;
   static constexpr KlEstimator estimator = E;
 };
-using VdvaeForm = Form<Scale::kExp>;
 
 // Below this beta·raw = t, log softplus(t) is taken as t (reference.SOFTPLUS_LOG_LINEAR_BELOW), within e^t / 2 of
 // it, so that log sigma stays finite after softplus underflows to 0.
