@@ -3,12 +3,19 @@
 // hold the very functions the GPU runs against the eager reference: only the kernels' indexing and
 // their device math functions (fast_math.h's fast_* on MUFU) are left for a GPU to confirm. M = 10
 // runs the unrolled instantiation the kernels use, other M the run-time one.
+//
+// The Gaussian kernels' per-packet bodies (gaussian_packets.h) run the same way, packet by packet in the
+// order of a single CUDA thread, with packets of 4 floats (the kernels' 16 bytes) or single elements: their
+// indexing and eps included, only the grid and the block reduction of the KL are the GPU's own.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "dmol_math.h"
+#include "gaussian_packets.h"
+#include "gaussian_parametrization.h"
 #include "kernel_checks.h"
 
 namespace vdvae_fast {
@@ -119,12 +126,166 @@ at::Tensor dmol_sample_forward_cuda_body_on_host(const at::Tensor& logits, int64
   return image;
 }
 
+// The Gaussian bodies take float32 CPU tensors of one dense layout and packets of `vec` = 4 or 1 elements.
+template <int kVec>
+using Vec = std::integral_constant<int, kVec>;
+
+template <typename Body>
+void with_packets(const at::Tensor& t, int64_t vec, int64_t count, Body&& body) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "the CUDA bodies run on float32 CPU tensors, got ",
+              t.scalar_type(), " on ", t.device());
+  check_dense(t, "the Gaussian CUDA bodies");
+  TORCH_CHECK(vec == 1 || (vec == 4 && count % 4 == 0), "packets of vec = 4 floats need a multiple of 4 elements (per ",
+              "image for sample_and_kl), got vec = ", vec, " for ", count);
+  if (vec == 4) {
+    body(Vec<4>());
+  } else {
+    body(Vec<1>());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cuda_body_on_host(
+    const at::Tensor& mu_q, const at::Tensor& logsigma_q, const at::Tensor& mu_p, const at::Tensor& logsigma_p,
+    int64_t seed, int64_t scale, double beta, int64_t posterior, int64_t kl_estimator, int64_t vec) {
+  const gaussian::DenseLayout layout = gaussian::layout_of(mu_q);
+  at::Tensor z = at::empty_like(mu_q);
+  at::Tensor kl = at::zeros({mu_q.size(0)}, mu_q.options());
+  with_packets(mu_q, vec, layout.image_size, [&](auto packet) {
+    constexpr int kVec = decltype(packet)::value;
+    gaussian::with_form(scale, posterior, kl_estimator, beta, "sample_and_kl", [&](auto form) {
+      const auto constants = gaussian::ScaleConstants<float>::of(beta);
+      for (int64_t image = 0; image < mu_q.size(0); ++image) {
+        float sum = 0.0f;
+        for (int64_t within = 0; within < layout.image_size; within += kVec) {
+          gaussian::sample_and_kl_forward_packet<decltype(form), kVec>(
+              mu_q.data_ptr<float>(), logsigma_q.data_ptr<float>(), mu_p.data_ptr<float>(),
+              logsigma_p.data_ptr<float>(), z.data_ptr<float>(), sum, static_cast<uint32_t>(image), within, layout,
+              static_cast<uint64_t>(seed), constants);
+        }
+        kl.data_ptr<float>()[image] = sum;
+      }
+    });
+  });
+  return {z, kl};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backward_cuda_body_on_host(
+    const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu_q, const at::Tensor& logsigma_q,
+    const at::Tensor& mu_p, const at::Tensor& logsigma_p, int64_t seed, int64_t scale, double beta, int64_t posterior,
+    int64_t kl_estimator, int64_t vec) {
+  const gaussian::DenseLayout layout = gaussian::layout_of(mu_q);
+  at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(mu_q);
+  at::Tensor g_mu_p = at::empty_like(mu_q), g_logsigma_p = at::empty_like(mu_q);
+  const at::Tensor upstream = grad_kl.contiguous();
+  with_packets(mu_q, vec, layout.image_size, [&](auto packet) {
+    constexpr int kVec = decltype(packet)::value;
+    gaussian::with_form(scale, posterior, kl_estimator, beta, "sample_and_kl", [&](auto form) {
+      const auto constants = gaussian::ScaleConstants<float>::of(beta);
+      for (int64_t image = 0; image < mu_q.size(0); ++image) {
+        for (int64_t within = 0; within < layout.image_size; within += kVec) {
+          gaussian::sample_and_kl_backward_packet<decltype(form), kVec>(
+              grad_z.data_ptr<float>(), upstream.data_ptr<float>()[image], mu_q.data_ptr<float>(),
+              logsigma_q.data_ptr<float>(), mu_p.data_ptr<float>(), logsigma_p.data_ptr<float>(),
+              g_mu_q.data_ptr<float>(), g_logsigma_q.data_ptr<float>(), g_mu_p.data_ptr<float>(),
+              g_logsigma_p.data_ptr<float>(), static_cast<uint32_t>(image), within, layout,
+              static_cast<uint64_t>(seed), constants);
+        }
+      }
+    });
+  });
+  return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
+}
+
+at::Tensor gaussian_kl_forward_cuda_body_on_host(const at::Tensor& mu_q, const at::Tensor& logsigma_q,
+                                                 const at::Tensor& mu_p, const at::Tensor& logsigma_p, int64_t scale,
+                                                 double beta, int64_t posterior, int64_t vec) {
+  at::Tensor kl = at::empty_like(mu_q);
+  with_packets(mu_q, vec, mu_q.numel(), [&](auto packet) {
+    constexpr int kVec = decltype(packet)::value;
+    gaussian::with_form(scale, posterior, beta, "gaussian_kl", [&](auto form) {
+      const auto constants = gaussian::ScaleConstants<float>::of(beta);
+      for (int64_t p = 0; p < mu_q.numel() / kVec; ++p) {
+        gaussian::gaussian_kl_forward_packet<decltype(form), kVec>(
+            mu_q.data_ptr<float>(), logsigma_q.data_ptr<float>(), mu_p.data_ptr<float>(), logsigma_p.data_ptr<float>(),
+            kl.data_ptr<float>(), p, constants);
+      }
+    });
+  });
+  return kl;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_cuda_body_on_host(
+    const at::Tensor& grad_kl, const at::Tensor& mu_q, const at::Tensor& logsigma_q, const at::Tensor& mu_p,
+    const at::Tensor& logsigma_p, int64_t scale, double beta, int64_t posterior, int64_t vec) {
+  at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(mu_q);
+  at::Tensor g_mu_p = at::empty_like(mu_q), g_logsigma_p = at::empty_like(mu_q);
+  with_packets(mu_q, vec, mu_q.numel(), [&](auto packet) {
+    constexpr int kVec = decltype(packet)::value;
+    gaussian::with_form(scale, posterior, beta, "gaussian_kl", [&](auto form) {
+      const auto constants = gaussian::ScaleConstants<float>::of(beta);
+      for (int64_t p = 0; p < mu_q.numel() / kVec; ++p) {
+        gaussian::gaussian_kl_backward_packet<decltype(form), kVec>(
+            grad_kl.data_ptr<float>(), mu_q.data_ptr<float>(), logsigma_q.data_ptr<float>(), mu_p.data_ptr<float>(),
+            logsigma_p.data_ptr<float>(), g_mu_q.data_ptr<float>(), g_logsigma_q.data_ptr<float>(),
+            g_mu_p.data_ptr<float>(), g_logsigma_p.data_ptr<float>(), p, constants);
+      }
+    });
+  });
+  return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
+}
+
+at::Tensor sample_gaussian_forward_cuda_body_on_host(const at::Tensor& mu, const at::Tensor& logsigma,
+                                                     double temperature, int64_t seed, int64_t scale, double beta,
+                                                     int64_t vec) {
+  const gaussian::DenseLayout layout = gaussian::layout_of(mu);
+  at::Tensor z = at::empty_like(mu);
+  with_packets(mu, vec, mu.numel(), [&](auto packet) {
+    constexpr int kVec = decltype(packet)::value;
+    gaussian::with_form(scale, beta, "sample_gaussian", [&](auto form) {
+      const auto constants = gaussian::ScaleConstants<float>::of(beta);
+      for (int64_t p = 0; p < mu.numel() / kVec; ++p) {
+        gaussian::sample_gaussian_forward_packet<decltype(form), kVec>(
+            mu.data_ptr<float>(), logsigma.data_ptr<float>(), z.data_ptr<float>(), p, static_cast<float>(temperature),
+            layout, static_cast<uint64_t>(seed), constants);
+      }
+    });
+  });
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cuda_body_on_host(const at::Tensor& grad_z,
+                                                                              const at::Tensor& mu,
+                                                                              const at::Tensor& logsigma,
+                                                                              double temperature, int64_t seed,
+                                                                              int64_t scale, double beta, int64_t vec) {
+  const gaussian::DenseLayout layout = gaussian::layout_of(mu);
+  at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(mu);
+  with_packets(mu, vec, mu.numel(), [&](auto packet) {
+    constexpr int kVec = decltype(packet)::value;
+    gaussian::with_form(scale, beta, "sample_gaussian", [&](auto form) {
+      const auto constants = gaussian::ScaleConstants<float>::of(beta);
+      for (int64_t p = 0; p < mu.numel() / kVec; ++p) {
+        gaussian::sample_gaussian_backward_packet<decltype(form), kVec>(
+            grad_z.data_ptr<float>(), logsigma.data_ptr<float>(), g_mu.data_ptr<float>(), g_logsigma.data_ptr<float>(),
+            p, static_cast<float>(temperature), layout, static_cast<uint64_t>(seed), constants);
+      }
+    });
+  });
+  return {g_mu, g_logsigma};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vdvae_fast_C, CPU, m) {
   m.impl("dmol_nll_forward_cuda_body_on_host", &dmol_nll_forward_cuda_body_on_host);
   m.impl("dmol_nll_backward_cuda_body_on_host", &dmol_nll_backward_cuda_body_on_host);
   m.impl("dmol_sample_forward_cuda_body_on_host", &dmol_sample_forward_cuda_body_on_host);
+  m.impl("sample_and_kl_forward_cuda_body_on_host", &sample_and_kl_forward_cuda_body_on_host);
+  m.impl("sample_and_kl_backward_cuda_body_on_host", &sample_and_kl_backward_cuda_body_on_host);
+  m.impl("gaussian_kl_forward_cuda_body_on_host", &gaussian_kl_forward_cuda_body_on_host);
+  m.impl("gaussian_kl_backward_cuda_body_on_host", &gaussian_kl_backward_cuda_body_on_host);
+  m.impl("sample_gaussian_forward_cuda_body_on_host", &sample_gaussian_forward_cuda_body_on_host);
+  m.impl("sample_gaussian_backward_cuda_body_on_host", &sample_gaussian_backward_cuda_body_on_host);
 }
 
 }  // namespace vdvae_fast

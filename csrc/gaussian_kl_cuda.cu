@@ -1,4 +1,5 @@
-// CUDA kernels of gaussian_kl: the elementwise rate KL(q‖p) of VDVAE's diagonal Gaussians and its gradients.
+// CUDA kernels of gaussian_kl: the elementwise rate KL(q‖p) of VDVAE's diagonal Gaussians and its gradients,
+// in every parametrization (one instantiation each; the per-packet bodies are gaussian_packets.h's).
 //
 // Grid-stride loops over flat memory (all tensors share one dense layout), 16-byte packets when every
 // pointer is aligned and the size divides, single elements otherwise.
@@ -16,6 +17,8 @@
 #include <type_traits>
 
 #include "gaussian_cuda.cuh"
+#include "gaussian_packets.h"
+#include "gaussian_parametrization.h"
 
 namespace vdvae_fast {
 namespace {
@@ -23,67 +26,35 @@ namespace {
 using gaussian::grid_for;
 using gaussian::kThreads;
 
-template <typename scalar_t, int kVec>
+template <typename F, typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     gaussian_kl_forward_kernel(const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
                                const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
-                               at::opmath_type<scalar_t>* __restrict__ kl, int64_t packets) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using In = gaussian::Packet<scalar_t, kVec>;
-  using Out = gaussian::Packet<opmath_t, kVec>;
+                               at::opmath_type<scalar_t>* __restrict__ kl, int64_t packets,
+                               gaussian::ScaleConstants<at::opmath_type<scalar_t>> constants) {
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
        p += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const In mq = reinterpret_cast<const In*>(mu_q)[p];
-    const In lsq = reinterpret_cast<const In*>(logsigma_q)[p];
-    const In mp = reinterpret_cast<const In*>(mu_p)[p];
-    const In lsp = reinterpret_cast<const In*>(logsigma_p)[p];
-    Out out;
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      out.v[v] = gaussian::kl(static_cast<opmath_t>(mq.v[v]), static_cast<opmath_t>(lsq.v[v]),
-                              static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
-    }
-    reinterpret_cast<Out*>(kl)[p] = out;
+    gaussian::gaussian_kl_forward_packet<F, kVec>(mu_q, logsigma_q, mu_p, logsigma_p, kl, p, constants);
   }
 }
 
-template <typename scalar_t, int kVec>
+template <typename F, typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     gaussian_kl_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_kl,
                                 const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
                                 const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
                                 scalar_t* __restrict__ g_mu_q, scalar_t* __restrict__ g_logsigma_q,
-                                scalar_t* __restrict__ g_mu_p, scalar_t* __restrict__ g_logsigma_p, int64_t packets) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using In = gaussian::Packet<scalar_t, kVec>;
-  using Grad = gaussian::Packet<opmath_t, kVec>;
+                                scalar_t* __restrict__ g_mu_p, scalar_t* __restrict__ g_logsigma_p, int64_t packets,
+                                gaussian::ScaleConstants<at::opmath_type<scalar_t>> constants) {
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
        p += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const Grad gk = reinterpret_cast<const Grad*>(grad_kl)[p];
-    const In mq = reinterpret_cast<const In*>(mu_q)[p];
-    const In lsq = reinterpret_cast<const In*>(logsigma_q)[p];
-    const In mp = reinterpret_cast<const In*>(mu_p)[p];
-    const In lsp = reinterpret_cast<const In*>(logsigma_p)[p];
-    In out_mq, out_lsq, out_mp, out_lsp;
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      const gaussian::KlGrads<opmath_t> d =
-          gaussian::kl_grads(gk.v[v], static_cast<opmath_t>(mq.v[v]), static_cast<opmath_t>(lsq.v[v]),
-                             static_cast<opmath_t>(mp.v[v]), static_cast<opmath_t>(lsp.v[v]));
-      out_mq.v[v] = static_cast<scalar_t>(d.mu_q);
-      out_lsq.v[v] = static_cast<scalar_t>(d.logsigma_q);
-      out_mp.v[v] = static_cast<scalar_t>(d.mu_p);
-      out_lsp.v[v] = static_cast<scalar_t>(d.logsigma_p);
-    }
-    reinterpret_cast<In*>(g_mu_q)[p] = out_mq;
-    reinterpret_cast<In*>(g_logsigma_q)[p] = out_lsq;
-    reinterpret_cast<In*>(g_mu_p)[p] = out_mp;
-    reinterpret_cast<In*>(g_logsigma_p)[p] = out_lsp;
+    gaussian::gaussian_kl_backward_packet<F, kVec>(grad_kl, mu_q, logsigma_q, mu_p, logsigma_p, g_mu_q, g_logsigma_q,
+                                                   g_mu_p, g_logsigma_p, p, constants);
   }
 }
 
 at::Tensor gaussian_kl_forward_cuda(const at::Tensor& mu_q, const at::Tensor& logsigma_q, const at::Tensor& mu_p,
-                                    const at::Tensor& logsigma_p) {
+                                    const at::Tensor& logsigma_p, int64_t scale, double beta, int64_t posterior) {
   check_dense(mu_q, "gaussian_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   at::Tensor kl =
@@ -91,15 +62,20 @@ at::Tensor gaussian_kl_forward_cuda(const at::Tensor& mu_q, const at::Tensor& lo
   const int64_t numel = mu_q.numel();
   if (numel == 0) return kl;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  VF_DISPATCH_CUDA_FLOAT_TYPES(mu_q.scalar_type(), "gaussian_kl_forward_cuda", [&] {
-    const auto launch = [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      gaussian_kl_forward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
-          mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
-          logsigma_p.data_ptr<scalar_t>(), kl.data_ptr<at::opmath_type<scalar_t>>(), numel / kVec);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    gaussian::launch_by_packets<scalar_t>(numel, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &kl}, launch);
+  gaussian::with_form(scale, posterior, beta, "gaussian_kl", [&](auto form) {
+    using F = decltype(form);
+    VF_DISPATCH_CUDA_FLOAT_TYPES(mu_q.scalar_type(), "gaussian_kl_forward_cuda", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto launch = [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        gaussian_kl_forward_kernel<F, scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+            mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
+            logsigma_p.data_ptr<scalar_t>(), kl.data_ptr<opmath_t>(), numel / kVec,
+            gaussian::ScaleConstants<opmath_t>::of(beta));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      gaussian::launch_by_packets<scalar_t>(numel, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &kl}, launch);
+    });
   });
   return kl;
 }
@@ -108,7 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_
                                                                                      const at::Tensor& mu_q,
                                                                                      const at::Tensor& logsigma_q,
                                                                                      const at::Tensor& mu_p,
-                                                                                     const at::Tensor& logsigma_p) {
+                                                                                     const at::Tensor& logsigma_p,
+                                                                                     int64_t scale, double beta,
+                                                                                     int64_t posterior) {
   check_dense(mu_q, "gaussian_kl");
   const c10::cuda::OptionalCUDAGuard device_guard(mu_q.device());
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
@@ -116,19 +94,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_
   const int64_t numel = mu_q.numel();
   if (numel == 0) return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  VF_DISPATCH_CUDA_FLOAT_TYPES(mu_q.scalar_type(), "gaussian_kl_backward_cuda", [&] {
-    const auto launch = [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      gaussian_kl_backward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
-          grad_kl.data_ptr<at::opmath_type<scalar_t>>(), mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(),
-          mu_p.data_ptr<scalar_t>(), logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
-          g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(), g_logsigma_p.data_ptr<scalar_t>(),
-          numel / kVec);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    gaussian::launch_by_packets<scalar_t>(
-        numel, {&grad_kl, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q, &g_logsigma_q, &g_mu_p, &g_logsigma_p},
-        launch);
+  gaussian::with_form(scale, posterior, beta, "gaussian_kl", [&](auto form) {
+    using F = decltype(form);
+    VF_DISPATCH_CUDA_FLOAT_TYPES(mu_q.scalar_type(), "gaussian_kl_backward_cuda", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto launch = [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        gaussian_kl_backward_kernel<F, scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+            grad_kl.data_ptr<opmath_t>(), mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(),
+            mu_p.data_ptr<scalar_t>(), logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
+            g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(), g_logsigma_p.data_ptr<scalar_t>(),
+            numel / kVec, gaussian::ScaleConstants<opmath_t>::of(beta));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      gaussian::launch_by_packets<scalar_t>(
+          numel, {&grad_kl, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q, &g_logsigma_q, &g_mu_p, &g_logsigma_p},
+          launch);
+    });
   });
   return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
 }

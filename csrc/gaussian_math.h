@@ -1,8 +1,9 @@
 // Math of VDVAE's diagonal-Gaussian stochastic layers, shared by the CPU and CUDA kernels.
 //
-// The rate term of the ELBO is KL(q‖p) between the posterior q = N(mu_q, exp(logsigma_q)^2) and the
-// prior p = N(mu_p, exp(logsigma_p)^2), per coordinate, as VDVAE's gaussian_analytical_kl writes it.
-// The posterior sample is reparameterized, z = mu + t·exp(logsigma)·eps, with eps from the shared
+// The rate term of the ELBO is KL(q‖p) between the posterior q = N(mu_q, sigma_q^2) and the prior
+// p = N(mu_p, sigma_p^2), per coordinate, as VDVAE's gaussian_analytical_kl writes it, with the sigmas and
+// the posterior formed from the network's outputs by one of the parametrizations below.
+// The posterior sample is reparameterized, z = mu + t·sigma·eps, with eps from the shared
 // Philox stream (philox.h) at the element's logical row-major index, so z does not depend on the
 // memory layout and backward passes regenerate eps instead of storing it.
 //
@@ -13,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "fast_math.h"
@@ -91,44 +93,265 @@ inline DenseLayout layout_of(const TensorT& t) {
   return {true, image_size, static_cast<uint32_t>(t.size(1)), static_cast<uint32_t>(t.size(2) * t.size(3))};
 }
 
-// KL(q‖p) of one coordinate: -1/2 + logsigma_p - logsigma_q + (sigma_q² + (mu_q - mu_p)²) / (2 sigma_p²),
-// in the order of the reference formula.
-template <typename T>
-VF_HOST_DEVICE T kl(T mu_q, T logsigma_q, T mu_p, T logsigma_p) {
-  const T sigma_q = exp_op(logsigma_q);
-  const T sigma_p = exp_op(logsigma_p);
-  const T diff = mu_q - mu_p;
-  return T(-0.5) + logsigma_p - logsigma_q + T(0.5) * (sigma_q * sigma_q + diff * diff) / (sigma_p * sigma_p);
-}
+// ----------------------------------------------------------------------------------------------
+// Parametrizations (reference.SCALES, POSTERIORS, KL_ESTIMATORS; the codes are their indices)
+//
+// Every op reads four inputs (a, b, mu_p, raw_p) and first forms the canonical Gaussians (mu_q, sigma_q,
+// log sigma_q, mu_p, sigma_p, log sigma_p). sigma = exp(log sigma) in every parametrization, so each output is
+// a function of (mu_q, log sigma_q, mu_p, log sigma_p) alone: its gradient w.r.t. these four (KlGrads, the
+// log sigma entries total, through sigma as well) is written once per output, and one vector-Jacobian product
+// per posterior form (input_grads) carries it back to (a, b, mu_p, raw_p). With VDVAE's parametrization (exp,
+// direct) that product multiplies by 1 and adds nothing: the arithmetic, and the bits, of the plain formulas.
+// ----------------------------------------------------------------------------------------------
 
-template <typename T>
-struct KlGrads {
-  T mu_q, logsigma_q, mu_p, logsigma_p;
+// sigma = f(raw): VDVAE's exp, or Efficient-VDVAE's gradient smoothing
+// softplus_beta(raw) = log(1 + e^(beta raw)) / beta.
+enum class Scale : int { kExp = 0, kSoftplus = 1 };
+// (a, b) is (mu_q, raw sigma_q), NVAE's residual (delta mu, raw delta sigma), or the Ladder VAE's bottom-up
+// Gaussian that precision weighting merges with the prior.
+enum class Posterior : int { kDirect = 0, kResidual = 1, kPrecisionWeighted = 2 };
+// sample_and_kl's per-image sum: the analytic KL, or log q(z) - log p(z) at the drawn z.
+enum class KlEstimator : int { kAnalytic = 0, kSampled = 1 };
+
+// One parametrization as a type, so that kernels are instantiated per parametrization and the default's loop
+// holds none of the others' code.
+template <Scale S, Posterior P = Posterior::kDirect, KlEstimator E = KlEstimator::kAnalytic>
+struct Form {
+  static constexpr Scale scale = S;
+  static constexpr Posterior posterior = P;
+  static constexpr KlEstimator estimator = E;
 };
 
-// grad·∂KL/∂(mu_q, logsigma_q, mu_p, logsigma_p):
+// Below this beta·raw = t, log softplus(t) is taken as t (reference.SOFTPLUS_LOG_LINEAR_BELOW), within e^t / 2 of
+// it, so that log sigma stays finite after softplus underflows to 0.
+constexpr double kSoftplusLogLinearBelow = -20.0;
+
+// The softplus scale's constants in the math dtype: beta, and log beta (taken once, on the host).
+template <typename T>
+struct ScaleConstants {
+  T beta, log_beta;
+
+  static ScaleConstants of(double beta) { return {static_cast<T>(beta), static_cast<T>(std::log(beta))}; }
+};
+
+// log1p in the opmath dtype, for v in [0, 1]: fast_math.h's polynomial for float, libm for double.
+VF_HOST_DEVICE float log1p_op(float v) { return log_or_log1p_poly(false, v); }
+VF_HOST_DEVICE double log1p_op(double v) { return std::log1p(v); }
+
+// log of a softplus value where it is used (beta·raw >= -20: positive and normal), +inf and NaN passing through.
+// The polynomial, not log_poly, and the selects below on bits: gcc moves an expensive value that only one arm of
+// a float select uses into a branch, and a loop with a branch does not vectorize.
+VF_HOST_DEVICE float select(bool take_first, float first, float second) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(take_first);
+  return bits_float((float_bits(first) & mask) | (float_bits(second) & ~mask));
+}
+VF_HOST_DEVICE double select(bool take_first, double first, double second) { return take_first ? first : second; }
+VF_HOST_DEVICE float log_softplus(float softplus) {
+  return select(softplus < std::numeric_limits<float>::infinity(), log_positive_poly(softplus), softplus);
+}
+VF_HOST_DEVICE double log_softplus(double softplus) { return std::log(softplus); }
+
+// sigma = f(raw), log sigma, and d log sigma / d raw.
+template <typename T>
+struct Scaled {
+  T sigma, log_sigma, dlog;
+};
+
+// softplus(t) = max(t, 0) + log1p(e^-|t|) (torch's t for t > 20 to the rounding); d softplus/dt = sigmoid(t)
+// from the same e^-|t|. d log sigma/d raw = beta sigmoid(t) / softplus(t), and beta on the linear branch.
+template <Scale S, typename T>
+VF_HOST_DEVICE Scaled<T> scaled(T raw, const ScaleConstants<T>& k) {
+  if constexpr (S == Scale::kExp) {
+    return {exp_op(raw), raw, T(1)};
+  } else {
+    const T t = k.beta * raw;
+    const T e = exp_op(t < T(0) ? t : -t);
+    const T softplus = (t > T(0) ? t : T(0)) + log1p_op(e);
+    const T inv = T(1) / (T(1) + e);
+    const T sigmoid = t < T(0) ? e * inv : inv;
+    const bool linear = t < T(kSoftplusLogLinearBelow);
+    return {softplus / k.beta, select(linear, t, log_softplus(softplus)) - k.log_beta,
+            linear ? k.beta : k.beta * sigmoid / softplus};
+  }
+}
+
+// The canonical Gaussians of one element and what the input VJP needs of the posterior form.
+template <typename T>
+struct Gaussians {
+  T mu_q, sigma_q, log_sigma_q, mu_p, sigma_p, log_sigma_p;
+  T dlog_b, dlog_p;              // d log sigma / d raw of b and of raw_p
+  T weight_b, weight_p, spread;  // precision weighting: mu_q = w_b a + w_p mu_p; spread = 2 w_b w_p (a - mu_p)
+};
+
+template <typename F, typename T>
+VF_HOST_DEVICE Gaussians<T> gaussians(T a, T b, T mu_p, T raw_p, const ScaleConstants<T>& k) {
+  const Scaled<T> s = scaled<F::scale>(b, k), p = scaled<F::scale>(raw_p, k);
+  Gaussians<T> g{};
+  g.mu_p = mu_p;
+  g.sigma_p = p.sigma;
+  g.log_sigma_p = p.log_sigma;
+  g.dlog_b = s.dlog;
+  g.dlog_p = p.dlog;
+  if constexpr (F::posterior == Posterior::kDirect) {
+    g.mu_q = a;
+    g.sigma_q = s.sigma;
+    g.log_sigma_q = s.log_sigma;
+  } else if constexpr (F::posterior == Posterior::kResidual) {
+    g.mu_q = mu_p + a;
+    g.sigma_q = p.sigma * s.sigma;
+    g.log_sigma_q = p.log_sigma + s.log_sigma;
+  } else {
+    // 1/sigma_q^2 = 1/s^2 + 1/sigma_p^2 (Ladder VAE eq. 21) in log space, where no variance can underflow or
+    // overflow: with d = log s - log sigma_p and r = e^(-2|d|) the smaller variance over the larger,
+    // log sigma_q = min(log s, log sigma_p) - log1p(r)/2, and the weights are 1/(1 + r) and r/(1 + r).
+    const T d = s.log_sigma - p.log_sigma;
+    const bool bottom_up_sharper = d < T(0);
+    const T r = exp_op(T(-2) * (bottom_up_sharper ? -d : d));
+    const T inv = T(1) / (T(1) + r);
+    g.weight_b = bottom_up_sharper ? inv : r * inv;
+    g.weight_p = bottom_up_sharper ? r * inv : inv;
+    g.mu_q = g.weight_b * a + g.weight_p * mu_p;
+    g.log_sigma_q = (bottom_up_sharper ? s.log_sigma : p.log_sigma) - T(0.5) * log1p_op(r);
+    g.sigma_q = exp_op(g.log_sigma_q);
+    g.spread = T(2) * g.weight_b * g.weight_p * (a - mu_p);
+  }
+  return g;
+}
+
+// A gradient w.r.t. (mu_q, log sigma_q, mu_p, log sigma_p), log sigma entries total (through sigma too).
+template <typename T>
+struct KlGrads {
+  T mu_q, log_sigma_q, mu_p, log_sigma_p;
+};
+
+// A gradient w.r.t. the ops' four inputs.
+template <typename T>
+struct InputGrads {
+  T a, b, mu_p, raw_p;
+};
+
+// The posterior form's vector-Jacobian product: a canonical gradient back to (a, b, mu_p, raw_p).
+// residual: mu_q = mu_p + a, log sigma_q = log sigma_p + log s. precision weighting: d mu_q/d a = w_b,
+// d mu_q/d mu_p = w_p, d mu_q/d log s = -spread = -d mu_q/d log sigma_p, d log sigma_q/d log s = w_b and
+// d log sigma_q/d log sigma_p = w_p.
+template <typename F, typename T>
+VF_HOST_DEVICE InputGrads<T> input_grads(const KlGrads<T>& c, const Gaussians<T>& g) {
+  if constexpr (F::posterior == Posterior::kDirect) {
+    return {c.mu_q, c.log_sigma_q * g.dlog_b, c.mu_p, c.log_sigma_p * g.dlog_p};
+  } else if constexpr (F::posterior == Posterior::kResidual) {
+    return {c.mu_q, c.log_sigma_q * g.dlog_b, c.mu_p + c.mu_q, (c.log_sigma_p + c.log_sigma_q) * g.dlog_p};
+  } else {
+    return {c.mu_q * g.weight_b, (c.log_sigma_q * g.weight_b - c.mu_q * g.spread) * g.dlog_b,
+            c.mu_p + c.mu_q * g.weight_p, (c.log_sigma_p + c.log_sigma_q * g.weight_p + c.mu_q * g.spread) * g.dlog_p};
+  }
+}
+
+// KL(q‖p) of one coordinate: -1/2 + log sigma_p - log sigma_q + (sigma_q² + (mu_q - mu_p)²) / (2 sigma_p²).
+// The direct posterior keeps the reference formula's order of operations (VDVAE's bits); the combined ones take
+// the ratios sigma_q/sigma_p and (mu_q - mu_p)/sigma_p instead, as their sigma_q = sigma_p·f(b) makes sigma_q²
+// overflow in float (log sigma_p = log f(b) = 30) where the ratio, the KL's gradient and the reference's stay finite.
+template <typename F, typename T>
+VF_HOST_DEVICE T analytic_kl(const Gaussians<T>& g) {
+  const T diff = g.mu_q - g.mu_p;
+  if constexpr (F::posterior == Posterior::kDirect) {
+    return T(-0.5) + g.log_sigma_p - g.log_sigma_q +
+           T(0.5) * (g.sigma_q * g.sigma_q + diff * diff) / (g.sigma_p * g.sigma_p);
+  } else {
+    const T ratio = g.sigma_q / g.sigma_p, shift = diff / g.sigma_p;
+    return T(-0.5) + g.log_sigma_p - g.log_sigma_q + T(0.5) * (ratio * ratio + shift * shift);
+  }
+}
+
+// grad·∂KL/∂(mu_q, log sigma_q, mu_p, log sigma_p):
 // (mu_q - mu_p)/sigma_p², sigma_q²/sigma_p² - 1, -(mu_q - mu_p)/sigma_p², 1 - (sigma_q² + (mu_q - mu_p)²)/sigma_p².
-template <typename T>
-VF_HOST_DEVICE KlGrads<T> kl_grads(T grad, T mu_q, T logsigma_q, T mu_p, T logsigma_p) {
-  const T sigma_q = exp_op(logsigma_q);
-  const T sigma_p = exp_op(logsigma_p);
-  const T var_q = sigma_q * sigma_q;
-  const T diff = mu_q - mu_p;
-  const T grad_over_var_p = grad / (sigma_p * sigma_p);
-  const T grad_mu = grad_over_var_p * diff;
-  return {grad_mu, grad_over_var_p * var_q - grad, -grad_mu, grad - grad_over_var_p * (var_q + diff * diff)};
+template <typename F, typename T>
+VF_HOST_DEVICE KlGrads<T> analytic_kl_grads(T grad, const Gaussians<T>& g) {
+  const T diff = g.mu_q - g.mu_p;
+  if constexpr (F::posterior == Posterior::kDirect) {
+    const T var_q = g.sigma_q * g.sigma_q;
+    const T grad_over_var_p = grad / (g.sigma_p * g.sigma_p);
+    const T grad_mu = grad_over_var_p * diff;
+    return {grad_mu, grad_over_var_p * var_q - grad, -grad_mu, grad - grad_over_var_p * (var_q + diff * diff)};
+  } else {
+    const T ratio = g.sigma_q / g.sigma_p, shift = diff / g.sigma_p;
+    const T grad_mu = grad * shift / g.sigma_p;
+    const T grad_ratio2 = grad * (ratio * ratio);
+    return {grad_mu, grad_ratio2 - grad, -grad_mu, grad - grad_ratio2 - grad * (shift * shift)};
+  }
 }
 
-// The reparameterized sample z = mu + (t·sigma)·eps, in the reference's order of operations.
+// The posterior sample z = mu_q + sigma_q·eps.
 template <typename T>
-VF_HOST_DEVICE T sample(T mu, T logsigma, T temperature, float eps) {
-  return mu + temperature * exp_op(logsigma) * static_cast<T>(eps);
+VF_HOST_DEVICE T posterior_sample(const Gaussians<T>& g, float eps) {
+  return g.mu_q + g.sigma_q * static_cast<T>(eps);
 }
 
-// grad_z·∂z/∂logsigma = grad_z·eps·t·sigma (∂z/∂mu = 1).
+// log q(z) - log p(z) at z = mu_q + sigma_q·eps: log sigma_p - log sigma_q + ((z - mu_p)/sigma_p)²/2 - eps²/2.
 template <typename T>
-VF_HOST_DEVICE T sample_grad_logsigma(T grad_z, T logsigma, T temperature, float eps) {
-  return grad_z * static_cast<T>(eps) * temperature * exp_op(logsigma);
+VF_HOST_DEVICE T sampled_kl(const Gaussians<T>& g, T z, float eps) {
+  const T u = (z - g.mu_p) / g.sigma_p;
+  const T e = static_cast<T>(eps);
+  return g.log_sigma_p - g.log_sigma_q + T(0.5) * u * u - T(0.5) * e * e;
+}
+
+template <typename T>
+struct SampleAndKl {
+  T z, kl;
+};
+
+template <typename F, typename T>
+VF_HOST_DEVICE SampleAndKl<T> sample_and_kl(T a, T b, T mu_p, T raw_p, float eps, const ScaleConstants<T>& k) {
+  const Gaussians<T> g = gaussians<F>(a, b, mu_p, raw_p, k);
+  const T z = posterior_sample(g, eps);
+  if constexpr (F::estimator == KlEstimator::kAnalytic) {
+    return {z, analytic_kl<F>(g)};
+  } else {
+    return {z, sampled_kl(g, z, eps)};
+  }
+}
+
+// grad_z·∂z + grad_kl·∂KL w.r.t. the canonical values, eps fixed: ∂z/∂mu_q = 1, ∂z/∂log sigma_q = sigma_q·eps.
+// The sampled estimate with u = (z - mu_p)/sigma_p adds grad_kl·u/sigma_p to the gradient reaching z, and
+// ∂/∂(log sigma_q, mu_p, log sigma_p) = (-1, -u/sigma_p, 1 - u²) besides.
+template <typename F, typename T>
+VF_HOST_DEVICE InputGrads<T> sample_and_kl_grads(T grad_z, T grad_kl, T a, T b, T mu_p, T raw_p, float eps,
+                                                 const ScaleConstants<T>& k) {
+  const Gaussians<T> g = gaussians<F>(a, b, mu_p, raw_p, k);
+  const T e = static_cast<T>(eps);
+  if constexpr (F::estimator == KlEstimator::kAnalytic) {
+    const KlGrads<T> d = analytic_kl_grads<F>(grad_kl, g);
+    return input_grads<F>(KlGrads<T>{grad_z + d.mu_q, grad_z * e * g.sigma_q + d.log_sigma_q, d.mu_p, d.log_sigma_p},
+                          g);
+  } else {
+    const T u = (posterior_sample(g, eps) - g.mu_p) / g.sigma_p;
+    const T kl_z = grad_kl * u / g.sigma_p;
+    const T z_total = grad_z + kl_z;
+    return input_grads<F>(KlGrads<T>{z_total, z_total * e * g.sigma_q - grad_kl, -kl_z, grad_kl * (T(1) - u * u)}, g);
+  }
+}
+
+template <typename F, typename T>
+VF_HOST_DEVICE T gaussian_kl(T a, T b, T mu_p, T raw_p, const ScaleConstants<T>& k) {
+  return analytic_kl<F>(gaussians<F>(a, b, mu_p, raw_p, k));
+}
+
+template <typename F, typename T>
+VF_HOST_DEVICE InputGrads<T> gaussian_kl_grads(T grad, T a, T b, T mu_p, T raw_p, const ScaleConstants<T>& k) {
+  const Gaussians<T> g = gaussians<F>(a, b, mu_p, raw_p, k);
+  return input_grads<F>(analytic_kl_grads<F>(grad, g), g);
+}
+
+// Prior sampling at temperature t: z = mu + t·f(raw)·eps, in the reference's order of operations.
+template <typename F, typename T>
+VF_HOST_DEVICE T sample_gaussian(T mu, T raw, T temperature, float eps, const ScaleConstants<T>& k) {
+  return mu + temperature * scaled<F::scale>(raw, k).sigma * static_cast<T>(eps);
+}
+
+// grad_z·∂z/∂raw = grad_z·eps·t·sigma·(d log sigma/d raw) (∂z/∂mu = 1).
+template <typename F, typename T>
+VF_HOST_DEVICE T sample_gaussian_grad_raw(T grad_z, T raw, T temperature, float eps, const ScaleConstants<T>& k) {
+  const Scaled<T> s = scaled<F::scale>(raw, k);
+  return grad_z * static_cast<T>(eps) * temperature * s.sigma * s.dlog;
 }
 
 // Aligned packet of N elements: one vector load or store on the GPU.

@@ -1,5 +1,6 @@
 // CPU kernels of sample_and_kl: one fused pass draws VDVAE's posterior sample z = mu_q + sigma_q·eps and
-// sums the rate KL(q‖p) per image; backward regenerates eps from (seed, logical index).
+// sums the rate KL(q‖p) (or its sampled estimate) per image, in every parametrization (gaussian_math.h, one
+// instantiation of the loops each); backward regenerates eps from (seed, logical index).
 //
 // Every image is a contiguous block of memory in both layouts, cut into fixed chunks of kChunk elements.
 // A chunk's KL partial is summed in a fixed order (per-lane tile sums, then double), and the partials
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "gaussian_math.h"
+#include "gaussian_parametrization.h"
 #include "kernel_checks.h"
 
 namespace vdvae_fast {
@@ -60,36 +62,39 @@ double tile_sum(T* values, int count) {
 // The math of one tile on opmath arrays. Restrict pointers are what lets gcc vectorize: through the
 // kernels' lambda captures it would have to prove that the arrays do not overlap, and gives up.
 // VF_VECTOR_LOOP inlines the math functions into the loop.
-template <typename T>
-VF_VECTOR_LOOP void forward_tile(const T* __restrict__ mu_q, const T* __restrict__ logsigma_q,
-                                 const T* __restrict__ mu_p, const T* __restrict__ logsigma_p,
-                                 const float* __restrict__ eps, T* __restrict__ z, T* __restrict__ kl, int count) {
+template <typename F, typename T>
+VF_VECTOR_LOOP void forward_tile(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ mu_p,
+                                 const T* __restrict__ raw_p, const float* __restrict__ eps, T* __restrict__ z,
+                                 T* __restrict__ kl, int count, gaussian::ScaleConstants<T> constants) {
   for (int k = 0; k < count; ++k) {
-    z[k] = gaussian::sample(mu_q[k], logsigma_q[k], T(1), eps[k]);
-    kl[k] = gaussian::kl(mu_q[k], logsigma_q[k], mu_p[k], logsigma_p[k]);
+    const gaussian::SampleAndKl<T> out = gaussian::sample_and_kl<F>(a[k], b[k], mu_p[k], raw_p[k], eps[k], constants);
+    z[k] = out.z;
+    kl[k] = out.kl;
   }
 }
 
-template <typename T>
-VF_VECTOR_LOOP void backward_tile(const T* __restrict__ grad_z, T grad_kl, const T* __restrict__ mu_q,
-                                  const T* __restrict__ logsigma_q, const T* __restrict__ mu_p,
-                                  const T* __restrict__ logsigma_p, const float* __restrict__ eps,
-                                  T* __restrict__ g_mu_q, T* __restrict__ g_logsigma_q, T* __restrict__ g_mu_p,
-                                  T* __restrict__ g_logsigma_p, int count) {
+template <typename F, typename T>
+VF_VECTOR_LOOP void backward_tile(const T* __restrict__ grad_z, T grad_kl, const T* __restrict__ a,
+                                  const T* __restrict__ b, const T* __restrict__ mu_p, const T* __restrict__ raw_p,
+                                  const float* __restrict__ eps, T* __restrict__ g_a, T* __restrict__ g_b,
+                                  T* __restrict__ g_mu_p, T* __restrict__ g_raw_p, int count,
+                                  gaussian::ScaleConstants<T> constants) {
   for (int k = 0; k < count; ++k) {
-    const gaussian::KlGrads<T> d = gaussian::kl_grads(grad_kl, mu_q[k], logsigma_q[k], mu_p[k], logsigma_p[k]);
-    g_mu_q[k] = grad_z[k] + d.mu_q;
-    g_logsigma_q[k] = gaussian::sample_grad_logsigma(grad_z[k], logsigma_q[k], T(1), eps[k]) + d.logsigma_q;
+    const gaussian::InputGrads<T> d =
+        gaussian::sample_and_kl_grads<F>(grad_z[k], grad_kl, a[k], b[k], mu_p[k], raw_p[k], eps[k], constants);
+    g_a[k] = d.a;
+    g_b[k] = d.b;
     g_mu_p[k] = d.mu_p;
-    g_logsigma_p[k] = d.logsigma_p;
+    g_raw_p[k] = d.raw_p;
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename F>
 void forward_parallel(const scalar_t* mu_q, const scalar_t* logsigma_q, const scalar_t* mu_p,
                       const scalar_t* logsigma_p, scalar_t* z, at::opmath_type<scalar_t>* kl, int64_t batch,
-                      Chunks chunks, gaussian::DenseLayout layout, uint64_t seed) {
+                      Chunks chunks, gaussian::DenseLayout layout, uint64_t seed, double beta) {
   using opmath_t = at::opmath_type<scalar_t>;
+  const auto constants = gaussian::ScaleConstants<opmath_t>::of(beta);
   std::vector<double> partial(chunks.count(batch), 0.0);
   at::parallel_for(0, chunks.count(batch), chunks.grain(), [&](int64_t first, int64_t last) {
     alignas(64) float eps[kTile];
@@ -102,9 +107,9 @@ void forward_parallel(const scalar_t* mu_q, const scalar_t* logsigma_q, const sc
       for (int64_t start = chunks.begin(item); start < end; start += kTile) {
         const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
         gaussian::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
-        forward_tile(tile.load(mu_q + start, 0, count), tile.load(logsigma_q + start, 1, count),
-                     tile.load(mu_p + start, 2, count), tile.load(logsigma_p + start, 3, count), eps,
-                     tile.output(z + start, 4), kl_tile, count);
+        forward_tile<F>(tile.load(mu_q + start, 0, count), tile.load(logsigma_q + start, 1, count),
+                        tile.load(mu_p + start, 2, count), tile.load(logsigma_p + start, 3, count), eps,
+                        tile.output(z + start, 4), kl_tile, count, constants);
         tile.store(z + start, 4, count);
         sum += tile_sum(kl_tile, count);
       }
@@ -118,12 +123,13 @@ void forward_parallel(const scalar_t* mu_q, const scalar_t* logsigma_q, const sc
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename F>
 void backward_parallel(const scalar_t* grad_z, const at::opmath_type<scalar_t>* grad_kl, const scalar_t* mu_q,
                        const scalar_t* logsigma_q, const scalar_t* mu_p, const scalar_t* logsigma_p, scalar_t* g_mu_q,
                        scalar_t* g_logsigma_q, scalar_t* g_mu_p, scalar_t* g_logsigma_p, int64_t batch, Chunks chunks,
-                       gaussian::DenseLayout layout, uint64_t seed) {
+                       gaussian::DenseLayout layout, uint64_t seed, double beta) {
   using opmath_t = at::opmath_type<scalar_t>;
+  const auto constants = gaussian::ScaleConstants<opmath_t>::of(beta);
   at::parallel_for(0, chunks.count(batch), chunks.grain(), [&](int64_t first, int64_t last) {
     alignas(64) float eps[kTile];
     alignas(64) uint32_t index[kTile];
@@ -133,11 +139,11 @@ void backward_parallel(const scalar_t* grad_z, const at::opmath_type<scalar_t>* 
       for (int64_t start = chunks.begin(item); start < end; start += kTile) {
         const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
         gaussian::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
-        backward_tile(tile.load(grad_z + start, 0, count), grad_kl[chunks.image(item)],
-                      tile.load(mu_q + start, 1, count), tile.load(logsigma_q + start, 2, count),
-                      tile.load(mu_p + start, 3, count), tile.load(logsigma_p + start, 4, count), eps,
-                      tile.output(g_mu_q + start, 5), tile.output(g_logsigma_q + start, 6),
-                      tile.output(g_mu_p + start, 7), tile.output(g_logsigma_p + start, 8), count);
+        backward_tile<F>(tile.load(grad_z + start, 0, count), grad_kl[chunks.image(item)],
+                         tile.load(mu_q + start, 1, count), tile.load(logsigma_q + start, 2, count),
+                         tile.load(mu_p + start, 3, count), tile.load(logsigma_p + start, 4, count), eps,
+                         tile.output(g_mu_q + start, 5), tile.output(g_logsigma_q + start, 6),
+                         tile.output(g_mu_p + start, 7), tile.output(g_logsigma_p + start, 8), count, constants);
         tile.store(g_mu_q + start, 5, count);
         tile.store(g_logsigma_q + start, 6, count);
         tile.store(g_mu_p + start, 7, count);
@@ -149,34 +155,42 @@ void backward_parallel(const scalar_t* grad_z, const at::opmath_type<scalar_t>* 
 
 std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cpu(const at::Tensor& mu_q, const at::Tensor& logsigma_q,
                                                              const at::Tensor& mu_p, const at::Tensor& logsigma_p,
-                                                             int64_t seed) {
+                                                             int64_t seed, int64_t scale, double beta,
+                                                             int64_t posterior, int64_t kl_estimator) {
   check_dense(mu_q, "sample_and_kl");
   const int64_t batch = mu_q.size(0);
   at::Tensor z = at::empty_like(mu_q);
   at::Tensor kl =
       at::empty({batch}, mu_q.options().dtype(mu_q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_forward_cpu", [&] {
-    forward_parallel<scalar_t>(mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
-                               logsigma_p.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-                               kl.data_ptr<at::opmath_type<scalar_t>>(), batch, chunks_of(mu_q),
-                               gaussian::layout_of(mu_q), static_cast<uint64_t>(seed));
+  gaussian::with_form(scale, posterior, kl_estimator, beta, "sample_and_kl", [&](auto form) {
+    using F = decltype(form);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_forward_cpu", [&] {
+      forward_parallel<scalar_t, F>(mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(),
+                                    mu_p.data_ptr<scalar_t>(), logsigma_p.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                                    kl.data_ptr<at::opmath_type<scalar_t>>(), batch, chunks_of(mu_q),
+                                    gaussian::layout_of(mu_q), static_cast<uint64_t>(seed), beta);
+    });
   });
   return {z, kl};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backward_cpu(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu_q, const at::Tensor& logsigma_q,
-    const at::Tensor& mu_p, const at::Tensor& logsigma_p, int64_t seed) {
+    const at::Tensor& mu_p, const at::Tensor& logsigma_p, int64_t seed, int64_t scale, double beta, int64_t posterior,
+    int64_t kl_estimator) {
   check_dense(mu_q, "sample_and_kl");
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
   at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_backward_cpu", [&] {
-    backward_parallel<scalar_t>(grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<at::opmath_type<scalar_t>>(),
-                                mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
-                                logsigma_p.data_ptr<scalar_t>(), g_mu_q.data_ptr<scalar_t>(),
-                                g_logsigma_q.data_ptr<scalar_t>(), g_mu_p.data_ptr<scalar_t>(),
-                                g_logsigma_p.data_ptr<scalar_t>(), mu_q.size(0), chunks_of(mu_q),
-                                gaussian::layout_of(mu_q), static_cast<uint64_t>(seed));
+  gaussian::with_form(scale, posterior, kl_estimator, beta, "sample_and_kl", [&](auto form) {
+    using F = decltype(form);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_backward_cpu", [&] {
+      backward_parallel<scalar_t, F>(grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<at::opmath_type<scalar_t>>(),
+                                     mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(),
+                                     mu_p.data_ptr<scalar_t>(), logsigma_p.data_ptr<scalar_t>(),
+                                     g_mu_q.data_ptr<scalar_t>(), g_logsigma_q.data_ptr<scalar_t>(),
+                                     g_mu_p.data_ptr<scalar_t>(), g_logsigma_p.data_ptr<scalar_t>(), mu_q.size(0),
+                                     chunks_of(mu_q), gaussian::layout_of(mu_q), static_cast<uint64_t>(seed), beta);
+    });
   });
   return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
 }

@@ -1,5 +1,6 @@
-// CUDA kernels of sample_gaussian: VDVAE's prior sampling at temperature t, z = mu + t·sigma·eps, and its
-// gradients. eps comes from (seed, logical index) in forward and is regenerated in backward.
+// CUDA kernels of sample_gaussian: VDVAE's prior sampling at temperature t, z = mu + t·sigma·eps with
+// sigma = exp(raw) or softplus_beta(raw), and its gradients (per-packet bodies in gaussian_packets.h). eps comes
+// from (seed, logical index) in forward and is regenerated in backward.
 //
 // Grid-stride loops over flat memory, 16-byte packets when every pointer is aligned and the size divides.
 
@@ -16,6 +17,8 @@
 #include <type_traits>
 
 #include "gaussian_cuda.cuh"
+#include "gaussian_packets.h"
+#include "gaussian_parametrization.h"
 
 namespace vdvae_fast {
 namespace {
@@ -23,59 +26,33 @@ namespace {
 using gaussian::grid_for;
 using gaussian::kThreads;
 
-template <typename scalar_t, int kVec>
+template <typename F, typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     sample_gaussian_forward_kernel(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logsigma,
                                    scalar_t* __restrict__ z, int64_t packets, at::opmath_type<scalar_t> temperature,
-                                   gaussian::DenseLayout layout, uint64_t seed) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using Packet = gaussian::Packet<scalar_t, kVec>;
+                                   gaussian::DenseLayout layout, uint64_t seed,
+                                   gaussian::ScaleConstants<at::opmath_type<scalar_t>> constants) {
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
        p += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const Packet m = reinterpret_cast<const Packet*>(mu)[p];
-    const Packet ls = reinterpret_cast<const Packet*>(logsigma)[p];
-    Packet out;
-    float eps[kVec];
-    gaussian::packet_eps(eps, seed, layout, static_cast<uint32_t>(p * kVec),
-                         [&](int v) { return layout.logical_index(static_cast<uint32_t>(p * kVec + v)); });
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      out.v[v] = static_cast<scalar_t>(
-          gaussian::sample(static_cast<opmath_t>(m.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps[v]));
-    }
-    reinterpret_cast<Packet*>(z)[p] = out;
+    gaussian::sample_gaussian_forward_packet<F, kVec>(mu, logsigma, z, p, temperature, layout, seed, constants);
   }
 }
 
-// ∂z/∂mu = 1: grad_mu is grad_z itself.
-template <typename scalar_t, int kVec>
+template <typename F, typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     sample_gaussian_backward_kernel(const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ logsigma,
                                     scalar_t* __restrict__ g_mu, scalar_t* __restrict__ g_logsigma, int64_t packets,
                                     at::opmath_type<scalar_t> temperature, gaussian::DenseLayout layout,
-                                    uint64_t seed) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using Packet = gaussian::Packet<scalar_t, kVec>;
+                                    uint64_t seed, gaussian::ScaleConstants<at::opmath_type<scalar_t>> constants) {
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
        p += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const Packet gz = reinterpret_cast<const Packet*>(grad_z)[p];
-    const Packet ls = reinterpret_cast<const Packet*>(logsigma)[p];
-    Packet out;
-    float eps[kVec];
-    gaussian::packet_eps(eps, seed, layout, static_cast<uint32_t>(p * kVec),
-                         [&](int v) { return layout.logical_index(static_cast<uint32_t>(p * kVec + v)); });
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      out.v[v] = static_cast<scalar_t>(gaussian::sample_grad_logsigma(
-          static_cast<opmath_t>(gz.v[v]), static_cast<opmath_t>(ls.v[v]), temperature, eps[v]));
-    }
-    reinterpret_cast<Packet*>(g_mu)[p] = gz;
-    reinterpret_cast<Packet*>(g_logsigma)[p] = out;
+    gaussian::sample_gaussian_backward_packet<F, kVec>(grad_z, logsigma, g_mu, g_logsigma, p, temperature, layout, seed,
+                                                       constants);
   }
 }
 
 at::Tensor sample_gaussian_forward_cuda(const at::Tensor& mu, const at::Tensor& logsigma, double temperature,
-                                        int64_t seed) {
+                                        int64_t seed, int64_t scale, double beta) {
   check_dense(mu, "sample_gaussian");
   const c10::cuda::OptionalCUDAGuard device_guard(mu.device());
   at::Tensor z = at::empty_like(mu);
@@ -83,23 +60,27 @@ at::Tensor sample_gaussian_forward_cuda(const at::Tensor& mu, const at::Tensor& 
   if (numel == 0) return z;
   const gaussian::DenseLayout layout = gaussian::layout_of(mu);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  VF_DISPATCH_CUDA_FLOAT_TYPES(mu.scalar_type(), "sample_gaussian_forward_cuda", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const auto launch = [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      sample_gaussian_forward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
-          mu.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), numel / kVec,
-          static_cast<opmath_t>(temperature), layout, static_cast<uint64_t>(seed));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    gaussian::launch_by_packets<scalar_t>(numel, {&mu, &logsigma, &z}, launch);
+  gaussian::with_form(scale, beta, "sample_gaussian", [&](auto form) {
+    using F = decltype(form);
+    VF_DISPATCH_CUDA_FLOAT_TYPES(mu.scalar_type(), "sample_gaussian_forward_cuda", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto launch = [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        sample_gaussian_forward_kernel<F, scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+            mu.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), numel / kVec,
+            static_cast<opmath_t>(temperature), layout, static_cast<uint64_t>(seed),
+            gaussian::ScaleConstants<opmath_t>::of(beta));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      gaussian::launch_by_packets<scalar_t>(numel, {&mu, &logsigma, &z}, launch);
+    });
   });
   return z;
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cuda(const at::Tensor& grad_z, const at::Tensor& mu,
                                                                  const at::Tensor& logsigma, double temperature,
-                                                                 int64_t seed) {
+                                                                 int64_t seed, int64_t scale, double beta) {
   check_dense(mu, "sample_gaussian");
   const c10::cuda::OptionalCUDAGuard device_guard(mu.device());
   at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(logsigma);
@@ -107,17 +88,20 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cuda(const at::Tenso
   if (numel == 0) return {g_mu, g_logsigma};
   const gaussian::DenseLayout layout = gaussian::layout_of(mu);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  VF_DISPATCH_CUDA_FLOAT_TYPES(mu.scalar_type(), "sample_gaussian_backward_cuda", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const auto launch = [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      sample_gaussian_backward_kernel<scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
-          grad_z.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), g_mu.data_ptr<scalar_t>(),
-          g_logsigma.data_ptr<scalar_t>(), numel / kVec, static_cast<opmath_t>(temperature), layout,
-          static_cast<uint64_t>(seed));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    gaussian::launch_by_packets<scalar_t>(numel, {&grad_z, &logsigma, &g_mu, &g_logsigma}, launch);
+  gaussian::with_form(scale, beta, "sample_gaussian", [&](auto form) {
+    using F = decltype(form);
+    VF_DISPATCH_CUDA_FLOAT_TYPES(mu.scalar_type(), "sample_gaussian_backward_cuda", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto launch = [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        sample_gaussian_backward_kernel<F, scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+            grad_z.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), g_mu.data_ptr<scalar_t>(),
+            g_logsigma.data_ptr<scalar_t>(), numel / kVec, static_cast<opmath_t>(temperature), layout,
+            static_cast<uint64_t>(seed), gaussian::ScaleConstants<opmath_t>::of(beta));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      gaussian::launch_by_packets<scalar_t>(numel, {&grad_z, &logsigma, &g_mu, &g_logsigma}, launch);
+    });
   });
   return {g_mu, g_logsigma};
 }

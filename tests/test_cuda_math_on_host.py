@@ -1,16 +1,21 @@
-"""The CUDA kernels' per-pixel bodies, run on the host, against the eager reference.
+"""The CUDA kernels' per-pixel and per-packet bodies, run on the host, against the eager reference.
 
 csrc/cuda_bodies_on_host.cpp loops the very `__host__ __device__` functions the CUDA kernels call per pixel
 (dmol_math.h's dmol_nll_forward_pixel, dmol_nll_backward_pixel, dmol_sample_pixel) over CPU tensors, so the
 kernels' math is checked without a GPU; only their indexing and the MUFU math functions wait for one.
 M = 10 runs the unrolled instantiation the kernels use for it, the other M the run-time loop.
+The Gaussian kernels' per-packet bodies (gaussian_packets.h) run the same way in every parametrization, with
+packets of 4 floats (the kernels' 16 bytes) and of single elements, eps and its indexing included.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
+from tests.op_cases import grad_tolerance, tolerance
 from vdvae_fast import ops, reference
 
 if ops._EXTENSION is None:
@@ -88,3 +93,99 @@ def test_bodies_refuse_other_dtypes_with_a_clear_error() -> None:
     logits64, x64 = _case(1, 1, 2, 2, 8, seed=0)
     with pytest.raises(RuntimeError, match="float32 CPU"):
         BODIES.dmol_nll_forward_cuda_body_on_host(logits64, x64, 8, *EXP_SCALES)
+
+
+# --------------------------------------------------------------------------------------------
+# The Gaussian kernels' packet bodies
+# --------------------------------------------------------------------------------------------
+
+GAUSSIAN_FORMS = list(itertools.product(range(len(reference.SCALES)), range(len(reference.POSTERIORS))))
+BETA = reference.SOFTPLUS_BETA
+
+
+def _gaussian_params(fmt: torch.memory_format, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(2, 3, 4, 5, generator=gen) * 0.5).contiguous(memory_format=fmt) for _ in range(4)]
+
+
+def _names(scale: int, posterior: int, estimator: int = 0) -> dict:
+    return {
+        "scale": reference.SCALES[scale],
+        "beta": BETA,
+        "posterior": reference.POSTERIORS[posterior],
+        "kl_estimator": reference.KL_ESTIMATORS[estimator],
+    }
+
+
+def _truth_with_grads(function, inputs, upstreams):
+    leaves = [t.double().requires_grad_(True) for t in inputs]
+    outputs = function(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    loss = sum((o * u.double()).sum() for o, u in zip(outputs, upstreams, strict=True))
+    return [o.detach() for o in outputs], list(torch.autograd.grad(loss, leaves))
+
+
+def _assert_float64_close(values, truths, grads, truth_grads) -> None:
+    for value, truth in zip(values, truths, strict=True):
+        torch.testing.assert_close(value.double(), truth, rtol=2e-5, atol=1e-4 if value.dim() == 1 else 2e-6)
+    for grad, truth in zip(grads, truth_grads, strict=True):
+        torch.testing.assert_close(grad.double(), truth, **grad_tolerance(torch.float32, truth))
+
+
+LAYOUT_IDS = ["contiguous", "channels_last"]
+
+
+@pytest.mark.parametrize("vec", [4, 1])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=LAYOUT_IDS)
+@pytest.mark.parametrize("estimator", range(len(reference.KL_ESTIMATORS)))
+@pytest.mark.parametrize("scale,posterior", GAUSSIAN_FORMS)
+def test_sample_and_kl_packet_bodies_match_the_float64_reference(scale, posterior, estimator, fmt, vec) -> None:
+    params = _gaussian_params(fmt, seed=scale + 3 * posterior)
+    codes = (scale, BETA, posterior, estimator)
+    grad_z = torch.randn(params[0].shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=fmt)
+    grad_kl = torch.tensor([0.7, 1.3])
+    z, kl = BODIES.sample_and_kl_forward_cuda_body_on_host(*params, 42, *codes, vec)
+    grads = BODIES.sample_and_kl_backward_cuda_body_on_host(grad_z, grad_kl, *params, 42, *codes, vec)
+    names = _names(scale, posterior, estimator)
+    truths, truth_grads = _truth_with_grads(
+        lambda *p: reference.sample_and_kl(*p, **names, seed=42), params, (grad_z, grad_kl)
+    )
+    assert z.stride() == params[0].stride()
+    _assert_float64_close((z, kl), truths, grads, truth_grads)
+
+
+@pytest.mark.parametrize("vec", [4, 1])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=LAYOUT_IDS)
+@pytest.mark.parametrize("scale,posterior", GAUSSIAN_FORMS)
+def test_gaussian_kl_packet_bodies_match_the_float64_reference(scale, posterior, fmt, vec) -> None:
+    params = _gaussian_params(fmt, seed=7 + scale + 3 * posterior)
+    upstream = torch.randn(params[0].shape, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=fmt)
+    kl = BODIES.gaussian_kl_forward_cuda_body_on_host(*params, scale, BETA, posterior, vec)
+    grads = BODIES.gaussian_kl_backward_cuda_body_on_host(upstream, *params, scale, BETA, posterior, vec)
+    names = _names(scale, posterior)
+    names.pop("kl_estimator")
+    truths, truth_grads = _truth_with_grads(lambda *p: reference.gaussian_kl(*p, **names), params, (upstream,))
+    torch.testing.assert_close(kl.double(), truths[0], **tolerance(torch.float32))
+    _assert_float64_close((), (), grads, truth_grads)
+
+
+@pytest.mark.parametrize("vec", [4, 1])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=LAYOUT_IDS)
+@pytest.mark.parametrize("scale", range(len(reference.SCALES)))
+def test_sample_gaussian_packet_bodies_match_the_float64_reference(scale, fmt, vec) -> None:
+    mu, raw = _gaussian_params(fmt, seed=20 + scale)[:2]
+    grad_z = torch.randn(mu.shape, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=fmt)
+    z = BODIES.sample_gaussian_forward_cuda_body_on_host(mu, raw, 0.6, 9, scale, BETA, vec)
+    grads = BODIES.sample_gaussian_backward_cuda_body_on_host(grad_z, mu, raw, 0.6, 9, scale, BETA, vec)
+    name = reference.SCALES[scale]
+    truths, truth_grads = _truth_with_grads(
+        lambda m, r: reference.sample_gaussian(m, r, temperature=0.6, scale=name, seed=9), (mu, raw), (grad_z,)
+    )
+    torch.testing.assert_close(z.double(), truths[0], **tolerance(torch.float32))
+    _assert_float64_close((), (), grads, truth_grads)
+
+
+def test_gaussian_bodies_refuse_packets_that_do_not_divide() -> None:
+    params = [torch.zeros(2, 3) for _ in range(4)]
+    with pytest.raises(RuntimeError, match="vec = 4 floats need a multiple of 4"):
+        BODIES.gaussian_kl_forward_cuda_body_on_host(*params, 0, BETA, 0, 4)

@@ -43,12 +43,21 @@ def _sample_args(name: str, fmt: torch.memory_format) -> tuple:
         "dmol_nll_forward": (logits, x.to(DEVICE), 8, 0, 0.7, -7.0),
         "dmol_nll_backward": (torch.rand(2, device=DEVICE), logits, x.to(DEVICE), 5, 1, 0.7, float("-inf")),
         "dmol_sample": (logits.detach(), 1, 0.7, -7.0, seed),
-        "gaussian_kl_forward": tuple(params),
-        "gaussian_kl_backward": (tensor(2, 3, 4, 5).detach(), *params),
-        "sample_and_kl_forward": (*params, seed),
-        "sample_and_kl_backward": (tensor(2, 3, 4, 5).detach(), torch.rand(2, device=DEVICE), *params, seed),
-        "sample_gaussian_forward": (params[0], params[1], 0.7, seed),
-        "sample_gaussian_backward": (tensor(2, 3, 4, 5).detach(), params[0], params[1], 0.7, seed),
+        "gaussian_kl_forward": (*params, 1, 0.7, 2),
+        "gaussian_kl_backward": (tensor(2, 3, 4, 5).detach(), *params, 1, 0.7, 2),
+        "sample_and_kl_forward": (*params, seed, 1, 0.7, 1, 1),
+        "sample_and_kl_backward": (
+            tensor(2, 3, 4, 5).detach(),
+            torch.rand(2, device=DEVICE),
+            *params,
+            seed,
+            1,
+            0.7,
+            1,
+            1,
+        ),
+        "sample_gaussian_forward": (params[0], params[1], 0.7, seed, 1, 0.7),
+        "sample_gaussian_backward": (tensor(2, 3, 4, 5).detach(), params[0], params[1], 0.7, seed, 1, 0.7),
     }[name]
 
 
@@ -105,17 +114,20 @@ calls = {  # entry point -> (function of tensors only, its tensor inputs' shapes
         lambda g, l, x: t_ops.dmol_nll_backward_triton(g, l, x, 8, 1, 0.7, -7.0), [(2,), (2, 30, 4, 4), (2, 3, 4, 4)]
     ),
     "dmol_sample": (lambda l: t_ops.dmol_sample_triton(l, 1, 0.7, -7.0, seed()), [(2, 30, 4, 4)]),
-    "gaussian_kl_forward": (t_ops.gaussian_kl_forward_triton, [(2, 3, 4, 4)] * 4),
-    "gaussian_kl_backward": (t_ops.gaussian_kl_backward_triton, [(2, 3, 4, 4)] * 5),
-    "sample_and_kl_forward": (lambda *p: t_ops.sample_and_kl_forward_triton(*p, seed()), [(2, 3, 4, 4)] * 4),
+    "gaussian_kl_forward": (lambda *p: t_ops.gaussian_kl_forward_triton(*p, 1, 0.7, 2), [(2, 3, 4, 4)] * 4),
+    "gaussian_kl_backward": (lambda *p: t_ops.gaussian_kl_backward_triton(*p, 1, 0.7, 2), [(2, 3, 4, 4)] * 5),
+    "sample_and_kl_forward": (
+        lambda *p: t_ops.sample_and_kl_forward_triton(*p, seed(), 1, 0.7, 1, 1), [(2, 3, 4, 4)] * 4
+    ),
     "sample_and_kl_backward": (
-        lambda gz, gkl, *p: t_ops.sample_and_kl_backward_triton(gz, gkl, *p, seed()), [(2, 3, 4, 4), (2,)] + [(2, 3, 4, 4)] * 4
+        lambda gz, gkl, *p: t_ops.sample_and_kl_backward_triton(gz, gkl, *p, seed(), 1, 0.7, 1, 1),
+        [(2, 3, 4, 4), (2,)] + [(2, 3, 4, 4)] * 4,
     ),
     "sample_gaussian_forward": (
-        lambda mu, ls: t_ops.sample_gaussian_forward_triton(mu, ls, 0.7, seed()), [(2, 3, 4, 4)] * 2
+        lambda mu, ls: t_ops.sample_gaussian_forward_triton(mu, ls, 0.7, seed(), 1, 0.7), [(2, 3, 4, 4)] * 2
     ),
     "sample_gaussian_backward": (
-        lambda g, mu, ls: t_ops.sample_gaussian_backward_triton(g, mu, ls, 0.7, seed()), [(2, 3, 4, 4)] * 3
+        lambda g, mu, ls: t_ops.sample_gaussian_backward_triton(g, mu, ls, 0.7, seed(), 1, 0.7), [(2, 3, 4, 4)] * 3
     ),
 }
 with FakeTensorMode(shape_env=ShapeEnv()):

@@ -395,17 +395,13 @@ def _parametrization(scale: str, beta: float, **choices: str) -> dict[str, Any]:
     return {"scale": _check_choice("scale", scale, reference.SCALES), "beta": _check_beta(beta), **checked}
 
 
-_DEFAULT_PARAMETRIZATION = {"scale": "exp", "posterior": "direct", "kl_estimator": "analytic"}
+_CODE_TABLES = {"scale": reference.SCALES, "posterior": reference.POSTERIORS, "kl_estimator": reference.KL_ESTIMATORS}
 
 
-def _kernels_cover(parametrization: dict[str, Any]) -> None:
-    """The compiled kernels compute VDVAE's parametrization only, so far."""
-    other = {
-        k: v for k, v in parametrization.items() if k in _DEFAULT_PARAMETRIZATION and v != _DEFAULT_PARAMETRIZATION[k]
-    }
-    if other:
-        listed = ", ".join(f"{k}={v!r}" for k, v in other.items())
-        raise NotImplementedError(f"{listed} runs on the reference and original backends only, so far")
+def _kernel_codes(parametrization: dict[str, Any]) -> tuple:
+    """The checked parametrization as the kernels' trailing arguments, in their order (scale, beta[, posterior[,
+    kl_estimator]]), each choice as its index in the reference's tuple."""
+    return tuple(_CODE_TABLES[k].index(v) if k in _CODE_TABLES else v for k, v in parametrization.items())
 
 
 def _seed_tensor(seed: int | None, backend: str) -> Tensor | None:
@@ -574,23 +570,34 @@ def dmol_sample(
 # --------------------------------------------------------------------------------------------
 
 
-def _gaussian_kl_forward_fake(mu_q: Tensor, logsigma_q: Tensor, mu_p: Tensor, logsigma_p: Tensor) -> Tensor:
+def _gaussian_kl_forward_fake(
+    mu_q: Tensor, logsigma_q: Tensor, mu_p: Tensor, logsigma_p: Tensor, scale: int, beta: float, posterior: int
+) -> Tensor:
     return torch.empty_like(mu_q, dtype=reference.compute_dtype(mu_q.dtype))
 
 
 def _gaussian_kl_backward_fake(
-    grad_kl: Tensor, mu_q: Tensor, logsigma_q: Tensor, mu_p: Tensor, logsigma_p: Tensor
+    grad_kl: Tensor,
+    mu_q: Tensor,
+    logsigma_q: Tensor,
+    mu_p: Tensor,
+    logsigma_p: Tensor,
+    scale: int,
+    beta: float,
+    posterior: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(t) for t in (mu_q, logsigma_q, mu_p, logsigma_p))
 
 
 def _gaussian_kl_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:4])
+    ctx.codes = inputs[4:]
 
 
 def _gaussian_kl_grad(backward: Callable, ctx: Any, grad_kl: Tensor) -> tuple:
     params = ctx.saved_tensors
-    return backward(grad_kl.contiguous(memory_format=reference.memory_format_of(params[0])), *params)
+    grad_kl = grad_kl.contiguous(memory_format=reference.memory_format_of(params[0]))
+    return (*backward(grad_kl, *params, *ctx.codes), None, None, None)
 
 
 _GAUSSIAN_KL = _kernel_ops("gaussian_kl", "gaussian_kl_forward", _gaussian_kl_forward_fake)
@@ -621,8 +628,7 @@ def gaussian_kl(
     backend = resolve_backend(backend, device, mu_q.dtype, op="gaussian_kl", layout=layout_of(mu_q))
     if backend in EAGER_BACKENDS:
         return reference.gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p, **parametrization)
-    _kernels_cover(parametrization)
-    return _GAUSSIAN_KL[backend](*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p))
+    return _GAUSSIAN_KL[backend](*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p), *_kernel_codes(parametrization))
 
 
 # --------------------------------------------------------------------------------------------
@@ -631,19 +637,38 @@ def gaussian_kl(
 
 
 def _sample_and_kl_forward_fake(
-    mu_q: Tensor, logsigma_q: Tensor, mu_p: Tensor, logsigma_p: Tensor, seed: Tensor
+    mu_q: Tensor,
+    logsigma_q: Tensor,
+    mu_p: Tensor,
+    logsigma_p: Tensor,
+    seed: Tensor,
+    scale: int,
+    beta: float,
+    posterior: int,
+    kl_estimator: int,
 ) -> tuple[Tensor, Tensor]:
     return torch.empty_like(mu_q), mu_q.new_empty((mu_q.shape[0],), dtype=reference.compute_dtype(mu_q.dtype))
 
 
 def _sample_and_kl_backward_fake(
-    grad_z: Tensor, grad_kl: Tensor, mu_q: Tensor, logsigma_q: Tensor, mu_p: Tensor, logsigma_p: Tensor, seed: Tensor
+    grad_z: Tensor,
+    grad_kl: Tensor,
+    mu_q: Tensor,
+    logsigma_q: Tensor,
+    mu_p: Tensor,
+    logsigma_p: Tensor,
+    seed: Tensor,
+    scale: int,
+    beta: float,
+    posterior: int,
+    kl_estimator: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(t) for t in (mu_q, logsigma_q, mu_p, logsigma_p))
 
 
 def _sample_and_kl_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:5])
+    ctx.codes = inputs[5:]
 
 
 def _sample_and_kl_grad(backward: Callable, ctx: Any, grad_z: Tensor | None, grad_kl: Tensor | None) -> tuple:
@@ -652,7 +677,8 @@ def _sample_and_kl_grad(backward: Callable, ctx: Any, grad_z: Tensor | None, gra
     grad_z = torch.zeros_like(mu_q) if grad_z is None else grad_z.contiguous(memory_format=fmt)
     if grad_kl is None:
         grad_kl = mu_q.new_zeros((mu_q.shape[0],), dtype=reference.compute_dtype(mu_q.dtype))
-    return (*backward(grad_z, grad_kl.contiguous(), mu_q, logsigma_q, mu_p, logsigma_p, seed), None)
+    grads = backward(grad_z, grad_kl.contiguous(), mu_q, logsigma_q, mu_p, logsigma_p, seed, *ctx.codes)
+    return (*grads, None, None, None, None, None)
 
 
 _SAMPLE_AND_KL = _kernel_ops("sample_and_kl", "sample_and_kl_forward", _sample_and_kl_forward_fake)
@@ -688,8 +714,8 @@ def sample_and_kl(
         return reference.sample_and_kl(
             mu_q, logsigma_q, mu_p, logsigma_p, **parametrization, seed=seed_t, backend=backend
         )
-    _kernels_cover(parametrization)
-    return _SAMPLE_AND_KL[backend](*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p), seed_t)
+    params = _dense_layout(mu_q, logsigma_q, mu_p, logsigma_p)
+    return _SAMPLE_AND_KL[backend](*params, seed_t, *_kernel_codes(parametrization))
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,26 +723,28 @@ def sample_and_kl(
 # --------------------------------------------------------------------------------------------
 
 
-def _sample_gaussian_forward_fake(mu: Tensor, logsigma: Tensor, temperature: float, seed: Tensor) -> Tensor:
+def _sample_gaussian_forward_fake(
+    mu: Tensor, logsigma: Tensor, temperature: float, seed: Tensor, scale: int, beta: float
+) -> Tensor:
     return torch.empty_like(mu)
 
 
 def _sample_gaussian_backward_fake(
-    grad_z: Tensor, mu: Tensor, logsigma: Tensor, temperature: float, seed: Tensor
+    grad_z: Tensor, mu: Tensor, logsigma: Tensor, temperature: float, seed: Tensor, scale: int, beta: float
 ) -> tuple[Tensor, Tensor]:
     return torch.empty_like(mu), torch.empty_like(logsigma)
 
 
 def _sample_gaussian_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    mu, logsigma, temperature, seed = inputs
+    mu, logsigma, temperature, seed, scale, beta = inputs
     ctx.save_for_backward(mu, logsigma, seed)
-    ctx.temperature = temperature
+    ctx.temperature, ctx.codes = temperature, (scale, beta)
 
 
 def _sample_gaussian_grad(backward: Callable, ctx: Any, grad_z: Tensor) -> tuple:
     mu, logsigma, seed = ctx.saved_tensors
     grad_z = grad_z.contiguous(memory_format=reference.memory_format_of(mu))
-    return (*backward(grad_z, mu, logsigma, ctx.temperature, seed), None, None)
+    return (*backward(grad_z, mu, logsigma, ctx.temperature, seed, *ctx.codes), None, None, None, None)
 
 
 _SAMPLE_GAUSSIAN = _kernel_ops("sample_gaussian", "sample_gaussian_forward", _sample_gaussian_forward_fake)
@@ -749,8 +777,8 @@ def sample_gaussian(
         return reference.sample_gaussian(
             mu, logsigma, temperature=temperature, **parametrization, seed=seed_t, backend=backend
         )
-    _kernels_cover(parametrization)
-    return _SAMPLE_GAUSSIAN[backend](*_dense_layout(mu, logsigma), temperature, seed_t)
+    codes = _kernel_codes(parametrization)
+    return _SAMPLE_GAUSSIAN[backend](*_dense_layout(mu, logsigma), temperature, seed_t, *codes)
 
 
 if _TRITON_FOUND and (torch.cuda.is_available() or _triton_interpreted()):
