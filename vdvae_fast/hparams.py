@@ -589,13 +589,6 @@ _PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         },
     ),
 }
-# Fields that Efficient-VDVAE's presets set and that belong to its optimization and gradient-smoothing options:
-# while FIELDS has no row for one of them, preset() leaves it out. Delete this tuple once all of them are rows.
-_FIELDS_OF_OTHER_OPTIONS = (
-    "optimizer", "lr_schedule", "lr_decay_start", "lr_decay_steps", "lr_min", "kl_warmup_start", "kl_warmup_iters",
-    "gradient_smoothing", "gradient_smoothing_beta", "dmol_gradient_smoothing", "dmol_log_scale_min",
-)  # fmt: skip
-
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
 # What the presets that are not VDVAE's releases are for, for --hps's help; the parameter counts are printed by
 # `python -m vdvae_fast.hparams --params NAME` (tests/test_presets.py checks them). Durations: `time python train.py
@@ -631,7 +624,7 @@ def preset(name: str) -> Hyperparams:
         name = parent
     H = Hyperparams(DEFAULTS)
     for changes in reversed(chain):
-        H.update({key: value for key, value in changes.items() if key in FIELDS or key not in _FIELDS_OF_OTHER_OPTIONS})
+        H.update(changes)
     return H
 
 
