@@ -36,9 +36,8 @@ from . import ops
 from .checkpoint import CheckpointError
 from .data import DataError, Preprocessing, load_dataset
 from .model import VAE
-from .ops import BACKENDS
 from .runtime import check_device_name, resolve_device
-from .sample import load_model
+from .sample import add_model_arguments, load_model
 from .training.evaluate import evaluation_subset
 from .training.log import LN2
 
@@ -258,17 +257,7 @@ def _build_parser(prog: str = "python -m vdvae_fast.analyze") -> argparse.Argume
         description="Measure a trained VDVAE's rate per layer and per resolution, its active units and its "
         "pruning curve over a data split; print them and write them as JSON and a PNG plot.",
     )
-    parser.add_argument(
-        "--restore_ema_path",
-        "--restore_path",
-        dest="path",
-        required=True,
-        help="a vdvae_fast checkpoint (its EMA weights are used; a run directory means its latest.pt) or an "
-        "official openai/vdvae *-model-ema.th file",
-    )
-    parser.add_argument("--hps", "--hparam_sets", dest="hps", default=None,
-                        help="preset of the model; needed for official files (our checkpoints carry their "
-                        "hyperparameters)")  # fmt: skip
+    add_model_arguments(parser)
     parser.add_argument("--split", default="valid", help="valid or test (default valid)")
     parser.add_argument("--data_root", default=None, help="folder of the dataset's files (default: the "
                         "checkpoint's)")  # fmt: skip
@@ -279,8 +268,6 @@ def _build_parser(prog: str = "python -m vdvae_fast.analyze") -> argparse.Argume
                         "--seed gives its evaluations' noise")  # fmt: skip
     parser.add_argument("--out", default=None, help="the JSON file to write; the PNG goes beside it (default: "
                         "analysis-<checkpoint>-<split>.json in the checkpoint's folder)")  # fmt: skip
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--backend", default=None, choices=BACKENDS, help="ops backend (default: the checkpoint's)")
     return parser
 
 

@@ -35,10 +35,10 @@ from . import data
 from .checkpoint import CheckpointError
 from .hparams import ARCHITECTURE_KEYS, DEFAULTS, PRESETS, Hyperparams, preset
 from .model import VAE, Temperature
-from .ops import BACKENDS
 from .runtime import resolve_device
 from .sample import (
     RECONSTRUCTION_TEMPERATURE,
+    add_model_arguments,
     check_writable,
     load_model,
     parse_temperature,
@@ -411,20 +411,9 @@ def _parse_counts(text: str) -> list[int]:
 
 def _build_parser(prog: str = "python -m vdvae_fast.latents") -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--restore_ema_path",
-        "--restore_path",
-        dest="path",
-        required=True,
-        help="a vdvae_fast checkpoint (its EMA weights; a run folder means its latest.pt) or an official "
-        "openai/vdvae *-model-ema.th file",
-    )
-    common.add_argument("--hps", "--hparam_sets", dest="hps", choices=PRESETS, default=None,
-                        help="preset of the model; needed for official files")  # fmt: skip
+    add_model_arguments(common)
     common.add_argument("--seed", type=int, default=0, help="random seed of the posterior and prior draws (default 0)")
     common.add_argument("--n_batch", type=int, default=32, help="images per forward pass, at least 1 (default 32)")
-    common.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    common.add_argument("--backend", default=None, choices=BACKENDS, help="ops backend (default: the checkpoint's)")
     images = argparse.ArgumentParser(add_help=False)
     images.add_argument("--images", nargs="+", required=True,
                         help="folders of PNG/JPEG images, image files or .npy files of uint8 (N, H, W, 3)")  # fmt: skip

@@ -44,6 +44,7 @@ __all__ = [
     "LayerTemperatures",
     "UNCONDITIONAL_TEMPERATURES",
     "RECONSTRUCTION_TEMPERATURE",
+    "add_model_arguments",
     "check_writable",
     "load_model",
     "main",
@@ -213,12 +214,9 @@ def reconstruction_rows(
 # --------------------------------------------------------------------------------------------
 
 
-def _build_parser(prog: str = "python -m vdvae_fast.sample") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Draw unconditional samples from a trained VDVAE and write them as one PNG grid (each image "
-        f"upscaled to at least {CELL_PIXELS} pixels, {GAP_PIXELS} white pixels apart).",
-    )
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that name a trained model and where it runs, shared by the sample, latents and analyze
+    commands: --restore_ema_path (dest path), --hps, --device, --backend; load_model takes them."""
     parser.add_argument(
         "--restore_ema_path",
         "--restore_path",
@@ -235,6 +233,17 @@ def _build_parser(prog: str = "python -m vdvae_fast.sample") -> argparse.Argumen
         default=None,
         help="preset of the model; needed for official files (our checkpoints carry their hyperparameters)",
     )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--backend", default=None, choices=BACKENDS, help="ops backend (default: the checkpoint's)")
+
+
+def _build_parser(prog: str = "python -m vdvae_fast.sample") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Draw unconditional samples from a trained VDVAE and write them as one PNG grid (each image "
+        f"upscaled to at least {CELL_PIXELS} pixels, {GAP_PIXELS} white pixels apart).",
+    )
+    add_model_arguments(parser)
     parser.add_argument("--n", type=int, default=16, help="number of samples, at least 1 (default 16)")
     parser.add_argument(
         "--temperature",
@@ -253,8 +262,6 @@ def _build_parser(prog: str = "python -m vdvae_fast.sample") -> argparse.Argumen
     parser.add_argument("--n_batch", type=int, default=None, help="samples drawn per forward pass, at least 1 "
                         "(default: all)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="random seed, at least 0 (default 0)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--backend", default=None, choices=BACKENDS, help="ops backend (default: the checkpoint's)")
     return parser
 
 
