@@ -278,6 +278,6 @@ def write(results: dict, out_dir: Path) -> Path:
     (out_dir / f"{stem}.md").write_text(markdown(results))
     try:
         plot(results, out_dir / f"{stem}.png")
-    except ImportError as error:  # where matplotlib is missing (a GPU image without network): the JSON and table are written
+    except ImportError as error:  # matplotlib missing (a GPU image without network): JSON and table still written
         print(f"no plot written: {error}")
     return json_path
