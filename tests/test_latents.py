@@ -165,7 +165,7 @@ def posterior_pass(vae: VAE, images: np.ndarray, seed: int) -> tuple[torch.Tenso
     x, _ = preprocess(images, vae.H)
     torch.manual_seed(seed)
     with torch.no_grad():
-        return vae.decoder(vae.encoder(x.permute(0, 3, 1, 2).contiguous()), "reference", get_latents=True)
+        return vae.decoder(vae.encoder(x), "reference", get_latents=True)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -262,15 +262,21 @@ def test_slerp_keeps_the_ends_and_the_norm():
 
 
 def test_brain_diffuser_round_trip_of_the_first_31_layers(tmp_path):
-    """Brain-Diffuser's vdvae scripts: z of the first 31 layers flattened and stacked per image (numpy), split
+    """Brain-Diffuser's vdvae scripts: encoder.forward on the NHWC input, decoder.forward(get_latents=True); z of
+    the first 31 layers flattened and stacked per image (numpy), split
     back by each layer's size, decoded through Decoder.forward_manual_latents(n, latents, t=None), drawn through
     decoder.out_net.sample and written as PNGs upscaled to 512 with Pillow."""
     vae = tiny_model(dec_blocks=DEEP_TINY_BLOCKS)
     n_layers = len(vae.decoder.dec_blocks)
     assert n_layers == 32 > BRAIN_DIFFUSER_LAYERS
-    x, _ = preprocess(tiny_images(2), vae.H)
+    x, _ = preprocess(tiny_images(2), vae.H)  # its data_input: (B, H, W, C)
     torch.manual_seed(0)
-    stats = vae.forward_get_latents(x)
+    with torch.no_grad():  # its feature extraction calls the encoder and decoder themselves
+        activations = vae.encoder.forward(x)
+        _, stats = vae.decoder.forward(activations, get_latents=True)
+    torch.manual_seed(0)
+    for ours, official_name in zip(stats, vae.forward_get_latents(x), strict=True):
+        torch.testing.assert_close(ours["z"], official_name["z"], rtol=1e-6, atol=1e-6)
     assert [tuple(s["z"].shape) for s in stats] == [(2, 4, b.base, b.base) for b in vae.decoder.dec_blocks]
     assert all(s["kl"].shape == (2,) and s["sigma_q"].shape == s["z"].shape for s in stats)
     flat = np.hstack([stats[i]["z"].cpu().numpy().reshape(2, -1) for i in range(BRAIN_DIFFUSER_LAYERS)])
@@ -291,7 +297,7 @@ def test_brain_diffuser_round_trip_of_the_first_31_layers(tmp_path):
         px_z_posterior, _ = posterior_pass(vae, tiny_images(2), seed=0)
         all_given = vae.decoder.forward_manual_latents(2, [s["z"] for s in stats])
         torch.testing.assert_close(all_given, px_z_posterior, rtol=1e-5, atol=1e-6)
-        images = vae.decoder.out_net.sample(px_z, vae.backend)  # openai/vdvae: out_net.sample(px_z), numpy
+        images = vae.decoder.out_net.sample(px_z)  # openai/vdvae's returns numpy: Image.fromarray needs .numpy()
     for j, image in enumerate(images):
         Image.fromarray(image.numpy()).resize((512, 512), resample=3).save(tmp_path / f"{j}.png")
     for j in range(2):

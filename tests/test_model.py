@@ -209,7 +209,7 @@ def test_elbo_is_distortion_plus_rate_in_nats_per_dim():
     latents = vae.forward_get_latents(x)
     kl = torch.stack([layer["kl"] for layer in latents], dim=1).sum(1) / (8 * 8 * 3)
     torch.testing.assert_close(kl.mean(), out["rate"])
-    activations = vae.encoder(x.permute(0, 3, 1, 2).contiguous())
+    activations = vae.encoder(x)
     torch.manual_seed(0)
     px_z, _ = vae.decoder(activations, "reference")
     nll = reference.dmol_nll(vae.decoder.out_net(px_z), x_target.permute(0, 3, 1, 2))
@@ -342,7 +342,7 @@ def test_channels_last_matches_contiguous():
         torch.testing.assert_close(out_cl[key], out[key], rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_cl[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    activations = channels_last.encoder(x.permute(0, 3, 1, 2))
+    activations = channels_last.encoder(x)
     assert activations[8].is_contiguous(memory_format=torch.channels_last)
 
 
@@ -429,7 +429,7 @@ def test_samples_from_posterior_latents_reproduce_the_posterior_pass():
         (3, 4, block.base, block.base) for block in vae.decoder.dec_blocks
     ]
     assert all(layer["kl"].shape == (3,) for layer in latents)
-    activations = vae.encoder(x.permute(0, 3, 1, 2).contiguous())
+    activations = vae.encoder(x)
     torch.manual_seed(0)
     posterior_px_z, _ = vae.decoder(activations, "reference")
     all_fixed = vae.decoder.forward_uncond(3, latents=[layer["z"] for layer in latents], backend="reference")

@@ -319,7 +319,7 @@ def test_conv_pooling_and_unpooling_compute_what_they_say():
     encoder, seen = vae.encoder, {}
     encoder.enc_blocks[2].register_forward_hook(lambda module, args, out: seen.update(block_2=(args[0], out)))
     encoder.enc_blocks[3].register_forward_pre_hook(lambda module, args: seen.update(block_3=args[0]))
-    activations = encoder(_batch()[0].permute(0, 3, 1, 2))
+    activations = encoder(_batch()[0])
     x, out = seen["block_2"]  # 8d2: the last block at 8x8, then the pooling to 4x4
     torch.testing.assert_close(out, x + _convs_after_silu(encoder.enc_blocks[2], x))
     # The pooling convolution by hand: each output pixel sums its 2x2 patch against the weights.
@@ -418,7 +418,7 @@ def test_block_wiring_trains_encodes_and_prunes():
     assert [tuple(layer["z"].shape[1:]) for layer in latents] == [(4, r, r) for r in (1, 4, 4, 4, 8, 8, 8)]
     kl = torch.stack([layer["kl"] for layer in latents], dim=1) / x[0].numel()
     torch.testing.assert_close(kl.mean(dim=0), out["kl_per_layer"])
-    activations = vae.encoder(x.permute(0, 3, 1, 2).contiguous())
+    activations = vae.encoder(x)
     for kept in (False, True):  # latent pruning: keep no dimension (no KL) or every one (forward's KL)
         torch.manual_seed(3)
         _, stats = vae.decoder(activations, "reference", keep=[torch.tensor([kept])] * len(latents))

@@ -210,9 +210,12 @@ class Encoder(nn.Module):
             widths = {_skip_name(source): self.widths[_resolution(source)] for source in self.read}
             self.skip_projections = nn.ModuleDict({name: _conv(width, width, 1) for name, width in widths.items()})
         self.grad_checkpoint = False
+        self.memory_format = torch.channels_last if H.get("channels_last", False) else torch.contiguous_format
 
     def forward(self, x: Tensor) -> dict[SkipSource, Tensor]:
-        x = self.in_conv(x)
+        """x: preprocessed images (B, H, W, C), as openai/vdvae's Encoder.forward takes them; computed (B, C, H, W)
+        in the model's memory format."""
+        x = self.in_conv(x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format))
         activations: dict[SkipSource, Tensor] = {x.shape[2]: x}
         outputs: dict[int, list[Tensor]] = {}  # each block's output at the resolution it outputs at
         for index, block in enumerate(self.enc_blocks):
@@ -526,7 +529,6 @@ class VAE(nn.Module):
         self.encoder = Encoder(H)
         self.decoder = Decoder(H)
         self.set_grad_checkpoint(H.get("grad_checkpoint", "none"))
-        self.memory_format = torch.channels_last if H.get("channels_last", False) else torch.contiguous_format
         if H.get("channels_last", False):
             self.to(memory_format=torch.channels_last)
 
@@ -560,10 +562,6 @@ class VAE(nn.Module):
                     f"with {channels} channels, as (B, H, W, C) = (B, {size}, {size}, {channels})"
                 )
 
-    def _activations(self, x: Tensor) -> dict[int, Tensor]:
-        """The encoder's activations of preprocessed (B, H, W, C) images."""
-        return self.encoder(x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format))
-
     def distortion_and_layers(
         self,
         x: Tensor,
@@ -578,7 +576,7 @@ class VAE(nn.Module):
         prior: Decoder.forward)."""
         backend = self._backend(backend)
         self._check_images(x=x, x_target=x_target)
-        px_z, stats = self.decoder(self._activations(x), backend, get_latents=get_latents, keep=keep)
+        px_z, stats = self.decoder(self.encoder(x), backend, get_latents=get_latents, keep=keep)
         return self.decoder.out_net.nll(px_z, x_target.permute(0, 3, 1, 2), backend, self.check_inputs), stats
 
     def forward(self, x: Tensor, x_target: Tensor, backend: str | None = None) -> dict[str, Tensor]:
@@ -620,7 +618,7 @@ class VAE(nn.Module):
                 raise ValueError(f"{name} must be an integer at least 1, got {value!r}")
         backend = self._backend(backend)
         self._check_images(x=x, x_target=x_target)
-        activations = self._activations(x)
+        activations = self.encoder(x)
         target = x_target.permute(0, 3, 1, 2)
         batch, dims = x.shape[0], x[0].numel()
         log_sum = None
@@ -642,7 +640,7 @@ class VAE(nn.Module):
         kl.sum(dim=(1, 2, 3)). Each dict also holds the layer's posterior and prior means and standard deviations
         mu_q, sigma_q, mu_p, sigma_p, shaped like z. Everything but kl is detached."""
         self._check_images(x=x)
-        return self.decoder(self._activations(x), self._backend(backend), get_latents=True)[1]
+        return self.decoder(self.encoder(x), self._backend(backend), get_latents=True)[1]
 
     @torch.no_grad()
     def forward_uncond_samples(self, n_batch: int, t: Temperature = None, backend: str | None = None) -> Tensor:
