@@ -13,6 +13,41 @@
 namespace vdvae_fast {
 namespace gaussian {
 
+// The four inputs (or their four gradients) of one packet, as the Gaussian ops' bodies load and store them.
+template <typename scalar_t, int kVec>
+struct InputPackets {
+  Packet<scalar_t, kVec> a, b, mu_p, raw_p;
+};
+
+template <int kVec, typename scalar_t>
+VF_HOST_DEVICE InputPackets<scalar_t, kVec> load_inputs(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                                        const scalar_t* __restrict__ mu_p,
+                                                        const scalar_t* __restrict__ raw_p, int64_t packet) {
+  using In = Packet<scalar_t, kVec>;
+  return {reinterpret_cast<const In*>(a)[packet], reinterpret_cast<const In*>(b)[packet],
+          reinterpret_cast<const In*>(mu_p)[packet], reinterpret_cast<const In*>(raw_p)[packet]};
+}
+
+// Lane v of the input gradients, cast to the inputs' dtype.
+template <int kVec, typename scalar_t, typename opmath_t>
+VF_HOST_DEVICE void set_lane(InputPackets<scalar_t, kVec>& grads, int v, const InputGrads<opmath_t>& d) {
+  grads.a.v[v] = static_cast<scalar_t>(d.a);
+  grads.b.v[v] = static_cast<scalar_t>(d.b);
+  grads.mu_p.v[v] = static_cast<scalar_t>(d.mu_p);
+  grads.raw_p.v[v] = static_cast<scalar_t>(d.raw_p);
+}
+
+template <int kVec, typename scalar_t>
+VF_HOST_DEVICE void store_grads(const InputPackets<scalar_t, kVec>& grads, scalar_t* __restrict__ g_a,
+                                scalar_t* __restrict__ g_b, scalar_t* __restrict__ g_mu_p,
+                                scalar_t* __restrict__ g_raw_p, int64_t packet) {
+  using In = Packet<scalar_t, kVec>;
+  reinterpret_cast<In*>(g_a)[packet] = grads.a;
+  reinterpret_cast<In*>(g_b)[packet] = grads.b;
+  reinterpret_cast<In*>(g_mu_p)[packet] = grads.mu_p;
+  reinterpret_cast<In*>(g_raw_p)[packet] = grads.raw_p;
+}
+
 // sample_and_kl forward of the packet at offset `within` of image `image`: writes z, adds the KL terms to `sum`.
 template <typename F, int kVec, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 VF_HOST_DEVICE void sample_and_kl_forward_packet(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
@@ -23,10 +58,7 @@ VF_HOST_DEVICE void sample_and_kl_forward_packet(const scalar_t* __restrict__ a,
   using In = Packet<scalar_t, kVec>;
   const int64_t image_start = static_cast<int64_t>(image) * layout.image_size;
   const int64_t packet = (image_start + within) / kVec;
-  const In pa = reinterpret_cast<const In*>(a)[packet];
-  const In pb = reinterpret_cast<const In*>(b)[packet];
-  const In pm = reinterpret_cast<const In*>(mu_p)[packet];
-  const In pr = reinterpret_cast<const In*>(raw_p)[packet];
+  const InputPackets<scalar_t, kVec> in = load_inputs<kVec>(a, b, mu_p, raw_p, packet);
   In out;
   float eps[kVec];
   packet_eps(eps, seed, layout, static_cast<uint32_t>(image_start + within),
@@ -34,8 +66,8 @@ VF_HOST_DEVICE void sample_and_kl_forward_packet(const scalar_t* __restrict__ a,
 #pragma unroll
   for (int v = 0; v < kVec; ++v) {
     const SampleAndKl<opmath_t> r =
-        sample_and_kl<F>(static_cast<opmath_t>(pa.v[v]), static_cast<opmath_t>(pb.v[v]),
-                         static_cast<opmath_t>(pm.v[v]), static_cast<opmath_t>(pr.v[v]), eps[v], constants);
+        sample_and_kl<F>(static_cast<opmath_t>(in.a.v[v]), static_cast<opmath_t>(in.b.v[v]),
+                         static_cast<opmath_t>(in.mu_p.v[v]), static_cast<opmath_t>(in.raw_p.v[v]), eps[v], constants);
     out.v[v] = static_cast<scalar_t>(r.z);
     sum += r.kl;
   }
@@ -56,28 +88,19 @@ VF_HOST_DEVICE void sample_and_kl_backward_packet(const scalar_t* __restrict__ g
   const int64_t image_start = static_cast<int64_t>(image) * layout.image_size;
   const int64_t packet = (image_start + within) / kVec;
   const In gz = reinterpret_cast<const In*>(grad_z)[packet];
-  const In pa = reinterpret_cast<const In*>(a)[packet];
-  const In pb = reinterpret_cast<const In*>(b)[packet];
-  const In pm = reinterpret_cast<const In*>(mu_p)[packet];
-  const In pr = reinterpret_cast<const In*>(raw_p)[packet];
-  In out_a, out_b, out_m, out_r;
+  const InputPackets<scalar_t, kVec> in = load_inputs<kVec>(a, b, mu_p, raw_p, packet);
+  InputPackets<scalar_t, kVec> grads;
   float eps[kVec];
   packet_eps(eps, seed, layout, static_cast<uint32_t>(image_start + within),
              [&](int v) { return layout.logical_index_in_image(image, static_cast<uint32_t>(within + v)); });
 #pragma unroll
   for (int v = 0; v < kVec; ++v) {
-    const InputGrads<opmath_t> d = sample_and_kl_grads<F>(
-        static_cast<opmath_t>(gz.v[v]), grad_kl, static_cast<opmath_t>(pa.v[v]), static_cast<opmath_t>(pb.v[v]),
-        static_cast<opmath_t>(pm.v[v]), static_cast<opmath_t>(pr.v[v]), eps[v], constants);
-    out_a.v[v] = static_cast<scalar_t>(d.a);
-    out_b.v[v] = static_cast<scalar_t>(d.b);
-    out_m.v[v] = static_cast<scalar_t>(d.mu_p);
-    out_r.v[v] = static_cast<scalar_t>(d.raw_p);
+    set_lane(grads, v,
+             sample_and_kl_grads<F>(static_cast<opmath_t>(gz.v[v]), grad_kl, static_cast<opmath_t>(in.a.v[v]),
+                                    static_cast<opmath_t>(in.b.v[v]), static_cast<opmath_t>(in.mu_p.v[v]),
+                                    static_cast<opmath_t>(in.raw_p.v[v]), eps[v], constants));
   }
-  reinterpret_cast<In*>(g_a)[packet] = out_a;
-  reinterpret_cast<In*>(g_b)[packet] = out_b;
-  reinterpret_cast<In*>(g_mu_p)[packet] = out_m;
-  reinterpret_cast<In*>(g_raw_p)[packet] = out_r;
+  store_grads(grads, g_a, g_b, g_mu_p, g_raw_p, packet);
 }
 
 // gaussian_kl forward of packet p (the tensors are flat: no randomness, no reduction).
@@ -86,17 +109,13 @@ VF_HOST_DEVICE void gaussian_kl_forward_packet(const scalar_t* __restrict__ a, c
                                                const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ raw_p,
                                                opmath_t* __restrict__ kl, int64_t p,
                                                const ScaleConstants<opmath_t>& constants) {
-  using In = Packet<scalar_t, kVec>;
   using Out = Packet<opmath_t, kVec>;
-  const In pa = reinterpret_cast<const In*>(a)[p];
-  const In pb = reinterpret_cast<const In*>(b)[p];
-  const In pm = reinterpret_cast<const In*>(mu_p)[p];
-  const In pr = reinterpret_cast<const In*>(raw_p)[p];
+  const InputPackets<scalar_t, kVec> in = load_inputs<kVec>(a, b, mu_p, raw_p, p);
   Out out;
 #pragma unroll
   for (int v = 0; v < kVec; ++v) {
-    out.v[v] = gaussian_kl<F>(static_cast<opmath_t>(pa.v[v]), static_cast<opmath_t>(pb.v[v]),
-                              static_cast<opmath_t>(pm.v[v]), static_cast<opmath_t>(pr.v[v]), constants);
+    out.v[v] = gaussian_kl<F>(static_cast<opmath_t>(in.a.v[v]), static_cast<opmath_t>(in.b.v[v]),
+                              static_cast<opmath_t>(in.mu_p.v[v]), static_cast<opmath_t>(in.raw_p.v[v]), constants);
   }
   reinterpret_cast<Out*>(kl)[p] = out;
 }
@@ -108,28 +127,18 @@ VF_HOST_DEVICE void gaussian_kl_backward_packet(const opmath_t* __restrict__ gra
                                                 scalar_t* __restrict__ g_b, scalar_t* __restrict__ g_mu_p,
                                                 scalar_t* __restrict__ g_raw_p, int64_t p,
                                                 const ScaleConstants<opmath_t>& constants) {
-  using In = Packet<scalar_t, kVec>;
   using Grad = Packet<opmath_t, kVec>;
   const Grad gk = reinterpret_cast<const Grad*>(grad_kl)[p];
-  const In pa = reinterpret_cast<const In*>(a)[p];
-  const In pb = reinterpret_cast<const In*>(b)[p];
-  const In pm = reinterpret_cast<const In*>(mu_p)[p];
-  const In pr = reinterpret_cast<const In*>(raw_p)[p];
-  In out_a, out_b, out_m, out_r;
+  const InputPackets<scalar_t, kVec> in = load_inputs<kVec>(a, b, mu_p, raw_p, p);
+  InputPackets<scalar_t, kVec> grads;
 #pragma unroll
   for (int v = 0; v < kVec; ++v) {
-    const InputGrads<opmath_t> d =
-        gaussian_kl_grads<F>(gk.v[v], static_cast<opmath_t>(pa.v[v]), static_cast<opmath_t>(pb.v[v]),
-                             static_cast<opmath_t>(pm.v[v]), static_cast<opmath_t>(pr.v[v]), constants);
-    out_a.v[v] = static_cast<scalar_t>(d.a);
-    out_b.v[v] = static_cast<scalar_t>(d.b);
-    out_m.v[v] = static_cast<scalar_t>(d.mu_p);
-    out_r.v[v] = static_cast<scalar_t>(d.raw_p);
+    set_lane(grads, v,
+             gaussian_kl_grads<F>(gk.v[v], static_cast<opmath_t>(in.a.v[v]), static_cast<opmath_t>(in.b.v[v]),
+                                  static_cast<opmath_t>(in.mu_p.v[v]), static_cast<opmath_t>(in.raw_p.v[v]),
+                                  constants));
   }
-  reinterpret_cast<In*>(g_a)[p] = out_a;
-  reinterpret_cast<In*>(g_b)[p] = out_b;
-  reinterpret_cast<In*>(g_mu_p)[p] = out_m;
-  reinterpret_cast<In*>(g_raw_p)[p] = out_r;
+  store_grads(grads, g_a, g_b, g_mu_p, g_raw_p, p);
 }
 
 // sample_gaussian forward of packet p.
