@@ -381,10 +381,18 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _check_real(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (a Python float), got {value!r}")
+    return float(value)
+
+
 def _check_beta(beta: float) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not (math.isfinite(beta) and beta > 0.0):
+    """The softplus sharpness of gradient smoothing, for the Gaussian and the DMoL scales alike."""
+    beta = _check_real("beta", beta)
+    if not (math.isfinite(beta) and beta > 0.0):
         raise ValueError(f"beta (the softplus sharpness of gradient smoothing) must be finite and > 0, got {beta!r}")
-    return float(beta)
+    return beta
 
 
 def _parametrization(scale: str, beta: float, **choices: str) -> dict[str, Any]:
@@ -435,18 +443,14 @@ def _dense_layout(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 def _check_dmol_scale(scale: str, beta: float, log_scale_min: float) -> tuple[int, float, float]:
     """The DMoL scale options as the kernels take them: (index of scale in reference.SCALES, beta, floor)."""
-    if scale not in reference.SCALES:
-        raise ValueError(f"scale must be one of {reference.SCALES}, got {scale!r}")
-    for name, value in (("beta", beta), ("log_scale_min", log_scale_min)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a real number (a Python float), got {value!r}")
-    if not (math.isfinite(beta) and beta > 0.0):
-        raise ValueError(f"beta (the softplus sharpness) must be finite and > 0, got {beta}")
+    scale = _check_choice("scale", scale, reference.SCALES)
+    beta = _check_beta(beta)
+    log_scale_min = _check_real("log_scale_min", log_scale_min)
     if math.isnan(log_scale_min) or log_scale_min > 0.0:
         raise ValueError(
             f"log_scale_min must be <= 0 (VDVAE's -7.0) or -inf for no floor of the log-scales, got {log_scale_min}"
         )
-    return reference.SCALES.index(scale), float(beta), float(log_scale_min)
+    return reference.SCALES.index(scale), beta, log_scale_min
 
 
 def _dmol_nll_forward_fake(
