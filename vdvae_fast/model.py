@@ -371,12 +371,13 @@ class DmolNet(nn.Module):
     def __init__(self, H: Hyperparams) -> None:
         super().__init__()
         self.num_bits = H.num_bits
-        # How the raw log-scale channels become scales: VDVAE's exp or Efficient-VDVAE's softplus, and the floor.
-        # Hyperparameters saved before these options existed lack them: the ops' defaults are VDVAE's.
-        self.scale_options = {"scale": "softplus" if H.get("dmol_gradient_smoothing", False) else "exp"}
-        for option, key in (("beta", "gradient_smoothing_beta"), ("log_scale_min", "dmol_log_scale_min")):
-            if key in H:
-                self.scale_options[option] = H[key]
+        # How the raw log-scale channels become scales: VDVAE's exp or Efficient-VDVAE's softplus, and the floor
+        # (hyperparameters saved before these options existed lack them: VDVAE's then).
+        self.scale_options = {
+            "scale": "softplus" if H.get("dmol_gradient_smoothing", False) else "exp",
+            "beta": H.get("gradient_smoothing_beta", reference.SOFTPLUS_BETA),
+            "log_scale_min": H.get("dmol_log_scale_min", reference.LOG_SCALE_MIN),
+        }
         self.out_conv = _conv(H.width, H.num_mixtures * 10, 1)
 
     def forward(self, px_z: Tensor) -> Tensor:
