@@ -275,6 +275,43 @@ def test_two_process_ddp_matches_one_process_on_the_doubled_batch(tmp_path, monk
     np.testing.assert_allclose(ddp_eval[-1]["elbo"], single_eval[-1]["elbo"], rtol=1e-4)
 
 
+def _failing_save_worker(rank: int, world_size: int, port: int, argv: list[str], outcome: str) -> None:
+    """A DDP rank whose rank 0 finds the disk full at its first checkpoint; each rank writes how it ended."""
+    from vdvae_fast.training import trainer
+
+    def full_disk(state, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    if rank == 0:
+        trainer.save_checkpoint = full_disk
+    try:
+        _ddp_worker(rank, world_size, port, argv)
+        ended = "finished"
+    except Exception as err:  # noqa: BLE001  (the test reads how each rank ended)
+        ended = f"{type(err).__name__}: {err}"
+    Path(outcome.format(rank=rank)).write_text(ended)
+
+
+def test_a_checkpoint_rank_0_cannot_write_ends_every_rank(tmp_path):
+    """Rank 0 alone writes checkpoints: when that fails, the other ranks must end with the same error, not train
+    on into a collective that rank 0 never joins."""
+    outcome = str(tmp_path / "rank{rank}.txt")
+    argv = folder_run(tmp_path, "full", "--n_batch", "2", "--max_iters", "6", "--iters_per_ckpt", "2")
+    context = torch.multiprocessing.spawn(
+        _failing_save_worker, args=(2, _free_port(), argv, outcome), nprocs=2, join=False
+    )
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("a rank was still running 300 s after rank 0 failed to write its checkpoint")
+    ends = [Path(outcome.format(rank=r)).read_text() for r in range(2)]
+    assert ends[0].startswith("OutputError: cannot write") and "iter-2.pt" in ends[0], ends[0]
+    assert ends[1] == f"OutputError: rank 0 {ends[0].removeprefix('OutputError: ')}", ends[1]
+    assert "no checkpoint of this run was written yet" in ends[0]
+
+
 def test_nan_step_is_skipped_counted_and_training_goes_on(tmp_path, monkeypatch):
     from vdvae_fast.model import VAE
 

@@ -279,6 +279,15 @@ class Trainer:
                 f"{err}; saved {path} at step {self.position.step}: fix or remove the file, then resume"
             ) from err
 
+    def _share_write_failure(self, failure: OutputError | None) -> None:
+        """Raise rank 0's write failure on every rank: the others would otherwise train on into their next
+        collective and wait there for a rank that has ended."""
+        messages = [m for m in all_gather_objects(None if failure is None else str(failure), self.runtime) if m]
+        if failure is not None:
+            raise failure
+        if messages:
+            raise OutputError(f"rank 0 {messages[0]}")
+
     def _write_failure(self, path: str | Path, err: OSError) -> OutputError:
         if self.last_good is None:
             good = "no checkpoint of this run was written yet"
@@ -478,31 +487,45 @@ class Trainer:
 
     @torch.no_grad()
     def write_images(self, name: str) -> Path | None:
-        """VDVAE's grid from the EMA model on rank 0: originals, partial reconstructions, samples."""
-        if not self.runtime.is_main or self.viz_batch is None:
+        """VDVAE's grid from the EMA model on rank 0: originals, partial reconstructions, samples. Every rank
+        calls it at the same point, so that a failed write ends every rank (see _share_write_failure)."""
+        if self.viz_batch is None:
             return None
-        self.progress.clear()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.H.seed)
-            x, _ = self.splits.preprocessing(self.viz_batch, self.device)
-            rows = reconstruction_rows(self.ema, self.viz_batch, x, self.H)
-        path = save_png(stack_rows(rows), self.directory / f"{name}.png")
-        self.last_images = path
-        self.log(f"wrote images {path}", quiet=True)
+        path, failure = None, None
+        if self.runtime.is_main:
+            self.progress.clear()
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(self.H.seed)
+                x, _ = self.splits.preprocessing(self.viz_batch, self.device)
+                rows = reconstruction_rows(self.ema, self.viz_batch, x, self.H)
+            target = self.directory / f"{name}.png"
+            try:
+                path = save_png(stack_rows(rows), target)
+            except OSError as err:
+                failure = self._write_failure(target, err)
+                failure.__cause__ = err
+        self._share_write_failure(failure)
+        if path is not None:
+            self.last_images = path
+            self.log(f"wrote images {path}", quiet=True)
         return path
 
     def save(self, name: str = LATEST) -> Path | None:
         """Write a checkpoint atomically (rank 0); every rank must call it at the same point, since it gathers
         every rank's random generator states."""
         rng = all_gather_objects(capture_rng_state(self.device), self.runtime)
-        if not self.runtime.is_main:
+        path, failure = None, None
+        if self.runtime.is_main:
+            target = self.directory / name
+            try:
+                state = make_checkpoint(self.learner, self.position, rng, self.H, self._trainer_state())
+                path = save_checkpoint(state, target)
+            except OSError as err:
+                failure = self._write_failure(target, err)
+                failure.__cause__ = err
+        self._share_write_failure(failure)
+        if path is None:
             return None
-        target = self.directory / name
-        try:
-            state = make_checkpoint(self.learner, self.position, rng, self.H, self._trainer_state())
-            path = save_checkpoint(state, target)
-        except OSError as err:
-            raise self._write_failure(target, err) from err
         self.last_checkpoint = self.directory / LATEST if name == LATEST else path
         self.last_good = (path, self.position.step)
         self.log(f"saved checkpoint {path} at step {self.position.step}", quiet=True)
