@@ -180,6 +180,9 @@ def test_extreme_raw_values_stay_finite_and_accurate(scale: int, posterior: int,
 # dtype, layout, spread=0.7, shape) by the kernels as they were before the parametrizations (commit 0ef2dce), under
 # the interpreter: (contiguous, channels_last). Contiguous tensors of these shapes, and channels_last ones of width
 # 8, draw four normals per Philox call; channels_last ones of width 5 one per element: both paths are held to it.
+# sample_and_kl's channels_last width-8 digests are instead of the kernels since they draw four w-neighbours per
+# Philox call there too: z and the gradients are the bits they were, the per-image KL (about 89 and 228) is summed
+# in another order and moved by 1 ulp (1.5e-5).
 DEFAULT_DIGESTS = {
     ("sample_and_kl", torch.float32, (2, 3, 4, 5)): ("ea9cafbe817a6405", "ea9cafbe817a6405"),
     ("gaussian_kl", torch.float32, (2, 3, 4, 5)): ("52a2e5ac640405ac", "52a2e5ac640405ac"),
@@ -187,10 +190,10 @@ DEFAULT_DIGESTS = {
     ("sample_and_kl", torch.bfloat16, (2, 3, 4, 5)): ("821f3dded5c359d5", "821f3dded5c359d5"),
     ("gaussian_kl", torch.bfloat16, (2, 3, 4, 5)): ("755e6051a2551ac4", "755e6051a2551ac4"),
     ("sample_gaussian", torch.bfloat16, (2, 3, 4, 5)): ("f53c73c24171de86", "f53c73c24171de86"),
-    ("sample_and_kl", torch.float32, (2, 3, 2, 8)): ("a7f9bea971e7ed7c", "a7f9bea971e7ed7c"),
+    ("sample_and_kl", torch.float32, (2, 3, 2, 8)): ("a7f9bea971e7ed7c", "61f318227abfc1f2"),
     ("gaussian_kl", torch.float32, (2, 3, 2, 8)): ("afc70df753ce3f08", "afc70df753ce3f08"),
     ("sample_gaussian", torch.float32, (2, 3, 2, 8)): ("eb026139b127c8dc", "eb026139b127c8dc"),
-    ("sample_and_kl", torch.bfloat16, (2, 3, 2, 8)): ("2ca80cddcf40008d", "bfe0c9a3b9035175"),
+    ("sample_and_kl", torch.bfloat16, (2, 3, 2, 8)): ("2ca80cddcf40008d", "2ca80cddcf40008d"),
     ("gaussian_kl", torch.bfloat16, (2, 3, 2, 8)): ("9e60e5d9f9f13428", "9e60e5d9f9f13428"),
     ("sample_gaussian", torch.bfloat16, (2, 3, 2, 8)): ("65415ec8c81a8494", "65415ec8c81a8494"),
 }

@@ -104,39 +104,46 @@ def normal(k0, k1, index):
 
 @triton.jit
 def _normals_of_groups(k0, k1, group):
-    """The four normals of each uint32 group counter, one Philox call each, in element order: lane k of
-    group[s] at position 4 s + k; the same values as normal() bit for bit (the same words, per-lane arithmetic)."""
+    """The normals of lanes 0, 1, 2, 3 of each uint32 group counter, one Philox call per group; the same values
+    as normal() bit for bit (the same words, per-lane arithmetic)."""
     zero = group * 0
     w0, w1, w2, w3 = philox(k0, k1, group, zero, zero, zero)
-    cos_01, sin_01 = _box_muller(w0, w1, False), _box_muller(w0, w1, True)
-    cos_23, sin_23 = _box_muller(w2, w3, False), _box_muller(w2, w3, True)
-    # (lane 0, lane 2, ...) and (lane 1, lane 3, ...) interleaved: lane k of group s lands at 4 s + k
-    return tl.interleave(tl.interleave(cos_01, cos_23), tl.interleave(sin_01, sin_23))
+    return _box_muller(w0, w1, False), _box_muller(w0, w1, True), _box_muller(w2, w3, False), _box_muller(w2, w3, True)
 
 
 @triton.jit
 def normal_groups(k0, k1, first_group, GROUPS: tl.constexpr):
     """normal() of the 4 * GROUPS consecutive logical elements from 4 * first_group, in order, with one Philox
     call per four."""
-    return _normals_of_groups(k0, k1, (first_group + tl.arange(0, GROUPS)).to(tl.uint32))
+    lane0, lane1, lane2, lane3 = _normals_of_groups(k0, k1, (first_group + tl.arange(0, GROUPS)).to(tl.uint32))
+    # (lane 0, lane 2, ...) and (lane 1, lane 3, ...) interleaved: lane k of group s lands at 4 s + k
+    return tl.interleave(tl.interleave(lane0, lane2), tl.interleave(lane1, lane3))
 
 
 @triton.jit
-def channels_last_groups(k0, k1, block_start, C, H, W, BLOCK: tl.constexpr):
-    """(memory offsets, eps) of BLOCK elements of a channels_last tensor with W % 4 == 0, taken four
-    w-neighbours at a time so that each four is one Philox group: position 4 s + k holds lane k (w = w0 + k)
-    of slot block_start / 4 + s, which is channel slot % C of pixels 4 (slot // C) + k. block_start is a
-    multiple of BLOCK, so a block's positions below numel - block_start are exactly its elements."""
-    slot = block_start // 4 + tl.arange(0, BLOCK // 4)
+def channels_last_groups(k0, k1, base, block_start, C, H, W, GROUPS: tl.constexpr, ACROSS_IMAGES: tl.constexpr):
+    """(memory offsets from base of lane 0, then the eps of lanes 0, 1, 2, 3) of GROUPS slots of a channels_last
+    tensor with W % 4 == 0, each slot four w-neighbours that are one Philox group: slot block_start / 4 + s is
+    channel slot % C of pixels 4 (slot // C) + k counted from base, lane k at offsets + k C.
+
+    The lanes come back as four tensors of the slots' shape, for the caller to load and store one lane at a time:
+    a (slots, 4) tensor would leave the slots-to-threads layout to Triton's memory-access analysis, which can
+    spread a slot's lanes over warps and recompute its Philox call in each, while four 1-D tensors share one
+    layout, and consecutive slots are consecutive channels, so each lane's accesses still vectorize.
+
+    base is the first offset of an image (a multiple of 4 C); the slots lie in that image or, ACROSS_IMAGES, in
+    it and the images after it (each group's image is then found by a division). The slots of 4 C consecutive
+    positions cover the 4 C offsets from 4 C (slot // C), so a slot lies in the tensor (or the image) exactly
+    where its lane-0 offset is below the tensor's (or image's) size: the caller's mask for all four lanes."""
+    slot = block_start // 4 + tl.arange(0, GROUPS)
     first_pixel = (slot // C) * 4
     channel = slot % C
     plane = H * W
-    image = first_pixel // plane
-    group = (((image * C + channel) * plane + (first_pixel - image * plane)) >> 2).to(tl.uint32)
-    position = tl.arange(0, BLOCK)
-    element_slot = block_start // 4 + (position >> 2)
-    offsets = ((element_slot // C) * 4 + (position & 3)) * C + element_slot % C
-    return offsets, _normals_of_groups(k0, k1, group)
+    logical = channel * plane + first_pixel  # (image C + channel) plane + (first_pixel - image plane)
+    if ACROSS_IMAGES:
+        logical += (first_pixel // plane) * (C - 1) * plane
+    lane0, lane1, lane2, lane3 = _normals_of_groups(k0, k1, ((base + logical) >> 2).to(tl.uint32))
+    return first_pixel * C + channel, lane0, lane1, lane2, lane3
 
 
 @triton.jit
@@ -171,7 +178,8 @@ def block_normals(
 ):
     """eps of the BLOCK elements at memory offsets base + block_start + arange(BLOCK) of a dense tensor (base:
     an image's first offset, both layouts keeping images whole). GROUPED, for contiguous tensors with base +
-    block_start a multiple of 4: one Philox call per four elements; else one per element, at its logical index."""
+    block_start a multiple of 4: one Philox call per four elements; else one per element, at its logical index
+    (channels_last tensors with W % 4 == 0 draw by channels_last_groups instead)."""
     if GROUPED:
         eps = normal_groups(k0, k1, (base + block_start) >> 2, BLOCK // 4)
     else:

@@ -26,7 +26,7 @@ from .gaussian_math import (
     posterior_and_prior,
     softplus_betas,
 )
-from .philox import block_normals, philox_key
+from .philox import block_normals, channels_last_groups, philox_key
 
 
 @triton.jit
@@ -47,14 +47,55 @@ def _kl_and_derivatives(gap, eps, sigma_q, log_sigma_q, sigma_p, log_sigma_p, KL
 
 
 @triton.jit
-def _image_block(seed, per_image, C, H, W, CHANNELS_LAST: tl.constexpr, GROUPED: tl.constexpr, BLOCK: tl.constexpr):
-    """Offsets of this program's elements within its image, their mask, the image's base offset and their eps."""
-    image_base = tl.program_id(1).to(tl.int64) * per_image
-    block_start = tl.program_id(0) * BLOCK
-    k0, k1 = philox_key(seed)
-    eps = block_normals(k0, k1, image_base, block_start, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
-    offsets = block_start + tl.arange(0, BLOCK)
-    return offsets, offsets < per_image, image_base, eps
+def _z_and_kl(
+    mu_q_ptr, logsigma_q_ptr, mu_p_ptr, logsigma_p_ptr, z_ptr, offsets, mask, eps, beta, log_beta,
+    SCALE: tl.constexpr, POSTERIOR: tl.constexpr, KL_ESTIMATOR: tl.constexpr,
+):  # fmt: skip
+    """Store z at these offsets (from the image's first); return their KL, 0 where masked."""
+    a = tl.load(mu_q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(logsigma_q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    mu_p = tl.load(mu_p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    raw_p = tl.load(logsigma_p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    mu_q, gap, sigma_q, log_sigma_q, sigma_p, log_sigma_p = posterior_and_prior(
+        a, b, mu_p, raw_p, beta, log_beta, SCALE, POSTERIOR
+    )
+    z = mu_q + sigma_q * eps
+    tl.store(z_ptr + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
+    kl, _, _, _ = _kl_and_derivatives(gap, eps, sigma_q, log_sigma_q, sigma_p, log_sigma_p, KL_ESTIMATOR)
+    return tl.where(mask, kl, 0.0)
+
+
+@triton.jit
+def _input_gradients(
+    grad_z_ptr, mu_q_ptr, logsigma_q_ptr, mu_p_ptr, logsigma_p_ptr, grad_mu_q_ptr, grad_logsigma_q_ptr,
+    grad_mu_p_ptr, grad_logsigma_p_ptr, grad_kl, offsets, mask, eps, beta, log_beta,
+    SCALE: tl.constexpr, POSTERIOR: tl.constexpr, KL_ESTIMATOR: tl.constexpr,
+):  # fmt: skip
+    """Store the four inputs' gradients at these offsets (from the image's first)."""
+    grad_z = tl.load(grad_z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(mu_q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(logsigma_q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    mu_p = tl.load(mu_p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    raw_p = tl.load(logsigma_p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    _, gap, sigma_q, log_sigma_q, sigma_p, log_sigma_p = posterior_and_prior(
+        a, b, mu_p, raw_p, beta, log_beta, SCALE, POSTERIOR
+    )
+    _, d_gap, d_log_sigma_q, d_log_sigma_p = _kl_and_derivatives(
+        gap, eps, sigma_q, log_sigma_q, sigma_p, log_sigma_p, KL_ESTIMATOR
+    )
+    grad_a, grad_b, grad_mu_p, grad_raw_p = input_vjp(
+        grad_kl * d_gap,
+        grad_kl * d_log_sigma_q,
+        grad_kl * d_log_sigma_p,
+        grad_z,
+        grad_z * eps * sigma_q,
+        a, b, mu_p, raw_p, beta, log_beta, SCALE, POSTERIOR,
+    )  # fmt: skip
+    out_dtype = grad_mu_q_ptr.dtype.element_ty
+    tl.store(grad_mu_q_ptr + offsets, grad_a.to(out_dtype), mask=mask)
+    tl.store(grad_logsigma_q_ptr + offsets, grad_b.to(out_dtype), mask=mask)
+    tl.store(grad_mu_p_ptr + offsets, grad_mu_p.to(out_dtype), mask=mask)
+    tl.store(grad_logsigma_p_ptr + offsets, grad_raw_p.to(out_dtype), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -79,19 +120,27 @@ def _sample_and_kl_forward_kernel(
     GROUPED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offsets, mask, image_base, eps = _image_block(seed, per_image, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
-    a = tl.load(mu_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(logsigma_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    mu_p = tl.load(mu_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    raw_p = tl.load(logsigma_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    mu_q, gap, sigma_q, log_sigma_q, sigma_p, log_sigma_p = posterior_and_prior(
-        a, b, mu_p, raw_p, beta, log_beta, SCALE, POSTERIOR
-    )
-    z = mu_q + sigma_q * eps
-    tl.store(z_ptr + image_base + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
-    kl, _, _, _ = _kl_and_derivatives(gap, eps, sigma_q, log_sigma_q, sigma_p, log_sigma_p, KL_ESTIMATOR)
-    partial = tl.sum(tl.where(mask, kl, 0.0), axis=0)
-    tl.store(partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), partial)
+    image_base = tl.program_id(1).to(tl.int64) * per_image
+    block_start = tl.program_id(0) * BLOCK
+    k0, k1 = philox_key(seed)
+    # the image's tensors: offsets below are counted from its first element
+    pointers = (mu_q_ptr + image_base, logsigma_q_ptr + image_base, mu_p_ptr + image_base,
+                logsigma_p_ptr + image_base, z_ptr + image_base)  # fmt: skip
+    codes = (SCALE, POSTERIOR, KL_ESTIMATOR)
+    if CHANNELS_LAST and GROUPED:  # one Philox call per four w-neighbours, loaded and stored one lane at a time
+        first, eps0, eps1, eps2, eps3 = channels_last_groups(
+            k0, k1, image_base, block_start, C, H, W, BLOCK // 4, False
+        )
+        inside = first < per_image
+        kl = _z_and_kl(*pointers, first, inside, eps0, beta, log_beta, *codes)
+        kl += _z_and_kl(*pointers, first + C, inside, eps1, beta, log_beta, *codes)
+        kl += _z_and_kl(*pointers, first + 2 * C, inside, eps2, beta, log_beta, *codes)
+        kl += _z_and_kl(*pointers, first + 3 * C, inside, eps3, beta, log_beta, *codes)
+    else:
+        offsets = block_start + tl.arange(0, BLOCK)
+        eps = block_normals(k0, k1, image_base, block_start, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
+        kl = _z_and_kl(*pointers, offsets, offsets < per_image, eps, beta, log_beta, *codes)
+    tl.store(partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), tl.sum(kl, axis=0))
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -120,32 +169,29 @@ def _sample_and_kl_backward_kernel(
     GROUPED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offsets, mask, image_base, eps = _image_block(seed, per_image, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
+    image_base = tl.program_id(1).to(tl.int64) * per_image
+    block_start = tl.program_id(0) * BLOCK
+    k0, k1 = philox_key(seed)
     grad_kl = tl.load(grad_kl_ptr + tl.program_id(1)).to(tl.float32)
-    grad_z = tl.load(grad_z_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(mu_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(logsigma_q_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    mu_p = tl.load(mu_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    raw_p = tl.load(logsigma_p_ptr + image_base + offsets, mask=mask, other=0.0).to(tl.float32)
-    _, gap, sigma_q, log_sigma_q, sigma_p, log_sigma_p = posterior_and_prior(
-        a, b, mu_p, raw_p, beta, log_beta, SCALE, POSTERIOR
-    )
-    _, d_gap, d_log_sigma_q, d_log_sigma_p = _kl_and_derivatives(
-        gap, eps, sigma_q, log_sigma_q, sigma_p, log_sigma_p, KL_ESTIMATOR
-    )
-    grad_a, grad_b, grad_mu_p, grad_raw_p = input_vjp(
-        grad_kl * d_gap,
-        grad_kl * d_log_sigma_q,
-        grad_kl * d_log_sigma_p,
-        grad_z,
-        grad_z * eps * sigma_q,
-        a, b, mu_p, raw_p, beta, log_beta, SCALE, POSTERIOR,
-    )  # fmt: skip
-    out_dtype = grad_mu_q_ptr.dtype.element_ty
-    tl.store(grad_mu_q_ptr + image_base + offsets, grad_a.to(out_dtype), mask=mask)
-    tl.store(grad_logsigma_q_ptr + image_base + offsets, grad_b.to(out_dtype), mask=mask)
-    tl.store(grad_mu_p_ptr + image_base + offsets, grad_mu_p.to(out_dtype), mask=mask)
-    tl.store(grad_logsigma_p_ptr + image_base + offsets, grad_raw_p.to(out_dtype), mask=mask)
+    # the image's tensors: offsets below are counted from its first element
+    pointers = (grad_z_ptr + image_base, mu_q_ptr + image_base, logsigma_q_ptr + image_base,
+                mu_p_ptr + image_base, logsigma_p_ptr + image_base, grad_mu_q_ptr + image_base,
+                grad_logsigma_q_ptr + image_base, grad_mu_p_ptr + image_base,
+                grad_logsigma_p_ptr + image_base)  # fmt: skip
+    codes = (SCALE, POSTERIOR, KL_ESTIMATOR)
+    if CHANNELS_LAST and GROUPED:  # as the forward
+        first, eps0, eps1, eps2, eps3 = channels_last_groups(
+            k0, k1, image_base, block_start, C, H, W, BLOCK // 4, False
+        )
+        inside = first < per_image
+        _input_gradients(*pointers, grad_kl, first, inside, eps0, beta, log_beta, *codes)
+        _input_gradients(*pointers, grad_kl, first + C, inside, eps1, beta, log_beta, *codes)
+        _input_gradients(*pointers, grad_kl, first + 2 * C, inside, eps2, beta, log_beta, *codes)
+        _input_gradients(*pointers, grad_kl, first + 3 * C, inside, eps3, beta, log_beta, *codes)
+    else:
+        offsets = block_start + tl.arange(0, BLOCK)
+        eps = block_normals(k0, k1, image_base, block_start, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
+        _input_gradients(*pointers, grad_kl, offsets, offsets < per_image, eps, beta, log_beta, *codes)
 
 
 def _grid(mu_q: torch.Tensor) -> tuple[int, int, int]:
@@ -153,6 +199,12 @@ def _grid(mu_q: torch.Tensor) -> tuple[int, int, int]:
     per_image = mu_q.numel() // mu_q.shape[0] if mu_q.shape[0] else 0
     block = max(16, min(BLOCK, triton.next_power_of_2(max(per_image, 1))))
     return per_image, block, triton.cdiv(per_image, block)
+
+
+def _grouped(per_image: int, width: int, channels_last: bool) -> bool:
+    """Whether four elements can share a Philox call: each image's groups of four lie in memory order (contiguous
+    images of a multiple of 4 elements) or four w-neighbours apart by C (channels_last with W % 4 == 0)."""
+    return width % 4 == 0 if channels_last else per_image % 4 == 0
 
 
 def sample_and_kl_forward(
@@ -194,7 +246,7 @@ def sample_and_kl_forward(
         POSTERIOR=posterior,
         KL_ESTIMATOR=kl_estimator,
         CHANNELS_LAST=channels_last,
-        GROUPED=not channels_last and per_image % 4 == 0,
+        GROUPED=_grouped(per_image, width, channels_last),
         BLOCK=block,
         num_warps=NUM_WARPS,
     )
@@ -241,7 +293,7 @@ def sample_and_kl_backward(
         POSTERIOR=posterior,
         KL_ESTIMATOR=kl_estimator,
         CHANNELS_LAST=channels_last,
-        GROUPED=not channels_last and per_image % 4 == 0,
+        GROUPED=_grouped(per_image, width, channels_last),
         BLOCK=block,
         num_warps=NUM_WARPS,
     )

@@ -21,18 +21,25 @@ from .philox import block_normals, channels_last_groups, philox_key
 
 
 @triton.jit
-def _elements_and_eps(
-    seed, numel, C, H, W, CHANNELS_LAST: tl.constexpr, GROUPED: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr
+def _z(mu_ptr, logsigma_ptr, z_ptr, offsets, mask, eps, temperature, beta, log_beta, SCALE: tl.constexpr):
+    """Store z = mu + t * sigma * eps at these offsets."""
+    mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    logsigma = tl.load(logsigma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    sigma, _ = scale_and_log(logsigma, beta, log_beta, SCALE)
+    z = mu + temperature * sigma * eps
+    tl.store(z_ptr + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gradients(
+    grad_z_ptr, logsigma_ptr, grad_mu_ptr, grad_logsigma_ptr, offsets, mask, eps, temperature, beta, SCALE: tl.constexpr
 ):
-    """This program's memory offsets, their mask and their eps. GROUPED: one Philox call per four elements
-    (contiguous; channels_last with W % 4 == 0, whose elements are then taken four w-neighbours at a time)."""
-    offsets, mask, block_start = block_offsets(numel, BLOCK, INT64)
-    k0, k1 = philox_key(seed)
-    if CHANNELS_LAST and GROUPED:
-        offsets, eps = channels_last_groups(k0, k1, block_start, C, H, W, BLOCK)
-    else:
-        eps = block_normals(k0, k1, 0, block_start, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
-    return offsets, mask, eps
+    """Store grad_mu = grad_z and grad_logsigma = grad_z * t * eps * d sigma / d logsigma at these offsets."""
+    grad_z = tl.load(grad_z_ptr + offsets, mask=mask, other=0.0)
+    logsigma = tl.load(logsigma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    grad_logsigma = grad_z.to(tl.float32) * eps * temperature * scale_slope(logsigma, beta, SCALE)
+    tl.store(grad_mu_ptr + offsets, grad_z, mask=mask)
+    tl.store(grad_logsigma_ptr + offsets, grad_logsigma.to(grad_logsigma_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -54,12 +61,18 @@ def _sample_gaussian_forward_kernel(
     BLOCK: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    offsets, mask, eps = _elements_and_eps(seed, numel, C, H, W, CHANNELS_LAST, GROUPED, BLOCK, INT64)
-    mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    logsigma = tl.load(logsigma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    sigma, _ = scale_and_log(logsigma, beta, log_beta, SCALE)
-    z = mu + temperature * sigma * eps
-    tl.store(z_ptr + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
+    offsets, mask, block_start = block_offsets(numel, BLOCK, INT64)
+    k0, k1 = philox_key(seed)
+    if CHANNELS_LAST and GROUPED:  # one Philox call per four w-neighbours, stored one lane at a time
+        first, eps0, eps1, eps2, eps3 = channels_last_groups(k0, k1, 0, block_start, C, H, W, BLOCK // 4, True)
+        inside = first < numel
+        _z(mu_ptr, logsigma_ptr, z_ptr, first, inside, eps0, temperature, beta, log_beta, SCALE)
+        _z(mu_ptr, logsigma_ptr, z_ptr, first + C, inside, eps1, temperature, beta, log_beta, SCALE)
+        _z(mu_ptr, logsigma_ptr, z_ptr, first + 2 * C, inside, eps2, temperature, beta, log_beta, SCALE)
+        _z(mu_ptr, logsigma_ptr, z_ptr, first + 3 * C, inside, eps3, temperature, beta, log_beta, SCALE)
+    else:
+        eps = block_normals(k0, k1, 0, block_start, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
+        _z(mu_ptr, logsigma_ptr, z_ptr, offsets, mask, eps, temperature, beta, log_beta, SCALE)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -82,12 +95,19 @@ def _sample_gaussian_backward_kernel(
     BLOCK: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    offsets, mask, eps = _elements_and_eps(seed, numel, C, H, W, CHANNELS_LAST, GROUPED, BLOCK, INT64)
-    grad_z = tl.load(grad_z_ptr + offsets, mask=mask, other=0.0)
-    logsigma = tl.load(logsigma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    grad_logsigma = grad_z.to(tl.float32) * eps * temperature * scale_slope(logsigma, beta, SCALE)
-    tl.store(grad_mu_ptr + offsets, grad_z, mask=mask)
-    tl.store(grad_logsigma_ptr + offsets, grad_logsigma.to(grad_logsigma_ptr.dtype.element_ty), mask=mask)
+    offsets, mask, block_start = block_offsets(numel, BLOCK, INT64)
+    k0, k1 = philox_key(seed)
+    pointers = (grad_z_ptr, logsigma_ptr, grad_mu_ptr, grad_logsigma_ptr)
+    if CHANNELS_LAST and GROUPED:  # as the forward
+        first, eps0, eps1, eps2, eps3 = channels_last_groups(k0, k1, 0, block_start, C, H, W, BLOCK // 4, True)
+        inside = first < numel
+        _gradients(*pointers, first, inside, eps0, temperature, beta, SCALE)
+        _gradients(*pointers, first + C, inside, eps1, temperature, beta, SCALE)
+        _gradients(*pointers, first + 2 * C, inside, eps2, temperature, beta, SCALE)
+        _gradients(*pointers, first + 3 * C, inside, eps3, temperature, beta, SCALE)
+    else:
+        eps = block_normals(k0, k1, 0, block_start, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
+        _gradients(*pointers, offsets, mask, eps, temperature, beta, SCALE)
 
 
 def sample_gaussian_forward(
