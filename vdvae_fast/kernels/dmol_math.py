@@ -127,7 +127,10 @@ def channel_bin(
       tiny bin:                offset -|mid| - log_scale - log_bins,  arg r_mid**2
     (offsets in bits). cdf_delta cancels in the right tail exactly as the reference's does. The derivatives take
     the form d/dmean = -inv_s (wp - wm) and d/dlog_scale = -(plus_in wp - min_in wm + tiny) with wp, wm the
-    weights of the two bin edges (sigmoid' / cdf_delta in the bulk) and tiny 1 in the tiny-bin case.
+    weights of the two bin edges (sigmoid' / cdf_delta in the bulk) and tiny 1 in the tiny-bin case. In the bulk
+    sigmoid' is cdf (1 - cdf), from the rounded cdf as autograd forms it: where both edges sit far in the right
+    tail, the rounding of 1 - cdf then cancels against that of cdf_delta instead of adding to it (e r**2, exact
+    as it is, leaves the gradient up to 18x further from float64 than the reference there).
     """
     ls, slope, on_floor, below = log_scale(raw_log_scale, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
     ls2 = ls * LOG2E
@@ -162,10 +165,10 @@ def channel_bin(
     w_plus = tl.where(
         left,
         tl.where(plus_pos, e_plus * r_plus, r_plus),  # 1 - sigmoid(plus_in)
-        tl.where(right, 0.0, tl.where(bulk, e_plus * r_plus * r_plus * inv_delta, half_slope)),
+        tl.where(right, 0.0, tl.where(bulk, cdf_plus * (1.0 - cdf_plus) * inv_delta, half_slope)),
     )
     w_min = tl.where(
-        left, 0.0, tl.where(right, cdf_min, tl.where(bulk, e_min * r_min * r_min * inv_delta, -half_slope))
+        left, 0.0, tl.where(right, cdf_min, tl.where(bulk, cdf_min * (1.0 - cdf_min) * inv_delta, -half_slope))
     )
     tiny = tl.where(left | right | bulk, 0.0, 1.0)
     d_mean = inv_s * (w_min - w_plus)
