@@ -192,26 +192,26 @@ def pixel_offsets(pixels, W, stride_h, stride_w, MERGED_HW: tl.constexpr):
 
 @triton.jit
 def load_channel(rows, channel, stride_c, mask):
-    """One channel of this program's pixels as float32; rows = (image base pointer, int32 pixel offsets).
+    """One channel of this program's pixels as float32; rows = per-pixel pointers to channel 0 (see `shift`).
 
-    Offsets stay int32 until one multiply-add makes the address; callers pass the same `channel` for every
-    mixture (and shifted rows, see `shift`), so channel * stride_c is computed once, not per load."""
-    base, offsets = rows
-    return tl.load(base + (offsets + channel * stride_c), mask=mask, other=0.0).to(tl.float32)
+    The channel's offset is added to the pointers, not to int32 pixel offsets, so that with a known channel
+    stride (1 in channels_last) it folds into the load's immediate address offset: no address arithmetic per load."""
+    if mask is None:
+        return tl.load(rows + channel * stride_c).to(tl.float32)
+    else:
+        return tl.load(rows + channel * stride_c, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def shift(rows, channels, stride_c):
     """rows moved by `channels` channels."""
-    base, offsets = rows
-    return base, offsets + channels * stride_c
+    return rows + channels * stride_c
 
 
 @triton.jit
 def store_channel(rows, channel, stride_c, value, mask):
-    """Store one channel of this program's pixels in the element type of rows' base pointer."""
-    base, offsets = rows
-    tl.store(base + (offsets + channel * stride_c), value.to(base.dtype.element_ty), mask=mask)
+    """Store one channel of this program's pixels in the element type of rows' pointers."""
+    tl.store(rows + channel * stride_c, value.to(rows.dtype.element_ty), mask=mask)
 
 
 def scale_constexprs(scale: int, beta: float, log_scale_min: float) -> dict:
