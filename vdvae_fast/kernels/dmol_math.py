@@ -130,7 +130,8 @@ def channel_bin(
     weights of the two bin edges (sigmoid' / cdf_delta in the bulk) and tiny 1 in the tiny-bin case. In the bulk
     sigmoid' is cdf (1 - cdf), from the rounded cdf as autograd forms it: where both edges sit far in the right
     tail, the rounding of 1 - cdf then cancels against that of cdf_delta instead of adding to it (e r**2, exact
-    as it is, leaves the gradient up to 18x further from float64 than the reference there).
+    as it is, put the means' gradients there orders of magnitude further from float64 than the reference's:
+    tests/test_dmol_nll_far_tail.py).
     """
     ls, slope, on_floor, below = log_scale(raw_log_scale, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
     ls2 = ls * LOG2E
@@ -194,8 +195,9 @@ def pixel_offsets(pixels, W, stride_h, stride_w, MERGED_HW: tl.constexpr):
 def load_channel(rows, channel, stride_c, mask):
     """One channel of this program's pixels as float32; rows = per-pixel pointers to channel 0 (see `shift`).
 
-    The channel's offset is added to the pointers, not to int32 pixel offsets, so that with a known channel
-    stride (1 in channels_last) it folds into the load's immediate address offset: no address arithmetic per load."""
+    The channel's offset is added to the pointers, not to int32 pixel offsets, so that with a constexpr channel
+    stride (dmol_nll's, or a stride of 1) it folds into the load's immediate address offset: no address
+    arithmetic per load. mask None: a load of whole blocks, without one."""
     if mask is None:
         return tl.load(rows + channel * stride_c).to(tl.float32)
     else:
