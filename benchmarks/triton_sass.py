@@ -185,38 +185,47 @@ def _compile_case(case: Case) -> dict:
 # ---- reading a cubin --------------------------------------------------------------------------------------------
 
 _INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", re.M)
-# Trip counts of each kernel's loops over the mixtures, in program order, for M mixtures (kernels/dmol_*.py).
+# Each kernel's loops over the mixtures, in program order, for M mixtures and the launch's constexprs: (trips,
+# global loads and stores one trip makes) (kernels/dmol_*.py). ptxas may unroll a loop of constant trip count: a
+# body holding u trips' loads and stores runs trips / u times.
 LOOP_TRIPS = {
-    "dmol_nll_forward_kernel": lambda m: [m - 1],
-    "dmol_nll_backward_kernel": lambda m: [m - 1, m],
-    "dmol_sample_kernel": lambda m: [m - 1],
+    "dmol_nll_forward_kernel": lambda m, kw: [(m, 10)],
+    "dmol_nll_backward_kernel": lambda m, kw: [(m, 20), (m, 21)] if kw.get("ONE_PASS") else [(m, 10), (m, 20)],
+    "dmol_sample_kernel": lambda m, kw: [(m - 1, 1)],
 }
 
 
-def loop_bodies(sass: str) -> list[int]:
-    """Instructions in each loop of the SASS, in program order: a loop is a backward branch and the
-    instructions from its target up to it (NOPs left out)."""
+def loop_bodies(sass: str) -> list[tuple[int, int]]:
+    """(instructions, global loads and stores) of each loop of the SASS, in program order: a loop is a backward
+    branch and the instructions from its target up to it (NOPs left out)."""
     real = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _INSTRUCTION.finditer(sass) if m.group(3) != "NOP"]
     bodies = []
     for address, op, rest in real:
         target = re.match(r"\s*0x([0-9a-f]+)", rest)
         if op == "BRA" and target and int(target.group(1), 16) < address:
-            start = int(target.group(1), 16)
-            bodies.append(sum(start <= a <= address for a, _, _ in real))
+            body = [o for a, o, _ in real if int(target.group(1), 16) <= a <= address]
+            bodies.append((len(body), sum(o.startswith(("LDG", "STG")) for o in body)))
     return bodies
 
 
-def executed_per_thread(name: str, sass: str, num_mix: int | None) -> int | None:
-    """Instructions one thread executes: the static count, plus (trips - 1) more passes of each loop body.
-    None when the loops found are not the ones LOOP_TRIPS expects."""
+def executed_per_thread(name: str, sass: str, kwargs: dict) -> int | None:
+    """Instructions one thread executes: the static count, plus (passes - 1) more passes of each loop body, a
+    body of u trips (unrolled u times) making trips / u passes. None when the loops found are not the ones
+    LOOP_TRIPS expects."""
     count = sass_counts(sass)["sass"]
     bodies = loop_bodies(sass)
     loops = LOOP_TRIPS.get(name.lstrip("_"))
+    num_mix = kwargs.get("NUM_MIX")
     # M is a constexpr: the compiler drops a loop of 0 trips and the back edge of a loop of 1
-    trips = [t for t in loops(num_mix) if t >= 2] if loops and num_mix else []
-    if len(bodies) != len(trips):
+    expected = [(t, ops) for t, ops in loops(num_mix, kwargs) if t >= 2] if loops and num_mix else []
+    if len(bodies) != len(expected):
         return None
-    return count + sum((t - 1) * body for t, body in zip(trips, bodies, strict=True))
+    for (size, memory_ops), (trips, ops_per_trip) in zip(bodies, expected, strict=True):
+        unrolled, rest = divmod(memory_ops, ops_per_trip)
+        if rest or not unrolled or trips % unrolled:
+            return None
+        count += (trips // unrolled - 1) * size
+    return count
 
 
 def sass_counts(sass: str) -> dict:
@@ -268,7 +277,7 @@ def describe(name: str, kernel, kwargs: dict) -> dict:
     items = kwargs.get("BLOCK_P") or kwargs.get("BLOCK")  # pixels (dmol) or elements (Gaussian) per program
     info["threads"] = threads
     info["items_per_program"] = items
-    executed = executed_per_thread(name, sass, kwargs.get("NUM_MIX"))
+    executed = executed_per_thread(name, sass, kwargs)
     if items and executed is not None:
         info["per_item"] = round(executed * threads / items, 1)
     info["constexprs"] = {k: v for k, v in kwargs.items() if k.isupper() and isinstance(v, (int, bool))}
@@ -320,11 +329,13 @@ def table(result: dict) -> str:
         "pixel (dmol) or element (Gaussian ops), per thread-lane, derived below.",
         "",
         "**exec/item** = E x threads per program / items per program, where E is what one thread executes: the",
-        "SASS count, plus (trips - 1) more passes of each loop body. The dmol kernels loop over the M mixtures",
-        "(M - 1 trips after the first mixture; the backward's second loop M), a loop being a backward branch and",
-        "the instructions from its target to it; the Gaussian kernels are straight-line code. Predicated-off",
-        "instructions count, as the hardware issues them; other branches (e.g. a slow path) count every path,",
-        "an upper bound. A program of T threads handles P pixels or elements: each costs E x T / P.",
+        "SASS count, plus (passes - 1) more passes of each loop body. The dmol kernels loop over the M mixtures",
+        "(dmol_nll: M trips, the backward two such loops; dmol_sample: M - 1 after the first mixture), a loop",
+        "being a backward branch and the instructions from its target to it; where ptxas unrolled a loop u",
+        "times (its body holds u trips' global loads and stores) it makes trips / u passes. The Gaussian",
+        "kernels are straight-line code. Predicated-off instructions count, as the hardware issues them; other",
+        "branches (e.g. a slow path) count every path, an upper bound. A program of T threads handles P pixels",
+        "or elements: each costs E x T / P.",
         "",
         "| op | kernel | dtype | layout | M | bits | regs | spill | smem | SASS | MUFU | LDG | STG | bra | exec/item |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -127,7 +127,11 @@ def channel_bin(
       tiny bin:                offset -|mid| - log_scale - log_bins,  arg r_mid**2
     (offsets in bits). cdf_delta cancels in the right tail exactly as the reference's does. The derivatives take
     the form d/dmean = -inv_s (wp - wm) and d/dlog_scale = -(plus_in wp - min_in wm + tiny) with wp, wm the
-    weights of the two bin edges (sigmoid' / cdf_delta in the bulk) and tiny 1 in the tiny-bin case.
+    weights of the two bin edges (sigmoid' / cdf_delta in the bulk) and tiny 1 in the tiny-bin case. In the bulk
+    sigmoid' is cdf (1 - cdf), from the rounded cdf as autograd forms it: where both edges sit far in the right
+    tail, the rounding of 1 - cdf then cancels against that of cdf_delta instead of adding to it (e r**2, exact
+    as it is, put the means' gradients there orders of magnitude further from float64 than the reference's:
+    tests/test_dmol_nll_far_tail.py).
     """
     ls, slope, on_floor, below = log_scale(raw_log_scale, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
     ls2 = ls * LOG2E
@@ -162,10 +166,10 @@ def channel_bin(
     w_plus = tl.where(
         left,
         tl.where(plus_pos, e_plus * r_plus, r_plus),  # 1 - sigmoid(plus_in)
-        tl.where(right, 0.0, tl.where(bulk, e_plus * r_plus * r_plus * inv_delta, half_slope)),
+        tl.where(right, 0.0, tl.where(bulk, cdf_plus * (1.0 - cdf_plus) * inv_delta, half_slope)),
     )
     w_min = tl.where(
-        left, 0.0, tl.where(right, cdf_min, tl.where(bulk, e_min * r_min * r_min * inv_delta, -half_slope))
+        left, 0.0, tl.where(right, cdf_min, tl.where(bulk, cdf_min * (1.0 - cdf_min) * inv_delta, -half_slope))
     )
     tiny = tl.where(left | right | bulk, 0.0, 1.0)
     d_mean = inv_s * (w_min - w_plus)
@@ -189,26 +193,27 @@ def pixel_offsets(pixels, W, stride_h, stride_w, MERGED_HW: tl.constexpr):
 
 @triton.jit
 def load_channel(rows, channel, stride_c, mask):
-    """One channel of this program's pixels as float32; rows = (image base pointer, int32 pixel offsets).
+    """One channel of this program's pixels as float32; rows = per-pixel pointers to channel 0 (see `shift`).
 
-    Offsets stay int32 until one multiply-add makes the address; callers pass the same `channel` for every
-    mixture (and shifted rows, see `shift`), so channel * stride_c is computed once, not per load."""
-    base, offsets = rows
-    return tl.load(base + (offsets + channel * stride_c), mask=mask, other=0.0).to(tl.float32)
+    The channel's offset is added to the pointers, not to int32 pixel offsets, so that with a constexpr channel
+    stride (dmol_nll's, or a stride of 1) it folds into the load's immediate address offset: no address
+    arithmetic per load. mask None: a load of whole blocks, without one."""
+    if mask is None:
+        return tl.load(rows + channel * stride_c).to(tl.float32)
+    else:
+        return tl.load(rows + channel * stride_c, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def shift(rows, channels, stride_c):
     """rows moved by `channels` channels."""
-    base, offsets = rows
-    return base, offsets + channels * stride_c
+    return rows + channels * stride_c
 
 
 @triton.jit
 def store_channel(rows, channel, stride_c, value, mask):
-    """Store one channel of this program's pixels in the element type of rows' base pointer."""
-    base, offsets = rows
-    tl.store(base + (offsets + channel * stride_c), value.to(base.dtype.element_ty), mask=mask)
+    """Store one channel of this program's pixels in the element type of rows' pointers."""
+    tl.store(rows + channel * stride_c, value.to(rows.dtype.element_ty), mask=mask)
 
 
 def scale_constexprs(scale: int, beta: float, log_scale_min: float) -> dict:

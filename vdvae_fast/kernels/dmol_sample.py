@@ -94,7 +94,7 @@ def _dmol_sample_kernel(
     b = tl.program_id(1).to(tl.int64)
     pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = pixels < HW
-    l_rows = (logits_ptr + b * l_sb, pixel_offsets(pixels, W, l_sh, l_sw, MERGED_HW))
+    l_rows = logits_ptr + b * l_sb + pixel_offsets(pixels, W, l_sh, l_sw, MERGED_HW)
     k0, k1 = philox_key(seed)
     counters = (b * HW + pixels).to(tl.uint32)  # pixel (b H + h) W + w
 
