@@ -96,13 +96,14 @@ VF_HOST_DEVICE int64_t coeff_channel(int64_t mixtures, int colour, int64_t k) {
 template <typename T>
 struct Bins {
   T half_width;
-  T log_bins;  // log((2^bits - 1) / 2): turns the density at the bin centre into a bin mass
+  T minus_half_width;  // a number of its own, so that nvcc forms -h as one product, not as a product and a negation
+  T log_bins;          // log((2^bits - 1) / 2): turns the density at the bin centre into a bin mass
 };
 
 template <typename T>
 inline Bins<T> make_bins(int64_t num_bits) {
   const double levels = static_cast<double>((int64_t{1} << num_bits) - 1);
-  return {static_cast<T>(1.0 / levels), static_cast<T>(std::log(levels / 2.0))};
+  return {static_cast<T>(1.0 / levels), static_cast<T>(-1.0 / levels), static_cast<T>(std::log(levels / 2.0))};
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -192,12 +193,12 @@ void with_scales(int64_t scale, double beta, double log_scale_min, const F& f) {
 // flag per colour and mixture would be a predicate, and there are only 7).
 template <typename T>
 struct Target {
-  T x;                   // the target, which the next colours' means couple to
-  T at;                  // x + half width (v = plus_in) on the first bin, x - half width (v = min_in) on the last, else x
-  T slope, curve;        // first bin 1, 1; last bin 0, 1; inside 1, 2
-  T density;             // 1 inside, else 0
-  T density_log_bins;    // density * log_bins
-  T min_cdf_delta;       // 1e-5 inside, inf at the edges, where cdf_delta is never used
+  T x;                 // the target, which the next colours' means couple to
+  T at;                // x + half width (v = plus_in) on the first bin, x - half width (min_in) on the last, else x
+  T slope, curve;      // first bin 1, 1; last bin 0, 1; inside 1, 2
+  T density;           // 1 inside, else 0
+  T density_log_bins;  // density * log_bins
+  T min_cdf_delta;     // 1e-5 inside, inf at the edges, where cdf_delta is never used
 };
 
 template <typename T>
@@ -205,16 +206,15 @@ VF_HOST_DEVICE Target<T> target_of(T x, const Bins<T>& bins) {
   const bool left = x < T(-kEdge);
   const bool right = x > T(kEdge);
   const bool inside = !left & !right;
-  const T zero = T(0), one = T(1), two = T(2), down = -bins.half_width;
+  const T zero = T(0), one = T(1), two = T(2);
   const T never = std::numeric_limits<T>::infinity(), threshold = T(kMinCdfDelta);
-  const T offset = left ? bins.half_width : (right ? down : zero);
-  return {x,
-          x + offset,
-          right ? zero : one,
-          inside ? two : one,
-          inside ? one : zero,
-          inside ? bins.log_bins : zero,
-          inside ? threshold : never};
+  const T offset = left ? bins.half_width : (right ? bins.minus_half_width : zero);
+  const T slope = right ? zero : one;
+  const T curve = inside ? two : one;
+  const T density = inside ? one : zero;
+  const T density_log_bins = inside ? bins.log_bins : zero;
+  const T min_cdf_delta = inside ? threshold : never;
+  return {x, x + offset, slope, curve, density, density_log_bins, min_cdf_delta};
 }
 
 // The three targets of a pixel
@@ -281,11 +281,11 @@ VF_HOST_DEVICE ColourTerm<T> colour_term(const Target<T>& target, T mean, const 
   const T inv_stdv = fast_exp(-max_keep_nan(scale.value, -max_inverse_log_scale<T>()));
   const T v = inv_stdv * (target.at - mean);
   const T a_units = abs_of(v) * unit;
-  const T minus_h_units = inv_stdv * -(bins.half_width * unit);
-  const T e_v = exp_units(-a_units);                                        // e^-|v|
-  const T e_h = exp_units(minus_h_units);                                   // e^-h
+  const T minus_h_units = inv_stdv * (bins.minus_half_width * unit);
+  const T e_v = exp_units(-a_units);                                               // e^-|v|
+  const T e_h = exp_units(minus_h_units);                                          // e^-h
   const T e_gap = exp_units(min_keep_nan(a_units + minus_h_units, T(40) * unit));  // e^(a-h)
-  const T e_far = e_v * e_h;                                                // e^-(a+h)
+  const T e_far = e_v * e_h;                                                       // e^-(a+h)
   const T e_2h = e_h * e_h;
   const T mass_num = one - e_2h;
   const T mass_den = (one + e_gap) * (one + e_far);
@@ -295,26 +295,28 @@ VF_HOST_DEVICE ColourTerm<T> colour_term(const Target<T>& target, T mean, const 
   const T softplus_den = one_plus_e_v * (one + target.density * e_v);  // (1 + e^-|v|)^curve
   const T shift = target.density * scale.value + target.density_log_bins;
   const T softplus_base = target.slope * v - (target.curve * positive_part(v) + shift);
-  ColourTerm<T> term{use_delta ? zero : softplus_base, use_delta ? mass_num : one,
-                     use_delta ? mass_den : softplus_den, zero, zero};
+  const T base = use_delta ? zero : softplus_base;
+  const T num = use_delta ? mass_num : one;
+  const T den = use_delta ? mass_den : softplus_den;
+  ColourTerm<T> term{base, num, den, zero, zero};
   if (kGrad) {
     const T delta_den = mass_num * mass_den;
     const T r = fast_reciprocal(use_delta ? delta_den : one_plus_e_v);
     const bool positive = v >= zero;
     const T towards = e_far - e_gap;
     const T away = e_gap - e_far;
-    const T d_delta = (positive ? towards : away) * (mass_num * r);
+    // -d log P / d v, negated so that no result needs a negation of its own
+    const T minus_d_delta = (positive ? away : towards) * (mass_num * r);
     const T d_h = ((e_far + e_gap) * (one + e_2h) + T(4) * e_2h) * r;
     const T sigmoid_top = positive ? one : e_v;
-    const T d_softplus = target.slope - target.curve * (sigmoid_top * r);
-    const T d_v = use_delta ? d_delta : d_softplus;
+    const T minus_d_softplus = target.curve * (sigmoid_top * r) - target.slope;
+    const T minus_d_v = use_delta ? minus_d_delta : minus_d_softplus;
     // v and h are inv_stdv times constants, and inv_stdv = exp(-log_scale); the density adds -log_scale
-    const T h = inv_stdv * bins.half_width;
-    const T delta_direct = -(h * d_h);
+    const T delta_direct = (inv_stdv * bins.minus_half_width) * d_h;  // -h d_h
     const T density_direct = -target.density;
     const T direct = use_delta ? delta_direct : density_direct;
-    term.d_mean = -inv_stdv * d_v;
-    term.d_log_scale = (direct - v * d_v) * scale.grad;
+    term.d_mean = inv_stdv * minus_d_v;
+    term.d_log_scale = (direct + v * minus_d_v) * scale.grad;
   }
   return term;
 }
@@ -336,8 +338,9 @@ struct MixtureTerm {
 };
 
 // Colour c's mean is coupled to the colours before it: m1 = mu1 + c0 x0, m2 = mu2 + c1 x0 + c2 x1.
+// The targets come by value: a reference to them keeps gcc from vectorizing the CPU kernels' loops.
 template <bool kGrad, bool kSoftplus, typename T>
-VF_HOST_DEVICE MixtureTerm<T> mixture_term(const PixelTargets<T>& x, const MixtureParams<T>& p, const Bins<T>& bins,
+VF_HOST_DEVICE MixtureTerm<T> mixture_term(const PixelTargets<T> x, const MixtureParams<T>& p, const Bins<T>& bins,
                                            const Scales<kSoftplus, T>& scales) {
   const T x0 = x.colour[0].x, x1 = x.colour[1].x;
   const T c0 = fast_tanh(p.raw_coeff[0]);
@@ -386,7 +389,7 @@ struct LogSumExp {
 
 // logsumexp over the mixtures as shift + log_sum, with shift = the max, or 0 where the max is infinite
 // (as torch.logsumexp does), so that log_softmax = (v - shift) - log_sum keeps the precision of large
-// logits. value(k) is mixture k's value; a NaN one makes log_sum NaN.
+// logits. value(k) is mixture k's value; a NaN one makes log_sum NaN (through the sum, whatever the max).
 struct ShiftedLogSumExp {
   float shift, log_sum;
 };
@@ -395,7 +398,7 @@ template <int kMixtures, typename Value>
 VF_HOST_DEVICE ShiftedLogSumExp shifted_logsumexp(int m, const Value& value) {
   float max = value(0);
   VF_UNROLL
-  for (int k = 1; k < (kMixtures > 0 ? kMixtures : m); ++k) max = value(k) > max ? value(k) : max;
+  for (int k = 1; k < (kMixtures > 0 ? kMixtures : m); ++k) max = max_keep_nan(value(k), max);
   const float shift = abs_of(max) == std::numeric_limits<float>::infinity() ? 0.0f : max;
   float sum = 0.0f;
   VF_UNROLL
@@ -554,9 +557,11 @@ VF_HOST_DEVICE void dmol_nll_backward_pixel(const Channels& channel, const Joint
     }
   }
   const ShiftedLogSumExp all = shifted_logsumexp<kMixtures>(m, joint);
+  constexpr float unit = exp_unit<float>();
+  const float log_sum_units = all.log_sum * unit;
   VF_UNROLL
   for (int k = 0; k < m; ++k) {
-    const float r = fast_exp((joint(k) - all.shift) - all.log_sum);
+    const float r = exp_units((joint(k) - all.shift) * unit - log_sum_units);
     channel(k) = g * (channel(k) - r);
     const float weight = -g * r;
     for (int c = 0; c < 3; ++c) {
