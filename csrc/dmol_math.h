@@ -33,8 +33,8 @@
 namespace vdvae_fast {
 namespace dmol {
 
-constexpr double kEdge = 0.999;           // |x| beyond this is the first or last bin
-constexpr double kMinCdfDelta = 1e-5;     // below it the bin mass is replaced by the density
+constexpr double kEdge = 0.999;        // |x| beyond this is the first or last bin
+constexpr double kMinCdfDelta = 1e-5;  // below it the bin mass is replaced by the density
 
 template <typename T>
 VF_HOST_DEVICE T abs_of(T v) {
@@ -272,7 +272,8 @@ struct ColourTerm {
 // The softplus forms need e^-|v| only: softplus(v) = max(v, 0) + log(1 + e^-|v|), sigmoid(v) = (v >= 0 ? 1 :
 // e^-|v|) / (1 + e^-|v|). torch's softplus returns v itself above 20, which differs from this by less than
 // float rounding. Each term ends in a ratio whose log the mixture takes (num / den), and its derivatives need
-// one reciprocal, of the branch's denominator.
+// one reciprocal, of the branch's denominator. Every select picks between named values: arithmetic inside ?:
+// arms becomes control flow that gcc duplicates before vectorizing.
 template <bool kGrad, typename T>
 VF_HOST_DEVICE ColourTerm<T> colour_term(const Target<T>& target, T mean, const LogScale<T>& scale,
                                          const Bins<T>& bins) {
