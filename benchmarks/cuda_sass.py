@@ -181,7 +181,11 @@ def _short_name(demangled: str) -> str:
             if char == ">" and depth == 0:
                 cut = i + 1
                 break
-    return name[:cut].replace("c10::BFloat16", "bf16").replace("c10::Half", "fp16").replace("float", "fp32")
+    name = name[:cut].replace("c10::BFloat16", "bf16").replace("c10::Half", "fp16").replace("float", "fp32")
+    # the dmol kernels' scale parametrization: VDVAE's exp or Efficient-VDVAE's softplus
+    return re.sub(
+        r"dmol::Scales<(false|true), fp32>\s*", lambda m: "exp" if m.group(1) == "false" else "softplus", name
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -332,11 +336,18 @@ def _packet_elements(name: str) -> int:
     return int(found.group(1)) if found else 1
 
 
+def _dmol_mixtures(name: str) -> int | None:
+    """The compile-time M of a dmol kernel (`dmol_nll_forward_kernel<fp32, 10, exp>` -> 10), else None."""
+    found = re.match(r"dmol_\w+<\w+, (\d+)", name)
+    return int(found.group(1)) if found else None
+
+
 def _executed(kernel: Kernel) -> str:
     count = path_count(kernel.instructions)
-    if kernel.name.startswith("dmol_") and kernel.name.endswith(f", {DMOL_MIXTURES}>"):
+    mixtures = _dmol_mixtures(kernel.name)
+    if mixtures == DMOL_MIXTURES:
         return f"≤ {count.longest} per pixel"
-    if kernel.name.startswith("dmol_") and kernel.name.endswith(", 0>"):
+    if mixtures == 0:
         return "– (M at run time: loops over the mixtures)"
     if count.loop_iteration == 0:
         return f"≤ {count.longest} per thread"
@@ -363,13 +374,16 @@ def table(kernels: list[Kernel], command: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     per_pixel = {k.name: path_count(k.instructions).longest for k in kernels}
-    forward = per_pixel.get(f"dmol_nll_forward_kernel<fp32, {DMOL_MIXTURES}>")
-    backward = per_pixel.get(f"dmol_nll_backward_kernel<fp32, {DMOL_MIXTURES}>")
-    if forward and backward:
-        lines[-3:-3] = [
-            f"dmol_nll forward + backward at M = {DMOL_MIXTURES} in fp32: at most {forward} + {backward} = "
-            f"{forward + backward} instructions per pixel.",
-        ]
+    totals = []
+    for scales in ("exp", "softplus"):
+        forward = per_pixel.get(f"dmol_nll_forward_kernel<fp32, {DMOL_MIXTURES}, {scales}>")
+        backward = per_pixel.get(f"dmol_nll_backward_kernel<fp32, {DMOL_MIXTURES}, {scales}>")
+        if forward and backward:
+            totals.append(
+                f"dmol_nll forward + backward at M = {DMOL_MIXTURES} in fp32, {scales} scales: at most "
+                f"{forward} + {backward} = {forward + backward} instructions per pixel."
+            )
+    lines[-3:-3] = [line + "\n" for line in totals[:-1]] + totals[-1:]
     for k in kernels:
         mufu = sum(1 for _, text in k.instructions if "MUFU." in text)
         smem = f"{k.static_smem} + {_dynamic_smem(k.name)}"

@@ -33,9 +33,8 @@
 namespace vdvae_fast {
 namespace dmol {
 
-constexpr double kEdge = 0.999;           // |x| beyond this is the first or last bin
-constexpr double kMinCdfDelta = 1e-5;     // below it the bin mass is replaced by the density
-constexpr double kSoftplusLinear = 20.0;  // torch's softplus returns x above this threshold
+constexpr double kEdge = 0.999;        // |x| beyond this is the first or last bin
+constexpr double kMinCdfDelta = 1e-5;  // below it the bin mass is replaced by the density
 
 template <typename T>
 VF_HOST_DEVICE T abs_of(T v) {
@@ -46,16 +45,36 @@ VF_HOST_DEVICE T abs_of(T v) {
 #endif
 }
 
-// max(v, 0) and min(v, 0); a NaN v gives 0, which callers only use next to a NaN term
+// max(v, 0); a NaN v gives 0, which callers only use next to a term that carries the NaN
 template <typename T>
 VF_HOST_DEVICE T positive_part(T v) {
   return v > T(0) ? v : T(0);
 }
 
-template <typename T>
-VF_HOST_DEVICE T negative_part(T v) {
-  return v < T(0) ? v : T(0);
+// max(v, c) and min(v, c) of a number c that keep a NaN v: one FMNMX.NAN on the GPU (sm_80 and later)
+VF_HOST_DEVICE float max_keep_nan(float v, float c) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float out;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(out) : "f"(v), "f"(c));
+  return out;
+#else
+  return v < c ? c : v;
+#endif
 }
+
+VF_HOST_DEVICE float min_keep_nan(float v, float c) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float out;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(out) : "f"(v), "f"(c));
+  return out;
+#else
+  return v > c ? c : v;
+#endif
+}
+
+VF_HOST_DEVICE double max_keep_nan(double v, double c) { return v < c ? c : v; }
+
+VF_HOST_DEVICE double min_keep_nan(double v, double c) { return v > c ? c : v; }
 
 // ----------------------------------------------------------------------------------------------
 // The DMoL
@@ -77,13 +96,14 @@ VF_HOST_DEVICE int64_t coeff_channel(int64_t mixtures, int colour, int64_t k) {
 template <typename T>
 struct Bins {
   T half_width;
-  T log_bins;  // log((2^bits - 1) / 2): turns the density at the bin centre into a bin mass
+  T minus_half_width;  // a number of its own, so that nvcc forms -h as one product, not as a product and a negation
+  T log_bins;          // log((2^bits - 1) / 2): turns the density at the bin centre into a bin mass
 };
 
 template <typename T>
 inline Bins<T> make_bins(int64_t num_bits) {
   const double levels = static_cast<double>((int64_t{1} << num_bits) - 1);
-  return {static_cast<T>(1.0 / levels), static_cast<T>(std::log(levels / 2.0))};
+  return {static_cast<T>(1.0 / levels), static_cast<T>(-1.0 / levels), static_cast<T>(std::log(levels / 2.0))};
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -141,7 +161,7 @@ struct Scales {
       unfloored = (shift + fast_log(arg)) - log_beta;
       slope = beta * fast_reciprocal((T(1) + y) * arg);
     }
-    const T value = unfloored < log_scale_min ? log_scale_min : unfloored;
+    const T value = max_keep_nan(unfloored, log_scale_min);
     const T at_floor = unfloored == log_scale_min ? T(0.5) : T(0);
     const T floor_grad = unfloored > log_scale_min ? T(1) : at_floor;
     return {value, slope * floor_grad};
@@ -164,82 +184,140 @@ void with_scales(int64_t scale, double beta, double log_scale_min, const F& f) {
   }
 }
 
+// What x_c decides for every mixture. At the edges the reference takes the bin's mass from one side:
+// x < -0.999: log sigmoid(plus_in) = plus_in - softplus(plus_in); x > 0.999: -softplus(min_in). Inside, it
+// takes log(cdf_delta) where cdf_delta = sigmoid(plus_in) - sigmoid(min_in) > 1e-5, else the density at the
+// bin centre, mid_in - 2 softplus(mid_in) - log_scale - log_bins. Each of the three softplus forms is
+// slope v - curve softplus(v) - density (log_scale + log_bins) for the logistic argument v = (at - mean) /
+// scale. All are numbers, not flags, so that the mixtures' terms combine them by arithmetic (on the GPU a
+// flag per colour and mixture would be a predicate, and there are only 7).
 template <typename T>
-struct ColourTerm {
-  T log_prob;
-  T d_mean;       // d log_prob / d (coupled) mean
-  T d_log_scale;  // d log_prob / d raw log-scale channel, through the scale's parametrization and floor
+struct Target {
+  T x;                 // the target, which the next colours' means couple to
+  T at;                // x + half width (v = plus_in) on the first bin, x - half width (min_in) on the last, else x
+  T slope, curve;      // first bin 1, 1; last bin 0, 1; inside 1, 2
+  T density;           // 1 inside, else 0
+  T density_log_bins;  // density * log_bins
+  T min_cdf_delta;     // 1e-5 inside, inf at the edges, where cdf_delta is never used
 };
 
-// log P(x | mean, log_scale) of x's bin, as reference.dmol_nll's torch.where chain chooses it:
-//   x < -0.999: log sigmoid(plus_in) = plus_in - softplus(plus_in)
-//   x >  0.999: -softplus(min_in)
-//   else cdf_delta = sigmoid(plus_in) - sigmoid(min_in); log(cdf_delta) if cdf_delta > 1e-5,
-//        else mid_in - log_scale - 2 softplus(mid_in) - log_bins (a NaN cdf_delta also lands here)
-// softplus(v) = v > 20 ? v : max(v, 0) + log1p(exp(-|v|)); every branch needs one logarithm, of the
-// selected argument. The derivatives are those of autograd through the chosen branch.
-template <bool kGrad, typename T>
-VF_HOST_DEVICE ColourTerm<T> colour_term(T x, T mean, const LogScale<T>& scale, const Bins<T>& bins) {
-  const T log_scale = scale.value;
-  const T inv_stdv = fast_exp(-log_scale);
-  const T centered = x - mean;
-  const T plus_in = inv_stdv * (centered + bins.half_width);
-  const T min_in = inv_stdv * (centered - bins.half_width);
-  const T mid_in = inv_stdv * centered;
-  // sigmoid(v) from e = exp(-|v|) and q = 1 / (1 + e): q for v >= 0, e q below, never 1 - tiny
-  const T e_plus = fast_exp(-abs_of(plus_in));
-  const T e_min = fast_exp(-abs_of(min_in));
-  const T e_mid = fast_exp(-abs_of(mid_in));
-  const T q_plus = fast_reciprocal(T(1) + e_plus);
-  const T q_min = fast_reciprocal(T(1) + e_min);
-  const T cdf_plus = plus_in >= T(0) ? q_plus : e_plus * q_plus;
-  const T cdf_min = min_in >= T(0) ? q_min : e_min * q_min;
-  const T cdf_delta = cdf_plus - cdf_min;
-
+template <typename T>
+VF_HOST_DEVICE Target<T> target_of(T x, const Bins<T>& bins) {
   const bool left = x < T(-kEdge);
   const bool right = x > T(kEdge);
-  // bitwise & keeps these masks branch-free for the vectorizer
-  const bool use_delta = !left & !right & (cdf_delta > T(kMinCdfDelta));
-  const bool use_density = !left & !right & !use_delta;
-  // The one logarithm, of the selected branch's argument. Every select below picks between named
-  // values: arithmetic inside ?: arms becomes control flow that gcc duplicates before vectorizing.
-  const T log_arg = left ? e_plus : (right ? e_min : (use_delta ? cdf_delta : e_mid));
-  const T log_value = fast_log_or_log1p(use_delta, log_arg);
-  // log(max(cdf_delta, 1e-12)) of the reference is log_value itself: cdf_delta > 1e-5 there
-  const T log_sigmoid_plus = negative_part(plus_in) - log_value;  // plus_in - softplus(plus_in)
-  const T softplus_min = positive_part(min_in) + log_value;
-  const T softplus_mid = positive_part(mid_in) + log_value;
-  const T left_value = plus_in > T(kSoftplusLinear) ? T(0) : log_sigmoid_plus;
-  const T right_value = -(min_in > T(kSoftplusLinear) ? min_in : softplus_min);
-  const T density_softplus = mid_in > T(kSoftplusLinear) ? mid_in : softplus_mid;
-  const T density_value = mid_in - log_scale - T(2) * density_softplus - bins.log_bins;
-  const T log_prob = left ? left_value : (right ? right_value : (use_delta ? log_value : density_value));
-  ColourTerm<T> term{log_prob, T(0), T(0)};
+  const bool inside = !left & !right;
+  const T zero = T(0), one = T(1), two = T(2);
+  const T never = std::numeric_limits<T>::infinity(), threshold = T(kMinCdfDelta);
+  const T offset = left ? bins.half_width : (right ? bins.minus_half_width : zero);
+  const T slope = right ? zero : one;
+  const T curve = inside ? two : one;
+  const T density = inside ? one : zero;
+  const T density_log_bins = inside ? bins.log_bins : zero;
+  const T min_cdf_delta = inside ? threshold : never;
+  return {x, x + offset, slope, curve, density, density_log_bins, min_cdf_delta};
+}
+
+// The three targets of a pixel
+template <typename T>
+struct PixelTargets {
+  Target<T> colour[3];
+
+  VF_HOST_DEVICE PixelTargets(T x0, T x1, T x2, const Bins<T>& bins)
+      : colour{target_of(x0, bins), target_of(x1, bins), target_of(x2, bins)} {}
+};
+
+// The exponentials of colour_term take their arguments in exponent units: exp_units(y * exp_unit<T>()) = e^y.
+// On the GPU the unit is log2 e and exp_units one MUFU.EX2, so that the unit folds into a product the
+// caller forms anyway; on the host the unit is 1 and exp_units is fast_exp.
+template <typename T>
+VF_HOST_DEVICE constexpr T exp_unit() {
+#if defined(__CUDA_ARCH__)
+  return static_cast<T>(kLog2e);
+#else
+  return T(1);
+#endif
+}
+
+VF_HOST_DEVICE float exp_units(float y) {
+#if defined(__CUDA_ARCH__)
+  return exp2_mufu(y);
+#else
+  return fast_exp(y);
+#endif
+}
+
+VF_HOST_DEVICE double exp_units(double y) { return fast_exp(y); }
+
+// The largest -log_scale whose exponential stays finite (e^80 < 2^128 in float), so that a log-scale far below
+// any floor (only -inf lets it through) gives an enormous inverse scale, as the reference's, and not inf * 0.
+template <typename T>
+VF_HOST_DEVICE constexpr T max_inverse_log_scale() {
+  return sizeof(T) == sizeof(float) ? T(80) : T(700);
+}
+
+template <typename T>
+struct ColourTerm {
+  T base, num, den;  // log P(x_c | k) = base + log(num / den): mixture_term takes one log for three colours
+  T d_mean;          // d log P / d (coupled) mean
+  T d_log_scale;     // d log P / d raw log-scale channel, through the scale's parametrization and floor
+};
+
+// log P(x | mean, log_scale) of x's bin, with the branches of reference.dmol_nll, and its derivatives. With
+// a = |mid_in| and h = inv_stdv * half_width, so plus_in, min_in = mid_in +- h, the bin mass is
+//   cdf_delta = (1 - e^-2h) / ((1 + e^(a-h)) (1 + e^-(a+h)))
+// (expand sigmoid(a + h) - sigmoid(a - h); mid_in < 0 gives the same by symmetry), which neither subtracts
+// two rounded sigmoids nor overflows (e^(a-h) is capped at e^40, where cdf_delta < 1e-5 anyway), and
+//   d log cdf_delta / d mid_in = sign(mid_in) (e^-(a+h) - e^(a-h)) / ((1 + e^(a-h)) (1 + e^-(a+h))),
+//   d log cdf_delta / d h = ((e^-(a+h) + e^(a-h)) (1 + e^-2h) + 4 e^-2h) / ((1 - e^-2h) (1 + e^(a-h)) (1 + e^-(a+h))).
+// The softplus forms need e^-|v| only: softplus(v) = max(v, 0) + log(1 + e^-|v|), sigmoid(v) = (v >= 0 ? 1 :
+// e^-|v|) / (1 + e^-|v|). torch's softplus returns v itself above 20, which differs from this by less than
+// float rounding. Each term ends in a ratio whose log the mixture takes (num / den), and its derivatives need
+// one reciprocal, of the branch's denominator. Every select picks between named values: arithmetic inside ?:
+// arms becomes control flow that gcc duplicates before vectorizing.
+template <bool kGrad, typename T>
+VF_HOST_DEVICE ColourTerm<T> colour_term(const Target<T>& target, T mean, const LogScale<T>& scale,
+                                         const Bins<T>& bins) {
+  constexpr T unit = exp_unit<T>();
+  const T zero = T(0), one = T(1);
+  const T inv_stdv = fast_exp(-max_keep_nan(scale.value, -max_inverse_log_scale<T>()));
+  const T v = inv_stdv * (target.at - mean);
+  const T a_units = abs_of(v) * unit;
+  const T minus_h_units = inv_stdv * (bins.minus_half_width * unit);
+  const T e_v = exp_units(-a_units);                                               // e^-|v|
+  const T e_h = exp_units(minus_h_units);                                          // e^-h
+  const T e_gap = exp_units(min_keep_nan(a_units + minus_h_units, T(40) * unit));  // e^(a-h)
+  const T e_far = e_v * e_h;                                                       // e^-(a+h)
+  const T e_2h = e_h * e_h;
+  const T mass_num = one - e_2h;
+  const T mass_den = (one + e_gap) * (one + e_far);
+  // cdf_delta > 1e-5 inside; a NaN anywhere makes this false and the NaN reaches the density
+  const bool use_delta = mass_num > target.min_cdf_delta * mass_den;
+  const T one_plus_e_v = one + e_v;
+  const T softplus_den = one_plus_e_v * (one + target.density * e_v);  // (1 + e^-|v|)^curve
+  const T shift = target.density * scale.value + target.density_log_bins;
+  const T softplus_base = target.slope * v - (target.curve * positive_part(v) + shift);
+  const T base = use_delta ? zero : softplus_base;
+  const T num = use_delta ? mass_num : one;
+  const T den = use_delta ? mass_den : softplus_den;
+  ColourTerm<T> term{base, num, den, zero, zero};
   if (kGrad) {
-    // d log_prob / d (plus_in, min_in, mid_in) of the taken branch; softplus' is 1 above the
-    // threshold, sigmoid below
-    const T e_q_plus = e_plus * q_plus;
-    const T sigmoid_neg_plus = plus_in >= T(0) ? e_q_plus : q_plus;
-    const T d_plus_left = plus_in > T(kSoftplusLinear) ? T(0) : sigmoid_neg_plus;
-    const T neg_sigmoid_min = min_in > T(kSoftplusLinear) ? T(-1) : -cdf_min;
-    // sigmoid' = s (1 - s) from the rounded s, as autograd forms it: where both sigmoids are near 1,
-    // the rounding of 1 - s then cancels against that of cdf_delta instead of adding to it
-    const T inv_delta = fast_reciprocal(cdf_delta);
-    const T d_plus_delta = cdf_plus * (T(1) - cdf_plus) * inv_delta;
-    const T d_min_delta = -(cdf_min * (T(1) - cdf_min) * inv_delta);
-    const T q_mid = fast_reciprocal(T(1) + e_mid);
-    const T e_q_mid = e_mid * q_mid;
-    const T sigmoid_mid = mid_in >= T(0) ? q_mid : e_q_mid;
-    const T softplus_grad_mid = mid_in > T(kSoftplusLinear) ? T(1) : sigmoid_mid;
-    const T d_mid_density = T(1) - T(2) * softplus_grad_mid;
-    const T d_plus = left ? d_plus_left : (use_delta ? d_plus_delta : T(0));
-    const T d_min = right ? neg_sigmoid_min : (use_delta ? d_min_delta : T(0));
-    const T d_mid = use_density ? d_mid_density : T(0);
-    const T d_log_scale_direct = use_density ? T(-1) : T(0);
-    // plus/min/mid_in are inv_stdv * (x - mean + const) and inv_stdv = exp(-log_scale)
-    term.d_mean = -inv_stdv * (d_plus + d_min + d_mid);
-    const T d_log_scale = d_log_scale_direct - (plus_in * d_plus + min_in * d_min + mid_in * d_mid);
-    term.d_log_scale = d_log_scale * scale.grad;
+    const T delta_den = mass_num * mass_den;
+    const T r = fast_reciprocal(use_delta ? delta_den : one_plus_e_v);
+    const bool positive = v >= zero;
+    const T towards = e_far - e_gap;
+    const T away = e_gap - e_far;
+    // -d log P / d v, negated so that no result needs a negation of its own
+    const T minus_d_delta = (positive ? away : towards) * (mass_num * r);
+    const T d_h = ((e_far + e_gap) * (one + e_2h) + T(4) * e_2h) * r;
+    const T sigmoid_top = positive ? one : e_v;
+    const T minus_d_softplus = target.curve * (sigmoid_top * r) - target.slope;
+    const T minus_d_v = use_delta ? minus_d_delta : minus_d_softplus;
+    // v and h are inv_stdv times constants, and inv_stdv = exp(-log_scale); the density adds -log_scale
+    const T delta_direct = (inv_stdv * bins.minus_half_width) * d_h;  // -h d_h
+    const T density_direct = -target.density;
+    const T direct = use_delta ? delta_direct : density_direct;
+    term.d_mean = inv_stdv * minus_d_v;
+    term.d_log_scale = (direct + v * minus_d_v) * scale.grad;
   }
   return term;
 }
@@ -261,18 +339,23 @@ struct MixtureTerm {
 };
 
 // Colour c's mean is coupled to the colours before it: m1 = mu1 + c0 x0, m2 = mu2 + c1 x0 + c2 x1.
+// The targets come by value: a reference to them keeps gcc from vectorizing the CPU kernels' loops.
 template <bool kGrad, bool kSoftplus, typename T>
-VF_HOST_DEVICE MixtureTerm<T> mixture_term(T x0, T x1, T x2, const MixtureParams<T>& p, const Bins<T>& bins,
+VF_HOST_DEVICE MixtureTerm<T> mixture_term(const PixelTargets<T> x, const MixtureParams<T>& p, const Bins<T>& bins,
                                            const Scales<kSoftplus, T>& scales) {
+  const T x0 = x.colour[0].x, x1 = x.colour[1].x;
   const T c0 = fast_tanh(p.raw_coeff[0]);
   const T c1 = fast_tanh(p.raw_coeff[1]);
   const T c2 = fast_tanh(p.raw_coeff[2]);
-  const ColourTerm<T> r = colour_term<kGrad>(x0, p.mean[0], scales.log_scale(p.raw_log_scale[0]), bins);
-  const ColourTerm<T> g = colour_term<kGrad>(x1, p.mean[1] + c0 * x0, scales.log_scale(p.raw_log_scale[1]), bins);
+  const ColourTerm<T> r = colour_term<kGrad>(x.colour[0], p.mean[0], scales.log_scale(p.raw_log_scale[0]), bins);
+  const ColourTerm<T> g =
+      colour_term<kGrad>(x.colour[1], p.mean[1] + c0 * x0, scales.log_scale(p.raw_log_scale[1]), bins);
   const ColourTerm<T> b =
-      colour_term<kGrad>(x2, p.mean[2] + c1 * x0 + c2 * x1, scales.log_scale(p.raw_log_scale[2]), bins);
+      colour_term<kGrad>(x.colour[2], p.mean[2] + c1 * x0 + c2 * x1, scales.log_scale(p.raw_log_scale[2]), bins);
+  // each num lies in (1e-5, 1] and each den in [1, 1e5): the products neither underflow nor overflow
+  const T ratio = (r.num * g.num * b.num) * fast_reciprocal(r.den * g.den * b.den);
   MixtureTerm<T> term;
-  term.log_prob = r.log_prob + g.log_prob + b.log_prob;
+  term.log_prob = (r.base + g.base + b.base) + fast_log(ratio);
   if (kGrad) {
     term.d_mean[0] = r.d_mean;
     term.d_mean[1] = g.d_mean;
@@ -307,7 +390,7 @@ struct LogSumExp {
 
 // logsumexp over the mixtures as shift + log_sum, with shift = the max, or 0 where the max is infinite
 // (as torch.logsumexp does), so that log_softmax = (v - shift) - log_sum keeps the precision of large
-// logits. value(k) is mixture k's value; a NaN one makes log_sum NaN.
+// logits. value(k) is mixture k's value; a NaN one makes log_sum NaN (through the sum, whatever the max).
 struct ShiftedLogSumExp {
   float shift, log_sum;
 };
@@ -316,7 +399,7 @@ template <int kMixtures, typename Value>
 VF_HOST_DEVICE ShiftedLogSumExp shifted_logsumexp(int m, const Value& value) {
   float max = value(0);
   VF_UNROLL
-  for (int k = 1; k < (kMixtures > 0 ? kMixtures : m); ++k) max = value(k) > max ? value(k) : max;
+  for (int k = 1; k < (kMixtures > 0 ? kMixtures : m); ++k) max = max_keep_nan(value(k), max);
   const float shift = abs_of(max) == std::numeric_limits<float>::infinity() ? 0.0f : max;
   float sum = 0.0f;
   VF_UNROLL
@@ -430,9 +513,10 @@ template <int kMixtures, typename Channels, typename S>
 VF_HOST_DEVICE float dmol_nll_forward_pixel(const Channels& channel, int64_t mixtures, float x0, float x1, float x2,
                                             const Bins<float>& bins, const S& scales) {
   const int m = mixture_count<kMixtures>(mixtures);
+  const PixelTargets<float> targets(x0, x1, x2, bins);
   const ShiftedLogSumExp mix = shifted_logsumexp<kMixtures>(m, channel);
   const auto joint = [&](int k) {
-    const auto term = mixture_term<false>(x0, x1, x2, mixture_params<float>(channel, m, k), bins, scales);
+    const auto term = mixture_term<false>(targets, mixture_params<float>(channel, m, k), bins, scales);
     return term.log_prob + ((channel(k) - mix.shift) - mix.log_sum);
   };
   if constexpr (kMixtures > 0) {
@@ -459,10 +543,11 @@ template <int kMixtures, typename Channels, typename Joint, typename S>
 VF_HOST_DEVICE void dmol_nll_backward_pixel(const Channels& channel, const Joint& joint, int64_t mixtures, float x0,
                                             float x1, float x2, const Bins<float>& bins, const S& scales, float g) {
   const int m = mixture_count<kMixtures>(mixtures);
+  const PixelTargets<float> targets(x0, x1, x2, bins);
   const ShiftedLogSumExp mix = shifted_logsumexp<kMixtures>(m, channel);
   VF_UNROLL
   for (int k = 0; k < m; ++k) {
-    const auto term = mixture_term<true>(x0, x1, x2, mixture_params<float>(channel, m, k), bins, scales);
+    const auto term = mixture_term<true>(targets, mixture_params<float>(channel, m, k), bins, scales);
     const float log_softmax = (channel(k) - mix.shift) - mix.log_sum;
     joint(k) = term.log_prob + log_softmax;
     channel(k) = fast_exp(log_softmax);
@@ -473,9 +558,11 @@ VF_HOST_DEVICE void dmol_nll_backward_pixel(const Channels& channel, const Joint
     }
   }
   const ShiftedLogSumExp all = shifted_logsumexp<kMixtures>(m, joint);
+  constexpr float unit = exp_unit<float>();
+  const float log_sum_units = all.log_sum * unit;
   VF_UNROLL
   for (int k = 0; k < m; ++k) {
-    const float r = fast_exp((joint(k) - all.shift) - all.log_sum);
+    const float r = exp_units((joint(k) - all.shift) * unit - log_sum_units);
     channel(k) = g * (channel(k) - r);
     const float weight = -g * r;
     for (int c = 0; c < 3; ++c) {

@@ -99,7 +99,8 @@ struct Tile {
         const dmol::MixtureParams<acc_t> params{{p[t], p[3 * s + t], p[6 * s + t]},
                                                 {p[s + t], p[4 * s + t], p[7 * s + t]},
                                                 {p[2 * s + t], p[5 * s + t], p[8 * s + t]}};
-        const auto term = dmol::mixture_term<kGrad>(x0[t], x1[t], x2[t], params, bins, scales);
+        const auto term = dmol::mixture_term<kGrad>(dmol::PixelTargets<acc_t>(x0[t], x1[t], x2[t], bins), params,
+                                                    bins, scales);
         out[t] = term.log_prob;
         if (kGrad) {
           for (int c = 0; c < 3; ++c) {

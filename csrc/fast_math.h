@@ -252,18 +252,6 @@ VF_HOST_DEVICE float fast_log(float x) {
 
 VF_HOST_DEVICE double fast_log(double x) { return std::log(x); }
 
-// plain ? log(v) : log1p(v) for v in [0, 1]. On the GPU log1p(v) is log(1 + v) with the rounded sum:
-// an absolute error below 1e-7 where the relative error of a small v is lost.
-VF_HOST_DEVICE float fast_log_or_log1p(bool plain, float v) {
-#if defined(__CUDA_ARCH__)
-  return __logf(plain ? v : 1.0f + v);
-#else
-  return log_or_log1p_poly(plain, v);
-#endif
-}
-
-VF_HOST_DEVICE double fast_log_or_log1p(bool plain, double v) { return plain ? std::log(v) : std::log1p(v); }
-
 // 1 / d
 VF_HOST_DEVICE float fast_reciprocal(float d) {
 #if defined(__CUDA_ARCH__)
