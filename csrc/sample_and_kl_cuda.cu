@@ -3,8 +3,10 @@
 // the per-packet bodies are gaussian_packets.h's); backward regenerates eps from (seed, logical index).
 //
 // The grid is (image, slice): each image, a contiguous block of memory in both layouts, is cut into a number
-// of slices that depends only on its size. A block reduces its slice's KL in a fixed order and writes one
-// partial; a second tiny kernel adds an image's partials in order. No atomics, so the sum is deterministic.
+// of slices that depends only on its size; a slice's threads take the image's work items (a packet, or a
+// pixel quad's four packets: gaussian_cuda.cuh's launch_by_items) in a fixed interleave. A block reduces its
+// slice's KL in a fixed order and writes one partial; a second tiny kernel adds an image's partials in order.
+// No atomics, so the sum is deterministic.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -29,6 +31,12 @@ using gaussian::kThreads;
 constexpr int64_t kElementsPerSlice = 2048;
 constexpr int64_t kMaxSlices = 1024;
 
+// Blocks per SM that a kernel's registers must allow (0: no bound, ptxas's own choice). A pixel-quad work item
+// keeps 4·kVec eps live across the slow-path calls of its square roots, where ptxas's own choice spills a few
+// registers in some parametrizations; bounding it to 2 blocks of kThreads (at most 128 registers) spills none.
+template <int kVec, int kItem>
+constexpr int kMinBlocks = kItem == kVec ? 0 : 2;
+
 int64_t slices_per_image(int64_t per_image) {
   return std::min(kMaxSlices, std::max<int64_t>(1, (per_image + kElementsPerSlice - 1) / kElementsPerSlice));
 }
@@ -50,8 +58,8 @@ __device__ T block_sum(T value) {
   return value;
 }
 
-template <typename F, typename scalar_t, int kVec>
-__global__ void __launch_bounds__(kThreads)
+template <typename F, typename scalar_t, int kVec, int kItem>
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<kVec, kItem>))
     sample_and_kl_forward_kernel(const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
                                  const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ logsigma_p,
                                  scalar_t* __restrict__ z, at::opmath_type<scalar_t>* __restrict__ partials,
@@ -59,12 +67,12 @@ __global__ void __launch_bounds__(kThreads)
                                  gaussian::ScaleConstants<at::opmath_type<scalar_t>> constants) {
   const auto image = static_cast<uint32_t>(blockIdx.x / slices);
   const int64_t slice = blockIdx.x % slices;
-  const int64_t per_image = layout.image_size;
+  const int64_t items = layout.image_size / kItem;
   at::opmath_type<scalar_t> sum = 0;
-  for (int64_t within = (slice * kThreads + threadIdx.x) * kVec; within < per_image;
-       within += slices * kThreads * kVec) {
-    gaussian::sample_and_kl_forward_packet<F, kVec>(mu_q, logsigma_q, mu_p, logsigma_p, z, sum, image, within, layout,
-                                                    seed, constants);
+  for (int64_t i = slice * kThreads + threadIdx.x; i < items; i += slices * kThreads) {
+    gaussian::for_item_packets<kVec, kItem>(image * items + i, layout, seed, [&](int64_t p, const float(&eps)[kVec]) {
+      gaussian::sample_and_kl_forward_packet<F, kVec>(mu_q, logsigma_q, mu_p, logsigma_p, z, sum, p, eps, constants);
+    });
   }
   sum = block_sum(sum);
   if (threadIdx.x == 0) partials[blockIdx.x] = sum;
@@ -81,8 +89,8 @@ __global__ void sample_and_kl_finish_kernel(const T* __restrict__ partials, T* _
   kl[image] = static_cast<T>(sum);
 }
 
-template <typename F, typename scalar_t, int kVec>
-__global__ void __launch_bounds__(kThreads)
+template <typename F, typename scalar_t, int kVec, int kItem>
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<kVec, kItem>))
     sample_and_kl_backward_kernel(const scalar_t* __restrict__ grad_z,
                                   const at::opmath_type<scalar_t>* __restrict__ grad_kl,
                                   const scalar_t* __restrict__ mu_q, const scalar_t* __restrict__ logsigma_q,
@@ -93,13 +101,13 @@ __global__ void __launch_bounds__(kThreads)
                                   gaussian::ScaleConstants<at::opmath_type<scalar_t>> constants) {
   const auto image = static_cast<uint32_t>(blockIdx.x / slices);
   const int64_t slice = blockIdx.x % slices;
-  const int64_t per_image = layout.image_size;
+  const int64_t items = layout.image_size / kItem;
   const at::opmath_type<scalar_t> gkl = grad_kl[image];
-  for (int64_t within = (slice * kThreads + threadIdx.x) * kVec; within < per_image;
-       within += slices * kThreads * kVec) {
-    gaussian::sample_and_kl_backward_packet<F, kVec>(grad_z, gkl, mu_q, logsigma_q, mu_p, logsigma_p, g_mu_q,
-                                                     g_logsigma_q, g_mu_p, g_logsigma_p, image, within, layout, seed,
-                                                     constants);
+  for (int64_t i = slice * kThreads + threadIdx.x; i < items; i += slices * kThreads) {
+    gaussian::for_item_packets<kVec, kItem>(image * items + i, layout, seed, [&](int64_t p, const float(&eps)[kVec]) {
+      gaussian::sample_and_kl_backward_packet<F, kVec>(grad_z, gkl, mu_q, logsigma_q, mu_p, logsigma_p, g_mu_q,
+                                                       g_logsigma_q, g_mu_p, g_logsigma_p, p, eps, constants);
+    });
   }
 }
 
@@ -123,16 +131,17 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cuda(const at::Tensor& 
     using F = decltype(form);
     VF_DISPATCH_CUDA_FLOAT_TYPES(mu_q.scalar_type(), "sample_and_kl_forward_cuda", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
-      const auto launch = [&](auto vec) {
-        constexpr int kVec = decltype(vec)::value;
-        sample_and_kl_forward_kernel<F, scalar_t, kVec>
+      const auto launch = [&](auto vec, auto item) {
+        constexpr int kVec = decltype(vec)::value, kItem = decltype(item)::value;
+        sample_and_kl_forward_kernel<F, scalar_t, kVec, kItem>
             <<<static_cast<unsigned>(batch * slices), kThreads, 0, stream>>>(
                 mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
                 logsigma_p.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), partials.data_ptr<opmath_t>(), slices,
                 layout, static_cast<uint64_t>(seed), gaussian::ScaleConstants<opmath_t>::of(beta));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      gaussian::launch_by_packets<scalar_t>(layout.image_size, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &z}, launch);
+      gaussian::launch_by_items<scalar_t>(layout.image_size, layout, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &z},
+                                          launch);
       const int blocks = static_cast<int>((batch + kThreads - 1) / kThreads);
       sample_and_kl_finish_kernel<opmath_t>
           <<<blocks, kThreads, 0, stream>>>(partials.data_ptr<opmath_t>(), kl.data_ptr<opmath_t>(), batch, slices);
@@ -160,9 +169,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backwar
     using F = decltype(form);
     VF_DISPATCH_CUDA_FLOAT_TYPES(mu_q.scalar_type(), "sample_and_kl_backward_cuda", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
-      const auto launch = [&](auto vec) {
-        constexpr int kVec = decltype(vec)::value;
-        sample_and_kl_backward_kernel<F, scalar_t, kVec>
+      const auto launch = [&](auto vec, auto item) {
+        constexpr int kVec = decltype(vec)::value, kItem = decltype(item)::value;
+        sample_and_kl_backward_kernel<F, scalar_t, kVec, kItem>
             <<<static_cast<unsigned>(batch * slices), kThreads, 0, stream>>>(
                 grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<opmath_t>(), mu_q.data_ptr<scalar_t>(),
                 logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(), logsigma_p.data_ptr<scalar_t>(),
@@ -171,8 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backwar
                 gaussian::ScaleConstants<opmath_t>::of(beta));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      gaussian::launch_by_packets<scalar_t>(
-          layout.image_size,
+      gaussian::launch_by_items<scalar_t>(
+          layout.image_size, layout,
           {&grad_z, &mu_q, &logsigma_q, &mu_p, &logsigma_p, &g_mu_q, &g_logsigma_q, &g_mu_p, &g_logsigma_p}, launch);
     });
   });
