@@ -65,9 +65,10 @@ VF_HOST_DEVICE void group_eps(float& eps0, float& eps1, float& eps2, float& eps3
 
 // Where a dense tensor keeps its elements: contiguous (memory offset = logical index) or 4-D
 // channels_last with `channels` channels and `plane` = H·W pixels per channel. Each image (index along
-// dim 0) is one contiguous block of `image_size` elements in both layouts. `pixel_quads`: channels_last
-// with W % 4 == 0 and elements, where the 4·C elements of the pixels (h, 4k..4k+3) of an image, consecutive in
-// memory, hold C whole groups of four (one per channel), which kernels draw with one Philox call each.
+// dim 0) is one contiguous block of `image_size` elements in both layouts. `pixel_quads`: a non-empty
+// channels_last tensor with W % 4 == 0, whose pixels (h, 4k..4k+3) of an image, 4·C consecutive elements of
+// memory, hold C whole groups of four (one per channel, lane j at pixel 4k + j), which kernels draw with one
+// Philox call each.
 struct DenseLayout {
   bool channels_last;
   bool pixel_quads;
