@@ -3,10 +3,10 @@
 // the per-packet bodies are gaussian_packets.h's); backward regenerates eps from (seed, logical index).
 //
 // The grid is (image, slice): each image, a contiguous block of memory in both layouts, is cut into a number
-// of slices that depends only on its size; a slice's threads take the image's work items (a packet, or a
-// pixel quad's four packets: gaussian_cuda.cuh's launch_by_items) in a fixed interleave. A block reduces its
-// slice's KL in a fixed order and writes one partial; a second tiny kernel adds an image's partials in order.
-// No atomics, so the sum is deterministic.
+// of slices that depends only on its size and work item (a packet, or a pixel quad's four packets:
+// gaussian_cuda.cuh's launch_by_items), whose threads take the image's items in a fixed interleave. A block
+// reduces its slice's KL in a fixed order and writes one partial; a second tiny kernel adds an image's partials
+// in order. No atomics, so the sum is deterministic.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,7 +28,7 @@ namespace vdvae_fast {
 namespace {
 
 using gaussian::kThreads;
-constexpr int64_t kElementsPerSlice = 2048;
+constexpr int64_t kElementsPerSlice = 2048;  // at least; a slice gives each thread one work item or more
 constexpr int64_t kMaxSlices = 1024;
 
 // Blocks per SM that a kernel's registers must allow (0: no bound, ptxas's own choice). A pixel-quad work item
@@ -37,8 +37,10 @@ constexpr int64_t kMaxSlices = 1024;
 template <int kVec, int kItem>
 constexpr int kMinBlocks = kItem == kVec ? 0 : 2;
 
-int64_t slices_per_image(int64_t per_image) {
-  return std::min(kMaxSlices, std::max<int64_t>(1, (per_image + kElementsPerSlice - 1) / kElementsPerSlice));
+// Slices of an image whose work items hold `item` elements each.
+int64_t slices_per_image(int64_t per_image, int64_t item) {
+  const int64_t per_slice = std::max(kElementsPerSlice, kThreads * item);
+  return std::min(kMaxSlices, std::max<int64_t>(1, (per_image + per_slice - 1) / per_slice));
 }
 
 // Sum over the block in a fixed order (warp shuffles, then the warps' sums); the result is in thread 0.
@@ -123,9 +125,6 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cuda(const at::Tensor& 
   const auto kl_dtype = mu_q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor kl = at::empty({batch}, mu_q.options().dtype(kl_dtype));
   if (mu_q.numel() == 0) return {z, kl.zero_()};
-  const int64_t slices = slices_per_image(layout.image_size);
-  TORCH_CHECK(batch * slices < (int64_t{1} << 31), "sample_and_kl: batch too large for one grid");
-  at::Tensor partials = at::empty({batch * slices}, mu_q.options().dtype(kl_dtype));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   gaussian::with_form(scale, posterior, kl_estimator, beta, "sample_and_kl", [&](auto form) {
     using F = decltype(form);
@@ -133,19 +132,22 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cuda(const at::Tensor& 
       using opmath_t = at::opmath_type<scalar_t>;
       const auto launch = [&](auto vec, auto item) {
         constexpr int kVec = decltype(vec)::value, kItem = decltype(item)::value;
+        const int64_t slices = slices_per_image(layout.image_size, kItem);
+        TORCH_CHECK(batch * slices < (int64_t{1} << 31), "sample_and_kl: batch too large for one grid");
+        at::Tensor partials = at::empty({batch * slices}, mu_q.options().dtype(kl_dtype));
         sample_and_kl_forward_kernel<F, scalar_t, kVec, kItem>
             <<<static_cast<unsigned>(batch * slices), kThreads, 0, stream>>>(
                 mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(), mu_p.data_ptr<scalar_t>(),
                 logsigma_p.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), partials.data_ptr<opmath_t>(), slices,
                 layout, static_cast<uint64_t>(seed), gaussian::ScaleConstants<opmath_t>::of(beta));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const int blocks = static_cast<int>((batch + kThreads - 1) / kThreads);
+        sample_and_kl_finish_kernel<opmath_t>
+            <<<blocks, kThreads, 0, stream>>>(partials.data_ptr<opmath_t>(), kl.data_ptr<opmath_t>(), batch, slices);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       gaussian::launch_by_items<scalar_t>(layout.image_size, layout, {&mu_q, &logsigma_q, &mu_p, &logsigma_p, &z},
                                           launch);
-      const int blocks = static_cast<int>((batch + kThreads - 1) / kThreads);
-      sample_and_kl_finish_kernel<opmath_t>
-          <<<blocks, kThreads, 0, stream>>>(partials.data_ptr<opmath_t>(), kl.data_ptr<opmath_t>(), batch, slices);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return {z, kl};
@@ -162,8 +164,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backwar
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(logsigma_q);
   at::Tensor g_mu_p = at::empty_like(mu_p), g_logsigma_p = at::empty_like(logsigma_p);
   if (mu_q.numel() == 0) return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
-  const int64_t slices = slices_per_image(layout.image_size);
-  TORCH_CHECK(batch * slices < (int64_t{1} << 31), "sample_and_kl: batch too large for one grid");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   gaussian::with_form(scale, posterior, kl_estimator, beta, "sample_and_kl", [&](auto form) {
     using F = decltype(form);
@@ -171,6 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backwar
       using opmath_t = at::opmath_type<scalar_t>;
       const auto launch = [&](auto vec, auto item) {
         constexpr int kVec = decltype(vec)::value, kItem = decltype(item)::value;
+        const int64_t slices = slices_per_image(layout.image_size, kItem);
+        TORCH_CHECK(batch * slices < (int64_t{1} << 31), "sample_and_kl: batch too large for one grid");
         sample_and_kl_backward_kernel<F, scalar_t, kVec, kItem>
             <<<static_cast<unsigned>(batch * slices), kThreads, 0, stream>>>(
                 grad_z.data_ptr<scalar_t>(), grad_kl.data_ptr<opmath_t>(), mu_q.data_ptr<scalar_t>(),
