@@ -5,7 +5,8 @@
 // runs the unrolled instantiation the kernels use, other M the run-time one.
 //
 // The Gaussian kernels' per-packet bodies (gaussian_packets.h) run the same way, packet by packet in the
-// order of a single CUDA thread, with packets of 4 floats (the kernels' 16 bytes) or single elements: their
+// order of a single CUDA thread, with packets of 4 floats (the kernels' 16 bytes) or single elements, and
+// the random ops' work items as the kernels choose them (pixel quads where channels_last allows): their
 // indexing and eps included, only the grid and the block reduction of the KL are the GPU's own.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -130,18 +131,30 @@ at::Tensor dmol_sample_forward_cuda_body_on_host(const at::Tensor& logits, int64
 template <int kVec>
 using Vec = std::integral_constant<int, kVec>;
 
-template <typename Body>
-void with_packets(const at::Tensor& t, int64_t vec, int64_t count, Body&& body) {
+void check_packets(const at::Tensor& t, int64_t vec, int64_t count) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, "the CUDA bodies run on float32 CPU tensors, got ",
               t.scalar_type(), " on ", t.device());
   check_dense(t, "the Gaussian CUDA bodies");
   TORCH_CHECK(vec == 1 || (vec == 4 && count % 4 == 0), "packets of vec = 4 floats need a multiple of 4 elements (per ",
               "image for sample_and_kl), got vec = ", vec, " for ", count);
+}
+
+template <typename Body>
+void with_packets(const at::Tensor& t, int64_t vec, int64_t count, Body&& body) {
+  check_packets(t, vec, count);
   if (vec == 4) {
     body(Vec<4>());
   } else {
     body(Vec<1>());
   }
+}
+
+// For the ops that draw: body(Vec<kVec>, Vec<kItem>) with the work items the CUDA launch takes for this layout
+// when its packets are `vec` elements wide.
+template <typename Body>
+void with_items(const at::Tensor& t, int64_t vec, int64_t count, const gaussian::DenseLayout& layout, Body&& body) {
+  check_packets(t, vec, count);
+  gaussian::with_work_items<4>(vec == 4, layout, body);
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cuda_body_on_host(
@@ -150,17 +163,20 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cuda_body_on_host(
   const gaussian::DenseLayout layout = gaussian::layout_of(mu_q);
   at::Tensor z = at::empty_like(mu_q);
   at::Tensor kl = at::zeros({mu_q.size(0)}, mu_q.options());
-  with_packets(mu_q, vec, layout.image_size, [&](auto packet) {
-    constexpr int kVec = decltype(packet)::value;
+  with_items(mu_q, vec, layout.image_size, layout, [&](auto packet, auto item) {
+    constexpr int kVec = decltype(packet)::value, kItem = decltype(item)::value;
     gaussian::with_form(scale, posterior, kl_estimator, beta, "sample_and_kl", [&](auto form) {
       const auto constants = gaussian::ScaleConstants<float>::of(beta);
+      const int64_t items = layout.image_size / kItem;
       for (int64_t image = 0; image < mu_q.size(0); ++image) {
         float sum = 0.0f;
-        for (int64_t within = 0; within < layout.image_size; within += kVec) {
-          gaussian::sample_and_kl_forward_packet<decltype(form), kVec>(
-              mu_q.data_ptr<float>(), logsigma_q.data_ptr<float>(), mu_p.data_ptr<float>(),
-              logsigma_p.data_ptr<float>(), z.data_ptr<float>(), sum, static_cast<uint32_t>(image), within, layout,
-              static_cast<uint64_t>(seed), constants);
+        for (int64_t i = 0; i < items; ++i) {
+          gaussian::for_item_packets<kVec, kItem>(
+              image * items + i, layout, static_cast<uint64_t>(seed), [&](int64_t p, const float(&eps)[kVec]) {
+                gaussian::sample_and_kl_forward_packet<decltype(form), kVec>(
+                    mu_q.data_ptr<float>(), logsigma_q.data_ptr<float>(), mu_p.data_ptr<float>(),
+                    logsigma_p.data_ptr<float>(), z.data_ptr<float>(), sum, p, eps, constants);
+              });
         }
         kl.data_ptr<float>()[image] = sum;
       }
@@ -177,18 +193,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backwar
   at::Tensor g_mu_q = at::empty_like(mu_q), g_logsigma_q = at::empty_like(mu_q);
   at::Tensor g_mu_p = at::empty_like(mu_q), g_logsigma_p = at::empty_like(mu_q);
   const at::Tensor upstream = grad_kl.contiguous();
-  with_packets(mu_q, vec, layout.image_size, [&](auto packet) {
-    constexpr int kVec = decltype(packet)::value;
+  with_items(mu_q, vec, layout.image_size, layout, [&](auto packet, auto item) {
+    constexpr int kVec = decltype(packet)::value, kItem = decltype(item)::value;
     gaussian::with_form(scale, posterior, kl_estimator, beta, "sample_and_kl", [&](auto form) {
       const auto constants = gaussian::ScaleConstants<float>::of(beta);
+      const int64_t items = layout.image_size / kItem;
       for (int64_t image = 0; image < mu_q.size(0); ++image) {
-        for (int64_t within = 0; within < layout.image_size; within += kVec) {
-          gaussian::sample_and_kl_backward_packet<decltype(form), kVec>(
-              grad_z.data_ptr<float>(), upstream.data_ptr<float>()[image], mu_q.data_ptr<float>(),
-              logsigma_q.data_ptr<float>(), mu_p.data_ptr<float>(), logsigma_p.data_ptr<float>(),
-              g_mu_q.data_ptr<float>(), g_logsigma_q.data_ptr<float>(), g_mu_p.data_ptr<float>(),
-              g_logsigma_p.data_ptr<float>(), static_cast<uint32_t>(image), within, layout,
-              static_cast<uint64_t>(seed), constants);
+        for (int64_t i = 0; i < items; ++i) {
+          gaussian::for_item_packets<kVec, kItem>(
+              image * items + i, layout, static_cast<uint64_t>(seed), [&](int64_t p, const float(&eps)[kVec]) {
+                gaussian::sample_and_kl_backward_packet<decltype(form), kVec>(
+                    grad_z.data_ptr<float>(), upstream.data_ptr<float>()[image], mu_q.data_ptr<float>(),
+                    logsigma_q.data_ptr<float>(), mu_p.data_ptr<float>(), logsigma_p.data_ptr<float>(),
+                    g_mu_q.data_ptr<float>(), g_logsigma_q.data_ptr<float>(), g_mu_p.data_ptr<float>(),
+                    g_logsigma_p.data_ptr<float>(), p, eps, constants);
+              });
         }
       }
     });
@@ -239,14 +258,17 @@ at::Tensor sample_gaussian_forward_cuda_body_on_host(const at::Tensor& mu, const
                                                      int64_t vec) {
   const gaussian::DenseLayout layout = gaussian::layout_of(mu);
   at::Tensor z = at::empty_like(mu);
-  with_packets(mu, vec, mu.numel(), [&](auto packet) {
-    constexpr int kVec = decltype(packet)::value;
+  with_items(mu, vec, mu.numel(), layout, [&](auto packet, auto item) {
+    constexpr int kVec = decltype(packet)::value, kItem = decltype(item)::value;
     gaussian::with_form(scale, beta, "sample_gaussian", [&](auto form) {
       const auto constants = gaussian::ScaleConstants<float>::of(beta);
-      for (int64_t p = 0; p < mu.numel() / kVec; ++p) {
-        gaussian::sample_gaussian_forward_packet<decltype(form), kVec>(
-            mu.data_ptr<float>(), logsigma.data_ptr<float>(), z.data_ptr<float>(), p, static_cast<float>(temperature),
-            layout, static_cast<uint64_t>(seed), constants);
+      for (int64_t i = 0; i < mu.numel() / kItem; ++i) {
+        gaussian::for_item_packets<kVec, kItem>(
+            i, layout, static_cast<uint64_t>(seed), [&](int64_t p, const float(&eps)[kVec]) {
+              gaussian::sample_gaussian_forward_packet<decltype(form), kVec>(
+                  mu.data_ptr<float>(), logsigma.data_ptr<float>(), z.data_ptr<float>(), p,
+                  static_cast<float>(temperature), eps, constants);
+            });
       }
     });
   });
@@ -260,14 +282,17 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cuda_body_on_host(co
                                                                               int64_t scale, double beta, int64_t vec) {
   const gaussian::DenseLayout layout = gaussian::layout_of(mu);
   at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(mu);
-  with_packets(mu, vec, mu.numel(), [&](auto packet) {
-    constexpr int kVec = decltype(packet)::value;
+  with_items(mu, vec, mu.numel(), layout, [&](auto packet, auto item) {
+    constexpr int kVec = decltype(packet)::value, kItem = decltype(item)::value;
     gaussian::with_form(scale, beta, "sample_gaussian", [&](auto form) {
       const auto constants = gaussian::ScaleConstants<float>::of(beta);
-      for (int64_t p = 0; p < mu.numel() / kVec; ++p) {
-        gaussian::sample_gaussian_backward_packet<decltype(form), kVec>(
-            grad_z.data_ptr<float>(), logsigma.data_ptr<float>(), g_mu.data_ptr<float>(), g_logsigma.data_ptr<float>(),
-            p, static_cast<float>(temperature), layout, static_cast<uint64_t>(seed), constants);
+      for (int64_t i = 0; i < mu.numel() / kItem; ++i) {
+        gaussian::for_item_packets<kVec, kItem>(
+            i, layout, static_cast<uint64_t>(seed), [&](int64_t p, const float(&eps)[kVec]) {
+              gaussian::sample_gaussian_backward_packet<decltype(form), kVec>(
+                  grad_z.data_ptr<float>(), logsigma.data_ptr<float>(), g_mu.data_ptr<float>(),
+                  g_logsigma.data_ptr<float>(), p, static_cast<float>(temperature), eps, constants);
+            });
       }
     });
   });

@@ -1,5 +1,6 @@
 // Launch helpers shared by the CUDA kernels of the Gaussian ops (sample_and_kl, gaussian_kl, sample_gaussian):
-// block size, grid size and the 16-byte packet test (the layout check is kernel_checks.h's).
+// block size, grid size, the 16-byte packet test and the random ops' work items (the layout check is
+// kernel_checks.h's).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +11,7 @@
 
 #include "cuda_dispatch.cuh"
 #include "gaussian_math.h"
+#include "gaussian_packets.h"
 #include "kernel_checks.h"
 
 namespace vdvae_fast {
@@ -44,6 +46,15 @@ void launch_by_packets(int64_t count, std::initializer_list<const at::Tensor*> t
   } else {
     launch(std::integral_constant<int, 1>());
   }
+}
+
+// For the ops that draw: calls launch(std::integral_constant<int, kVec>, std::integral_constant<int, kItem>)
+// with the packet width and work item gaussian_packets.h's with_work_items takes for this layout, packets of
+// 16 bytes where can_use_packets allows them.
+template <typename scalar_t, typename Launch>
+void launch_by_items(int64_t count, const DenseLayout& layout, std::initializer_list<const at::Tensor*> tensors,
+                     Launch&& launch) {
+  with_work_items<16 / sizeof(scalar_t)>(can_use_packets<scalar_t>(count, tensors), layout, launch);
 }
 
 }  // namespace gaussian

@@ -12,10 +12,12 @@
 // less accurate intrinsics of --use_fast_math. Both backends thus compute the same eps to a few ulp.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "fast_math.h"
 #include "philox.h"
@@ -51,20 +53,25 @@ VF_HOST_DEVICE float gaussian_eps(uint64_t seed, uint32_t index) {
 }
 
 // The four eps of group `group` (logical elements 4·group to 4·group + 3) from one Philox call: what
-// gaussian_eps gives each of them, with the call, the logarithms and the square roots shared.
-VF_HOST_DEVICE void group_eps(float* eps, uint64_t seed, uint32_t group) {
+// gaussian_eps gives each of them, with the call, the logarithms and the square roots shared. Four
+// references, as the group's elements are consecutive in memory (contiguous) or C apart (pixel quads).
+VF_HOST_DEVICE void group_eps(float& eps0, float& eps1, float& eps2, float& eps3, uint64_t seed, uint32_t group) {
   const Philox4 r = philox(seed, group, 0u, 0u, 0u);
-  eps[0] = box_muller(r.v0, r.v1, false);
-  eps[1] = box_muller(r.v0, r.v1, true);
-  eps[2] = box_muller(r.v2, r.v3, false);
-  eps[3] = box_muller(r.v2, r.v3, true);
+  eps0 = box_muller(r.v0, r.v1, false);
+  eps1 = box_muller(r.v0, r.v1, true);
+  eps2 = box_muller(r.v2, r.v3, false);
+  eps3 = box_muller(r.v2, r.v3, true);
 }
 
 // Where a dense tensor keeps its elements: contiguous (memory offset = logical index) or 4-D
 // channels_last with `channels` channels and `plane` = H·W pixels per channel. Each image (index along
-// dim 0) is one contiguous block of `image_size` elements in both layouts.
+// dim 0) is one contiguous block of `image_size` elements in both layouts. `pixel_quads`: a non-empty
+// channels_last tensor with W % 4 == 0, whose pixels (h, 4k..4k+3) of an image, 4·C consecutive elements of
+// memory, hold C whole groups of four (one per channel, lane j at pixel 4k + j), which kernels draw with one
+// Philox call each.
 struct DenseLayout {
   bool channels_last;
+  bool pixel_quads;
   uint32_t image_size;
   uint32_t channels;
   uint32_t plane;
@@ -82,6 +89,14 @@ struct DenseLayout {
     const uint32_t image = offset / image_size;
     return logical_index_in_image(image, offset - image * image_size);
   }
+
+  // The group of channel 0 of the pixel quad whose first element is at memory offset `offset` (pixel_quads):
+  // logical index i = image·image_size + h·W + 4k, a multiple of 4; channel c's group is plane / 4 further per c.
+  VF_HOST_DEVICE uint32_t quad_first_group(uint32_t offset) const {
+    const uint32_t pixel = offset / channels;  // image·plane + h·W + 4k
+    const uint32_t image = pixel / plane;
+    return (image * image_size + (pixel - image * plane)) >> 2;
+  }
 };
 
 // The layout of a dense tensor (an at::Tensor; a template so that this header needs no ATen): contiguous,
@@ -89,8 +104,9 @@ struct DenseLayout {
 template <typename TensorT>
 inline DenseLayout layout_of(const TensorT& t) {
   const auto image_size = static_cast<uint32_t>(t.size(0) == 0 ? 0 : t.numel() / t.size(0));
-  if (t.is_contiguous()) return {false, image_size, 1u, 1u};
-  return {true, image_size, static_cast<uint32_t>(t.size(1)), static_cast<uint32_t>(t.size(2) * t.size(3))};
+  if (t.is_contiguous()) return {false, false, image_size, 1u, 1u};
+  return {true, t.numel() > 0 && t.size(3) % 4 == 0, image_size, static_cast<uint32_t>(t.size(1)),
+          static_cast<uint32_t>(t.size(2) * t.size(3))};
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -360,21 +376,23 @@ struct alignas(sizeof(T) * N) Packet {
   T v[N];
 };
 
-// eps of the kVec elements of a GPU packet: `first` is the logical index of its first element when the
-// tensor is contiguous, `logical(v)` that of element v in either layout. Packets of whole groups of four
-// (kVec a multiple of 4, contiguous, so `first` is a multiple of 4) take one Philox call per group.
-template <int kVec, typename Logical>
-VF_HOST_DEVICE void packet_eps(float (&eps)[kVec], uint64_t seed, const DenseLayout& layout, uint32_t first,
-                               Logical logical) {
+// eps of the kVec elements of a GPU packet at memory offsets [offset, offset + kVec). Contiguous packets of
+// whole groups of four (kVec a multiple of 4, so `offset`, the logical index, is one of 4) take one Philox call
+// per group; channels_last ones an element at a time, through its logical index.
+template <int kVec>
+VF_HOST_DEVICE void packet_eps(float (&eps)[kVec], uint64_t seed, const DenseLayout& layout, uint32_t offset) {
   if constexpr (kVec % 4 == 0) {
     if (!layout.channels_last) {
 #pragma unroll
-      for (int g = 0; g < kVec / 4; ++g) group_eps(eps + 4 * g, seed, (first >> 2) + static_cast<uint32_t>(g));
+      for (int g = 0; g < kVec / 4; ++g) {
+        group_eps(eps[4 * g], eps[4 * g + 1], eps[4 * g + 2], eps[4 * g + 3], seed,
+                  (offset >> 2) + static_cast<uint32_t>(g));
+      }
       return;
     }
   }
 #pragma unroll
-  for (int v = 0; v < kVec; ++v) eps[v] = gaussian_eps(seed, logical(v));
+  for (int v = 0; v < kVec; ++v) eps[v] = gaussian_eps(seed, layout.logical_index(offset + static_cast<uint32_t>(v)));
 }
 
 inline bool is_aligned(const void* pointer, uintptr_t bytes) {
@@ -415,8 +433,9 @@ inline void fill_logical_indices(uint32_t* __restrict__ index, uint32_t offset, 
 
 // eps for the `count` elements at memory offsets [offset, offset + count) (CPU tiles). Where memory order is
 // logical order (contiguous), whole groups of four take one Philox call each, and only a ragged head and
-// tail are drawn one element (and one call) at a time; channels_last tiles go element by element through
-// their logical indices. Both paths compute every element with the same functions, hence the same bits.
+// tail are drawn one element (and one call) at a time; channels_last tiles without pixel quads go element by
+// element through their logical indices. Both paths compute every element with the same functions, hence the
+// same bits.
 VF_VECTOR_LOOP inline void fill_eps(float* __restrict__ eps, uint32_t* __restrict__ index, uint32_t offset, int count,
                                     uint64_t seed, const DenseLayout& layout) {
   if (layout.channels_last) {
@@ -430,8 +449,63 @@ VF_VECTOR_LOOP inline void fill_eps(float* __restrict__ eps, uint32_t* __restric
   const uint32_t first_group = (offset + static_cast<uint32_t>(head)) >> 2;
   const int groups = (count - head) >> 2;
   float* __restrict__ body = eps + head;
-  for (int g = 0; g < groups; ++g) group_eps(body + 4 * g, seed, first_group + static_cast<uint32_t>(g));
+  for (int g = 0; g < groups; ++g) {
+    group_eps(body[4 * g], body[4 * g + 1], body[4 * g + 2], body[4 * g + 3], seed,
+              first_group + static_cast<uint32_t>(g));
+  }
   for (int k = head + 4 * groups; k < count; ++k) eps[k] = gaussian_eps(seed, offset + static_cast<uint32_t>(k));
+}
+
+// eps of one pixel quad, its four pixels' channels at pixel0..pixel3: channel c's group (first_group +
+// c·group_stride) from one Philox call, lane j to pixel j. Four output pointers, so that gcc sees four
+// independent unit-stride streams and vectorizes across channels.
+VF_VECTOR_LOOP inline void fill_quad_eps(float* __restrict__ pixel0, float* __restrict__ pixel1,
+                                         float* __restrict__ pixel2, float* __restrict__ pixel3, uint32_t channels,
+                                         uint64_t seed, uint32_t first_group, uint32_t group_stride) {
+  for (uint32_t c = 0; c < channels; ++c) {
+    group_eps(pixel0[c], pixel1[c], pixel2[c], pixel3[c], seed, first_group + c * group_stride);
+  }
+}
+
+// The memory offsets at which a CPU work range of this layout must begin and end: whole pixel quads (4·C
+// elements) where tiles draw by quads, else any element.
+inline int64_t work_alignment(const DenseLayout& layout) {
+  return layout.pixel_quads ? 4 * static_cast<int64_t>(layout.channels) : 1;
+}
+
+// Calls tile(start, count, eps) on consecutive tiles of at most kTile elements covering the memory offsets
+// [begin, end) (multiples of work_alignment), with eps the draws of the tile's elements. Pixel-quad layouts
+// draw windows of whole quads, one Philox call per group: about kTile elements, or one quad where a quad is
+// larger (C > kTile / 4: on the heap, as C is unbounded), cut into tiles; other layouts draw tile by tile.
+template <int kTile, typename Tile>
+void for_each_eps_tile(int64_t begin, int64_t end, uint64_t seed, const DenseLayout& layout, Tile&& tile) {
+  alignas(64) float eps[kTile];
+  if (!layout.pixel_quads) {
+    alignas(64) uint32_t index[kTile];
+    for (int64_t start = begin; start < end; start += kTile) {
+      const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
+      fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
+      tile(start, count, static_cast<const float*>(eps));
+    }
+    return;
+  }
+  const uint32_t channels = layout.channels, group_stride = layout.plane >> 2;
+  const int64_t quad = work_alignment(layout);
+  const int64_t window = quad <= kTile ? kTile / quad * quad : quad;
+  std::vector<float> large(window > kTile ? window : 0);
+  float* drawn = window > kTile ? large.data() : eps;
+  for (int64_t first = begin; first < end; first += window) {
+    const int64_t last = std::min(first + window, end);
+    for (int64_t q = first; q < last; q += quad) {
+      float* at = drawn + (q - first);
+      fill_quad_eps(at, at + channels, at + 2 * channels, at + 3 * channels, channels, seed,
+                    layout.quad_first_group(static_cast<uint32_t>(q)), group_stride);
+    }
+    for (int64_t start = first; start < last; start += kTile) {
+      tile(start, static_cast<int>(std::min<int64_t>(kTile, last - start)),
+           static_cast<const float*>(drawn + (start - first)));
+    }
+  }
 }
 
 // CPU tiles of a kernel's tensors as opmath arrays: the tensor's own memory when it already holds opmath

@@ -1,12 +1,14 @@
 // The CUDA kernels' per-thread bodies of the Gaussian ops: the work on one packet of kVec consecutive elements
-// in memory (16 bytes, or a single element when the kernels cannot take packets), as __host__ __device__
-// functions, so that cuda_bodies_on_host.cpp runs on CPU tensors the very code the kernels run, eps and its
-// indexing included (tests/test_cuda_math_on_host.py). F is the parametrization (gaussian_math.h's Form).
+// in memory (16 bytes, or a single element when the kernels cannot take packets), and the work items of the
+// ops that draw (a packet, or the four packets of a pixel quad), as __host__ __device__ functions, so that
+// cuda_bodies_on_host.cpp runs on CPU tensors the very code the kernels run, eps and its indexing included
+// (tests/test_cuda_math_on_host.py). F is the parametrization (gaussian_math.h's Form).
 #pragma once
 
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "gaussian_math.h"
 
@@ -48,21 +50,66 @@ VF_HOST_DEVICE void store_grads(const InputPackets<scalar_t, kVec>& grads, scala
   reinterpret_cast<In*>(g_raw_p)[packet] = grads.raw_p;
 }
 
-// sample_and_kl forward of the packet at offset `within` of image `image`: writes z, adds the KL terms to `sum`.
+// The work items of the random ops' kernels on a tensor that takes packets of kVec elements (`packets`) or
+// else single elements: calls launch(std::integral_constant<int, vec>, std::integral_constant<int, item>) with
+// the packet width and the elements of one item (for_item_packets). Pixel quads (channels_last with W % 4 == 0)
+// take items of four packets where C is a multiple of kVec, else of four single elements, as one Philox call
+// per group outweighs the narrower loads; other layouts take one packet (or element) per item.
+template <int kVec, typename Launch>
+inline void with_work_items(bool packets, const DenseLayout& layout, Launch&& launch) {
+  using Packets = std::integral_constant<int, kVec>;
+  using Elements = std::integral_constant<int, 1>;
+  if (!layout.pixel_quads) {
+    if (packets) {
+      launch(Packets(), Packets());
+    } else {
+      launch(Elements(), Elements());
+    }
+  } else if (packets && layout.channels % kVec == 0) {
+    launch(Packets(), std::integral_constant<int, 4 * kVec>());
+  } else {
+    launch(Elements(), std::integral_constant<int, 4>());
+  }
+}
+
+// Calls body(packet, eps) on the packets of work item `item` of a random op, eps the packet's kVec draws.
+// kItem = kVec: the item is one packet of consecutive memory (item = packet index), drawn by packet_eps.
+// kItem = 4·kVec (pixel quads, with_work_items): the item is kVec channels of the pixels (h, 4k..4k+3), the four
+// packets C / kVec apart, and each channel's group takes one Philox call (pixel j draws lane j).
+template <int kVec, int kItem, typename Body>
+VF_HOST_DEVICE void for_item_packets(int64_t item, const DenseLayout& layout, uint64_t seed, Body&& body) {
+  static_assert(kItem == kVec || kItem == 4 * kVec, "a work item is one packet or a pixel quad of packets");
+  if constexpr (kItem == kVec) {
+    float eps[kVec];
+    packet_eps(eps, seed, layout, static_cast<uint32_t>(item * kVec));
+    body(item, eps);
+  } else {
+    const uint32_t per_pixel = layout.channels / kVec, group_stride = layout.plane >> 2;
+    const auto index = static_cast<uint32_t>(item);
+    const uint32_t quad = index / per_pixel, channel_packet = index - quad * per_pixel;
+    const uint32_t packet = 4u * quad * per_pixel + channel_packet;
+    const uint32_t first_group =
+        layout.quad_first_group(packet * kVec) + channel_packet * static_cast<uint32_t>(kVec) * group_stride;
+    float eps[4][kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      group_eps(eps[0][v], eps[1][v], eps[2][v], eps[3][v], seed,
+                first_group + static_cast<uint32_t>(v) * group_stride);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) body(static_cast<int64_t>(packet + static_cast<uint32_t>(j) * per_pixel), eps[j]);
+  }
+}
+
+// sample_and_kl forward of packet `packet`, whose eps are given: writes z, adds the KL terms to `sum`.
 template <typename F, int kVec, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 VF_HOST_DEVICE void sample_and_kl_forward_packet(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
                                                  const scalar_t* __restrict__ mu_p, const scalar_t* __restrict__ raw_p,
-                                                 scalar_t* __restrict__ z, opmath_t& sum, uint32_t image,
-                                                 int64_t within, const DenseLayout& layout, uint64_t seed,
-                                                 const ScaleConstants<opmath_t>& constants) {
+                                                 scalar_t* __restrict__ z, opmath_t& sum, int64_t packet,
+                                                 const float (&eps)[kVec], const ScaleConstants<opmath_t>& constants) {
   using In = Packet<scalar_t, kVec>;
-  const int64_t image_start = static_cast<int64_t>(image) * layout.image_size;
-  const int64_t packet = (image_start + within) / kVec;
   const InputPackets<scalar_t, kVec> in = load_inputs<kVec>(a, b, mu_p, raw_p, packet);
   In out;
-  float eps[kVec];
-  packet_eps(eps, seed, layout, static_cast<uint32_t>(image_start + within),
-             [&](int v) { return layout.logical_index_in_image(image, static_cast<uint32_t>(within + v)); });
 #pragma unroll
   for (int v = 0; v < kVec; ++v) {
     const SampleAndKl<opmath_t> r =
@@ -74,25 +121,20 @@ VF_HOST_DEVICE void sample_and_kl_forward_packet(const scalar_t* __restrict__ a,
   reinterpret_cast<In*>(z)[packet] = out;
 }
 
-// sample_and_kl backward of the packet at offset `within` of image `image`, whose KL has upstream gradient grad_kl.
+// sample_and_kl backward of packet `packet`, whose eps are given and whose image's KL has upstream gradient grad_kl.
 template <typename F, int kVec, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 VF_HOST_DEVICE void sample_and_kl_backward_packet(const scalar_t* __restrict__ grad_z, opmath_t grad_kl,
                                                   const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
                                                   const scalar_t* __restrict__ mu_p,
                                                   const scalar_t* __restrict__ raw_p, scalar_t* __restrict__ g_a,
                                                   scalar_t* __restrict__ g_b, scalar_t* __restrict__ g_mu_p,
-                                                  scalar_t* __restrict__ g_raw_p, uint32_t image, int64_t within,
-                                                  const DenseLayout& layout, uint64_t seed,
+                                                  scalar_t* __restrict__ g_raw_p, int64_t packet,
+                                                  const float (&eps)[kVec],
                                                   const ScaleConstants<opmath_t>& constants) {
   using In = Packet<scalar_t, kVec>;
-  const int64_t image_start = static_cast<int64_t>(image) * layout.image_size;
-  const int64_t packet = (image_start + within) / kVec;
   const In gz = reinterpret_cast<const In*>(grad_z)[packet];
   const InputPackets<scalar_t, kVec> in = load_inputs<kVec>(a, b, mu_p, raw_p, packet);
   InputPackets<scalar_t, kVec> grads;
-  float eps[kVec];
-  packet_eps(eps, seed, layout, static_cast<uint32_t>(image_start + within),
-             [&](int v) { return layout.logical_index_in_image(image, static_cast<uint32_t>(within + v)); });
 #pragma unroll
   for (int v = 0; v < kVec; ++v) {
     set_lane(grads, v,
@@ -141,19 +183,16 @@ VF_HOST_DEVICE void gaussian_kl_backward_packet(const opmath_t* __restrict__ gra
   store_grads(grads, g_a, g_b, g_mu_p, g_raw_p, p);
 }
 
-// sample_gaussian forward of packet p.
+// sample_gaussian forward of packet p, whose eps are given.
 template <typename F, int kVec, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 VF_HOST_DEVICE void sample_gaussian_forward_packet(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ raw,
                                                    scalar_t* __restrict__ z, int64_t p, opmath_t temperature,
-                                                   const DenseLayout& layout, uint64_t seed,
+                                                   const float (&eps)[kVec],
                                                    const ScaleConstants<opmath_t>& constants) {
   using In = Packet<scalar_t, kVec>;
   const In m = reinterpret_cast<const In*>(mu)[p];
   const In r = reinterpret_cast<const In*>(raw)[p];
   In out;
-  float eps[kVec];
-  packet_eps(eps, seed, layout, static_cast<uint32_t>(p * kVec),
-             [&](int v) { return layout.logical_index(static_cast<uint32_t>(p * kVec + v)); });
 #pragma unroll
   for (int v = 0; v < kVec; ++v) {
     out.v[v] = static_cast<scalar_t>(sample_gaussian<F>(static_cast<opmath_t>(m.v[v]), static_cast<opmath_t>(r.v[v]),
@@ -162,20 +201,17 @@ VF_HOST_DEVICE void sample_gaussian_forward_packet(const scalar_t* __restrict__ 
   reinterpret_cast<In*>(z)[p] = out;
 }
 
-// sample_gaussian backward of packet p: ∂z/∂mu = 1, so grad_mu is grad_z itself.
+// sample_gaussian backward of packet p, whose eps are given: ∂z/∂mu = 1, so grad_mu is grad_z itself.
 template <typename F, int kVec, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 VF_HOST_DEVICE void sample_gaussian_backward_packet(const scalar_t* __restrict__ grad_z,
                                                     const scalar_t* __restrict__ raw, scalar_t* __restrict__ g_mu,
                                                     scalar_t* __restrict__ g_raw, int64_t p, opmath_t temperature,
-                                                    const DenseLayout& layout, uint64_t seed,
+                                                    const float (&eps)[kVec],
                                                     const ScaleConstants<opmath_t>& constants) {
   using In = Packet<scalar_t, kVec>;
   const In gz = reinterpret_cast<const In*>(grad_z)[p];
   const In r = reinterpret_cast<const In*>(raw)[p];
   In out;
-  float eps[kVec];
-  packet_eps(eps, seed, layout, static_cast<uint32_t>(p * kVec),
-             [&](int v) { return layout.logical_index(static_cast<uint32_t>(p * kVec + v)); });
 #pragma unroll
   for (int v = 0; v < kVec; ++v) {
     out.v[v] = static_cast<scalar_t>(sample_gaussian_grad_raw<F>(static_cast<opmath_t>(gz.v[v]),

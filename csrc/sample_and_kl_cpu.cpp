@@ -2,7 +2,8 @@
 // sums the rate KL(q‖p) (or its sampled estimate) per image, in every parametrization (gaussian_math.h, one
 // instantiation of the loops each); backward regenerates eps from (seed, logical index).
 //
-// Every image is a contiguous block of memory in both layouts, cut into fixed chunks of kChunk elements.
+// Every image is a contiguous block of memory in both layouts, cut into fixed chunks of about kChunk elements
+// (whole pixel quads where channels_last tiles draw by quads).
 // A chunk's KL partial is summed in a fixed order (per-lane tile sums, then double), and the partials
 // of an image are added in chunk order, so the result does not depend on the number of threads.
 #include <ATen/ATen.h>
@@ -21,28 +22,31 @@
 namespace vdvae_fast {
 namespace {
 
-constexpr int64_t kChunk = 16384;          // elements of one work item and one KL partial
+constexpr int64_t kChunk = 16384;          // elements of one work item and one KL partial, at most
 constexpr int kTile = 256;                 // elements per stack-buffered tile
 constexpr int kLanes = 16;                 // independent accumulators, one SIMD register of floats
 constexpr int64_t kGrainElements = 32768;  // below this much work, stay on one thread
 
-// The image-aligned chunks shared by forward and backward.
+// The image-aligned chunks shared by forward and backward: `size` elements each (an image's last may be
+// shorter), a multiple of the layout's work alignment, which divides the image.
 struct Chunks {
   int64_t per_image;
+  int64_t size;
   int64_t per_image_chunks;
 
   int64_t count(int64_t batch) const { return batch * per_image_chunks; }
   int64_t image(int64_t item) const { return item / per_image_chunks; }
-  int64_t begin(int64_t item) const { return image(item) * per_image + (item % per_image_chunks) * kChunk; }
-  int64_t end(int64_t item) const { return std::min(begin(item) + kChunk, (image(item) + 1) * per_image); }
+  int64_t begin(int64_t item) const { return image(item) * per_image + (item % per_image_chunks) * size; }
+  int64_t end(int64_t item) const { return std::min(begin(item) + size, (image(item) + 1) * per_image); }
   int64_t grain() const {
-    return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, std::min(per_image, kChunk)));
+    return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, std::min(per_image, size)));
   }
 };
 
-Chunks chunks_of(const at::Tensor& t) {
-  const int64_t per_image = t.size(0) == 0 ? 0 : t.numel() / t.size(0);
-  return {per_image, (per_image + kChunk - 1) / kChunk};
+Chunks chunks_of(const gaussian::DenseLayout& layout) {
+  const int64_t per_image = layout.image_size, unit = gaussian::work_alignment(layout);
+  const int64_t size = std::max(unit, kChunk / unit * unit);
+  return {per_image, size, (per_image + size - 1) / size};
 }
 
 // Sum of values[0, count) in a fixed order; pads the buffer (of kTile entries) with zeros up to the lanes.
@@ -92,27 +96,24 @@ VF_VECTOR_LOOP void backward_tile(const T* __restrict__ grad_z, T grad_kl, const
 template <typename scalar_t, typename F>
 void forward_parallel(const scalar_t* mu_q, const scalar_t* logsigma_q, const scalar_t* mu_p,
                       const scalar_t* logsigma_p, scalar_t* z, at::opmath_type<scalar_t>* kl, int64_t batch,
-                      Chunks chunks, gaussian::DenseLayout layout, uint64_t seed, double beta) {
+                      gaussian::DenseLayout layout, uint64_t seed, double beta) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto constants = gaussian::ScaleConstants<opmath_t>::of(beta);
+  const Chunks chunks = chunks_of(layout);
   std::vector<double> partial(chunks.count(batch), 0.0);
   at::parallel_for(0, chunks.count(batch), chunks.grain(), [&](int64_t first, int64_t last) {
-    alignas(64) float eps[kTile];
-    alignas(64) uint32_t index[kTile];
     alignas(64) opmath_t kl_tile[kTile];
     gaussian::Staging<scalar_t, opmath_t, 5, kTile> tile;
     for (int64_t item = first; item < last; ++item) {
-      const int64_t end = chunks.end(item);
       double sum = 0.0;
-      for (int64_t start = chunks.begin(item); start < end; start += kTile) {
-        const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
-        gaussian::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
-        forward_tile<F>(tile.load(mu_q + start, 0, count), tile.load(logsigma_q + start, 1, count),
-                        tile.load(mu_p + start, 2, count), tile.load(logsigma_p + start, 3, count), eps,
-                        tile.output(z + start, 4), kl_tile, count, constants);
-        tile.store(z + start, 4, count);
-        sum += tile_sum(kl_tile, count);
-      }
+      gaussian::for_each_eps_tile<kTile>(
+          chunks.begin(item), chunks.end(item), seed, layout, [&](int64_t start, int count, const float* eps) {
+            forward_tile<F>(tile.load(mu_q + start, 0, count), tile.load(logsigma_q + start, 1, count),
+                            tile.load(mu_p + start, 2, count), tile.load(logsigma_p + start, 3, count), eps,
+                            tile.output(z + start, 4), kl_tile, count, constants);
+            tile.store(z + start, 4, count);
+            sum += tile_sum(kl_tile, count);
+          });
       partial[item] = sum;
     }
   });
@@ -126,29 +127,27 @@ void forward_parallel(const scalar_t* mu_q, const scalar_t* logsigma_q, const sc
 template <typename scalar_t, typename F>
 void backward_parallel(const scalar_t* grad_z, const at::opmath_type<scalar_t>* grad_kl, const scalar_t* mu_q,
                        const scalar_t* logsigma_q, const scalar_t* mu_p, const scalar_t* logsigma_p, scalar_t* g_mu_q,
-                       scalar_t* g_logsigma_q, scalar_t* g_mu_p, scalar_t* g_logsigma_p, int64_t batch, Chunks chunks,
+                       scalar_t* g_logsigma_q, scalar_t* g_mu_p, scalar_t* g_logsigma_p, int64_t batch,
                        gaussian::DenseLayout layout, uint64_t seed, double beta) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto constants = gaussian::ScaleConstants<opmath_t>::of(beta);
+  const Chunks chunks = chunks_of(layout);
   at::parallel_for(0, chunks.count(batch), chunks.grain(), [&](int64_t first, int64_t last) {
-    alignas(64) float eps[kTile];
-    alignas(64) uint32_t index[kTile];
     gaussian::Staging<scalar_t, opmath_t, 9, kTile> tile;
     for (int64_t item = first; item < last; ++item) {
-      const int64_t end = chunks.end(item);
-      for (int64_t start = chunks.begin(item); start < end; start += kTile) {
-        const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
-        gaussian::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
-        backward_tile<F>(tile.load(grad_z + start, 0, count), grad_kl[chunks.image(item)],
-                         tile.load(mu_q + start, 1, count), tile.load(logsigma_q + start, 2, count),
-                         tile.load(mu_p + start, 3, count), tile.load(logsigma_p + start, 4, count), eps,
-                         tile.output(g_mu_q + start, 5), tile.output(g_logsigma_q + start, 6),
-                         tile.output(g_mu_p + start, 7), tile.output(g_logsigma_p + start, 8), count, constants);
-        tile.store(g_mu_q + start, 5, count);
-        tile.store(g_logsigma_q + start, 6, count);
-        tile.store(g_mu_p + start, 7, count);
-        tile.store(g_logsigma_p + start, 8, count);
-      }
+      const opmath_t grad_kl_image = grad_kl[chunks.image(item)];
+      gaussian::for_each_eps_tile<kTile>(
+          chunks.begin(item), chunks.end(item), seed, layout, [&](int64_t start, int count, const float* eps) {
+            backward_tile<F>(tile.load(grad_z + start, 0, count), grad_kl_image, tile.load(mu_q + start, 1, count),
+                             tile.load(logsigma_q + start, 2, count), tile.load(mu_p + start, 3, count),
+                             tile.load(logsigma_p + start, 4, count), eps, tile.output(g_mu_q + start, 5),
+                             tile.output(g_logsigma_q + start, 6), tile.output(g_mu_p + start, 7),
+                             tile.output(g_logsigma_p + start, 8), count, constants);
+            tile.store(g_mu_q + start, 5, count);
+            tile.store(g_logsigma_q + start, 6, count);
+            tile.store(g_mu_p + start, 7, count);
+            tile.store(g_logsigma_p + start, 8, count);
+          });
     }
   });
 }
@@ -167,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_forward_cpu(const at::Tensor& m
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu_q.scalar_type(), "sample_and_kl_forward_cpu", [&] {
       forward_parallel<scalar_t, F>(mu_q.data_ptr<scalar_t>(), logsigma_q.data_ptr<scalar_t>(),
                                     mu_p.data_ptr<scalar_t>(), logsigma_p.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-                                    kl.data_ptr<at::opmath_type<scalar_t>>(), batch, chunks_of(mu_q),
-                                    gaussian::layout_of(mu_q), static_cast<uint64_t>(seed), beta);
+                                    kl.data_ptr<at::opmath_type<scalar_t>>(), batch, gaussian::layout_of(mu_q),
+                                    static_cast<uint64_t>(seed), beta);
     });
   });
   return {z, kl};
@@ -189,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_and_kl_backwar
                                      mu_p.data_ptr<scalar_t>(), logsigma_p.data_ptr<scalar_t>(),
                                      g_mu_q.data_ptr<scalar_t>(), g_logsigma_q.data_ptr<scalar_t>(),
                                      g_mu_p.data_ptr<scalar_t>(), g_logsigma_p.data_ptr<scalar_t>(), mu_q.size(0),
-                                     chunks_of(mu_q), gaussian::layout_of(mu_q), static_cast<uint64_t>(seed), beta);
+                                     gaussian::layout_of(mu_q), static_cast<uint64_t>(seed), beta);
     });
   });
   return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};

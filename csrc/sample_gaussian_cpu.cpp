@@ -42,17 +42,16 @@ void forward_parallel(const scalar_t* mu, const scalar_t* logsigma, scalar_t* z,
   using opmath_t = at::opmath_type<scalar_t>;
   const auto t = static_cast<opmath_t>(temperature);
   const auto constants = gaussian::ScaleConstants<opmath_t>::of(beta);
-  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    alignas(64) float eps[kTile];
-    alignas(64) uint32_t index[kTile];
+  const int64_t unit = gaussian::work_alignment(layout);
+  at::parallel_for(0, numel / unit, std::max<int64_t>(1, kGrain / unit), [&](int64_t first, int64_t last) {
     gaussian::Staging<scalar_t, opmath_t, 3, kTile> tile;
-    for (int64_t start = begin; start < end; start += kTile) {
-      const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
-      gaussian::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
-      forward_tile<F>(tile.load(mu + start, 0, count), tile.load(logsigma + start, 1, count), eps,
-                      tile.output(z + start, 2), t, count, constants);
-      tile.store(z + start, 2, count);
-    }
+    gaussian::for_each_eps_tile<kTile>(first * unit, last * unit, seed, layout,
+                                       [&](int64_t start, int count, const float* eps) {
+                                         forward_tile<F>(tile.load(mu + start, 0, count),
+                                                         tile.load(logsigma + start, 1, count), eps,
+                                                         tile.output(z + start, 2), t, count, constants);
+                                         tile.store(z + start, 2, count);
+                                       });
   });
 }
 
@@ -63,18 +62,17 @@ void backward_parallel(const scalar_t* grad_z, const scalar_t* logsigma, scalar_
   using opmath_t = at::opmath_type<scalar_t>;
   const auto t = static_cast<opmath_t>(temperature);
   const auto constants = gaussian::ScaleConstants<opmath_t>::of(beta);
-  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    alignas(64) float eps[kTile];
-    alignas(64) uint32_t index[kTile];
+  const int64_t unit = gaussian::work_alignment(layout);
+  at::parallel_for(0, numel / unit, std::max<int64_t>(1, kGrain / unit), [&](int64_t first, int64_t last) {
     gaussian::Staging<scalar_t, opmath_t, 3, kTile> tile;
-    std::copy(grad_z + begin, grad_z + end, g_mu + begin);
-    for (int64_t start = begin; start < end; start += kTile) {
-      const int count = static_cast<int>(std::min<int64_t>(kTile, end - start));
-      gaussian::fill_eps(eps, index, static_cast<uint32_t>(start), count, seed, layout);
-      backward_tile<F>(tile.load(grad_z + start, 0, count), tile.load(logsigma + start, 1, count), eps,
-                       tile.output(g_logsigma + start, 2), t, count, constants);
-      tile.store(g_logsigma + start, 2, count);
-    }
+    std::copy(grad_z + first * unit, grad_z + last * unit, g_mu + first * unit);
+    gaussian::for_each_eps_tile<kTile>(first * unit, last * unit, seed, layout,
+                                       [&](int64_t start, int count, const float* eps) {
+                                         backward_tile<F>(tile.load(grad_z + start, 0, count),
+                                                          tile.load(logsigma + start, 1, count), eps,
+                                                          tile.output(g_logsigma + start, 2), t, count, constants);
+                                         tile.store(g_logsigma + start, 2, count);
+                                       });
   });
 }
 

@@ -2,7 +2,9 @@
 // sigma = exp(raw) or softplus_beta(raw), and its gradients (per-packet bodies in gaussian_packets.h). eps comes
 // from (seed, logical index) in forward and is regenerated in backward.
 //
-// Grid-stride loops over flat memory, 16-byte packets when every pointer is aligned and the size divides.
+// Grid-stride loops over flat memory, 16-byte packets when every pointer is aligned and the size divides,
+// work items of one packet, or of a pixel quad's four packets where channels_last allows (gaussian_cuda.cuh's
+// launch_by_items).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -26,28 +28,32 @@ namespace {
 using gaussian::grid_for;
 using gaussian::kThreads;
 
-template <typename F, typename scalar_t, int kVec>
+template <typename F, typename scalar_t, int kVec, int kItem>
 __global__ void __launch_bounds__(kThreads)
     sample_gaussian_forward_kernel(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logsigma,
-                                   scalar_t* __restrict__ z, int64_t packets, at::opmath_type<scalar_t> temperature,
+                                   scalar_t* __restrict__ z, int64_t items, at::opmath_type<scalar_t> temperature,
                                    gaussian::DenseLayout layout, uint64_t seed,
                                    gaussian::ScaleConstants<at::opmath_type<scalar_t>> constants) {
-  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
-       p += static_cast<int64_t>(gridDim.x) * kThreads) {
-    gaussian::sample_gaussian_forward_packet<F, kVec>(mu, logsigma, z, p, temperature, layout, seed, constants);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < items;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    gaussian::for_item_packets<kVec, kItem>(i, layout, seed, [&](int64_t p, const float(&eps)[kVec]) {
+      gaussian::sample_gaussian_forward_packet<F, kVec>(mu, logsigma, z, p, temperature, eps, constants);
+    });
   }
 }
 
-template <typename F, typename scalar_t, int kVec>
+template <typename F, typename scalar_t, int kVec, int kItem>
 __global__ void __launch_bounds__(kThreads)
     sample_gaussian_backward_kernel(const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ logsigma,
-                                    scalar_t* __restrict__ g_mu, scalar_t* __restrict__ g_logsigma, int64_t packets,
+                                    scalar_t* __restrict__ g_mu, scalar_t* __restrict__ g_logsigma, int64_t items,
                                     at::opmath_type<scalar_t> temperature, gaussian::DenseLayout layout,
                                     uint64_t seed, gaussian::ScaleConstants<at::opmath_type<scalar_t>> constants) {
-  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packets;
-       p += static_cast<int64_t>(gridDim.x) * kThreads) {
-    gaussian::sample_gaussian_backward_packet<F, kVec>(grad_z, logsigma, g_mu, g_logsigma, p, temperature, layout, seed,
-                                                       constants);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < items;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    gaussian::for_item_packets<kVec, kItem>(i, layout, seed, [&](int64_t p, const float(&eps)[kVec]) {
+      gaussian::sample_gaussian_backward_packet<F, kVec>(grad_z, logsigma, g_mu, g_logsigma, p, temperature, eps,
+                                                         constants);
+    });
   }
 }
 
@@ -64,15 +70,15 @@ at::Tensor sample_gaussian_forward_cuda(const at::Tensor& mu, const at::Tensor& 
     using F = decltype(form);
     VF_DISPATCH_CUDA_FLOAT_TYPES(mu.scalar_type(), "sample_gaussian_forward_cuda", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
-      const auto launch = [&](auto vec) {
-        constexpr int kVec = decltype(vec)::value;
-        sample_gaussian_forward_kernel<F, scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
-            mu.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), numel / kVec,
+      const auto launch = [&](auto vec, auto item) {
+        constexpr int kVec = decltype(vec)::value, kItem = decltype(item)::value;
+        sample_gaussian_forward_kernel<F, scalar_t, kVec, kItem><<<grid_for(numel / kItem), kThreads, 0, stream>>>(
+            mu.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), numel / kItem,
             static_cast<opmath_t>(temperature), layout, static_cast<uint64_t>(seed),
             gaussian::ScaleConstants<opmath_t>::of(beta));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      gaussian::launch_by_packets<scalar_t>(numel, {&mu, &logsigma, &z}, launch);
+      gaussian::launch_by_items<scalar_t>(numel, layout, {&mu, &logsigma, &z}, launch);
     });
   });
   return z;
@@ -92,15 +98,15 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cuda(const at::Tenso
     using F = decltype(form);
     VF_DISPATCH_CUDA_FLOAT_TYPES(mu.scalar_type(), "sample_gaussian_backward_cuda", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
-      const auto launch = [&](auto vec) {
-        constexpr int kVec = decltype(vec)::value;
-        sample_gaussian_backward_kernel<F, scalar_t, kVec><<<grid_for(numel / kVec), kThreads, 0, stream>>>(
+      const auto launch = [&](auto vec, auto item) {
+        constexpr int kVec = decltype(vec)::value, kItem = decltype(item)::value;
+        sample_gaussian_backward_kernel<F, scalar_t, kVec, kItem><<<grid_for(numel / kItem), kThreads, 0, stream>>>(
             grad_z.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), g_mu.data_ptr<scalar_t>(),
-            g_logsigma.data_ptr<scalar_t>(), numel / kVec, static_cast<opmath_t>(temperature), layout,
+            g_logsigma.data_ptr<scalar_t>(), numel / kItem, static_cast<opmath_t>(temperature), layout,
             static_cast<uint64_t>(seed), gaussian::ScaleConstants<opmath_t>::of(beta));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      gaussian::launch_by_packets<scalar_t>(numel, {&grad_z, &logsigma, &g_mu, &g_logsigma}, launch);
+      gaussian::launch_by_items<scalar_t>(numel, layout, {&grad_z, &logsigma, &g_mu, &g_logsigma}, launch);
     });
   });
   return {g_mu, g_logsigma};

@@ -5,7 +5,8 @@ csrc/cuda_bodies_on_host.cpp loops the very `__host__ __device__` functions the 
 kernels' math is checked without a GPU; only their indexing and the MUFU math functions wait for one.
 M = 10 runs the unrolled instantiation the kernels use for it, the other M the run-time loop.
 The Gaussian kernels' per-packet bodies (gaussian_packets.h) run the same way in every parametrization, with
-packets of 4 floats (the kernels' 16 bytes) and of single elements, eps and its indexing included.
+packets of 4 floats (the kernels' 16 bytes) and of single elements, eps and its indexing included, and the
+random ops' pixel-quad work items on channels_last tensors with W % 4 == 0.
 """
 
 from __future__ import annotations
@@ -180,6 +181,45 @@ def test_sample_gaussian_packet_bodies_match_the_float64_reference(scale, fmt, v
     name = reference.SCALES[scale]
     truths, truth_grads = _truth_with_grads(
         lambda m, r: reference.sample_gaussian(m, r, temperature=0.6, scale=name, seed=9), (mu, raw), (grad_z,)
+    )
+    torch.testing.assert_close(z.double(), truths[0], **tolerance(torch.float32))
+    _assert_float64_close((), (), grads, truth_grads)
+
+
+# channels_last with W % 4 == 0: the random ops' work items are pixel quads, one Philox call per channel, of
+# 4 pixels × the packet's channels where C is a multiple of the packet width (C = 4, 8 with vec = 4, and
+# every C with vec = 1), else of 4 pixels × 1 channel (C = 1, 3 with vec = 4).
+QUAD_SHAPES = [(2, 4, 3, 8), (2, 3, 2, 4), (2, 8, 1, 12), (1, 1, 2, 4)]
+
+
+@pytest.mark.parametrize("vec", [4, 1])
+@pytest.mark.parametrize("shape", QUAD_SHAPES, ids=str)
+def test_random_bodies_on_pixel_quads_draw_the_reference_stream(shape, vec) -> None:
+    """eps bit for bit what the cpu backend draws (itself checked against the reference stream), and the
+    outputs and gradients of sample_and_kl and sample_gaussian within rounding of float64."""
+    gen = torch.Generator().manual_seed(sum(shape) + vec)
+    params = [(torch.randn(shape, generator=gen) * 0.5).contiguous(memory_format=torch.channels_last) for _ in range(5)]
+    zeros = torch.zeros_like(params[0])
+    drawn = ops.sample_gaussian(zeros, zeros, seed=42, backend="cpu")
+    assert torch.equal(BODIES.sample_gaussian_forward_cuda_body_on_host(zeros, zeros, 1.0, 42, 0, BETA, vec), drawn)
+    eps_q, _ = BODIES.sample_and_kl_forward_cuda_body_on_host(zeros, zeros, zeros, zeros, 42, 0, BETA, 0, 0, vec)
+    assert torch.equal(eps_q, drawn)
+
+    codes = (1, BETA, 1, 1)  # softplus, residual, sampled: every branch of the math
+    grad_z, grad_kl = params.pop(), torch.tensor([0.7, 1.3])[: shape[0]]
+    z, kl = BODIES.sample_and_kl_forward_cuda_body_on_host(*params, 42, *codes, vec)
+    grads = BODIES.sample_and_kl_backward_cuda_body_on_host(grad_z, grad_kl, *params, 42, *codes, vec)
+    truths, truth_grads = _truth_with_grads(
+        lambda *p: reference.sample_and_kl(*p, **_names(1, 1, 1), seed=42), params, (grad_z, grad_kl)
+    )
+    assert z.stride() == params[0].stride()
+    _assert_float64_close((z, kl), truths, grads, truth_grads)
+
+    mu, raw = params[:2]
+    z = BODIES.sample_gaussian_forward_cuda_body_on_host(mu, raw, 0.6, 9, 1, BETA, vec)
+    grads = BODIES.sample_gaussian_backward_cuda_body_on_host(grad_z, mu, raw, 0.6, 9, 1, BETA, vec)
+    truths, truth_grads = _truth_with_grads(
+        lambda m, r: reference.sample_gaussian(m, r, temperature=0.6, scale="softplus", seed=9), (mu, raw), (grad_z,)
     )
     torch.testing.assert_close(z.double(), truths[0], **tolerance(torch.float32))
     _assert_float64_close((), (), grads, truth_grads)
