@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or compile (train) starts after it, and a training measurement still running 30 s past it is cut short; "
         "what was skipped says so in its row (default: no budget)",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="TEXT",
+        help="ops suite: measure only the cases whose label contains TEXT (repeatable), e.g. "
+        "'sample_gaussian fwd+bwd 8x16x64x64 float32'",
+    )
     return parser
 
 
@@ -91,7 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     with_compile = not args.no_compile
     if args.suite in ("ops", "all"):
         results["rows"] += ops_suite.run(
-            device, size=args.size, backends=args.backends, with_compile=with_compile, budget_s=args.budget_s
+            device,
+            size=args.size,
+            backends=args.backends,
+            with_compile=with_compile,
+            budget_s=args.budget_s,
+            only=args.only,
         )
     if args.suite in ("train", "all"):  # MFU needs the measured peak
         results["rows"] += train_suite.run(

@@ -310,10 +310,13 @@ def run(
     backends: list[str] | None = None,
     with_compile: bool = True,
     budget_s: float | None = None,
+    only: list[str] | None = None,
 ) -> list[dict]:
     """Measure every case on `device`: one row per (case, backend).
 
     backends: labels to measure (a kernel backend, ``original``, ``compile``); default default_backends().
+    only: measure just the cases whose label (e.g. ``sample_gaussian fwd+bwd 8x16x64x64 float32 channels_last``)
+    contains one of these texts.
     The compile rows come after all others, in COMPILE_ORDER, and none but the first starts once `budget_s`
     seconds have passed (their rows say so): compiling is what takes the time.
     """
@@ -322,7 +325,11 @@ def run(
         backends.remove("compile")
     plan = PLANS[("cuda" if device.type == "cuda" else "cpu", size)]
     deadline = time.monotonic() + budget_s if budget_s is not None else math.inf
-    found = cases(device, size)
+    found = [c for c in cases(device, size) if not only or any(text in str(c) for text in only)]
+    if not found:
+        raise ValueError(
+            f"no {size} op case matches --only {' / '.join(only or [])}: labels read like {cases(device, size)[0]}"
+        )
     rows = []
     for case in found:
         for label in backends:

@@ -247,12 +247,34 @@ def test_command_line_writes_the_results_of_a_quick_ops_run(tmp_path, monkeypatc
     assert all(r["pct_bandwidth"] == pytest.approx(10 * r["gbps"]) for r in saved["rows"])
 
 
+def test_only_measures_the_cases_whose_label_contains_a_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    found = [_case("gaussian_kl", (2, 4, 4, 4)), _case("sample_gaussian", (2, 4, 4, 4), backward=False)]
+    monkeypatch.setattr(ops_suite, "cases", lambda device, size: found)
+    measured = []
+    monkeypatch.setattr(ops_suite, "measure", lambda case, label, device, plan: measured.append((case.op, label)) or {})
+    monkeypatch.setattr(ops_suite, "_print", lambda row: None)
+    ops_suite.run(CPU, size="tiny", backends=["cpu"], only=["sample_gaussian fwd 2x4x4x4"])
+    assert measured == [("sample_gaussian", "cpu")]
+    with pytest.raises(ValueError, match="no tiny op case matches --only dmol.*labels read like gaussian_kl fwd"):
+        ops_suite.run(CPU, size="tiny", backends=["cpu"], only=["dmol"])
+
+
 def test_command_line_help_describes_every_option() -> None:
     parser = cli.build_parser()
     for action in parser._actions:
         assert action.help, f"{action.option_strings} has no help"
     text = " ".join(parser.format_help().split())
-    for option in ("--suite", "--out", "--device", "--quick", "--tiny", "--backends", "--no-compile", "--budget-s"):
+    for option in (
+        "--suite",
+        "--out",
+        "--device",
+        "--quick",
+        "--tiny",
+        "--backends",
+        "--no-compile",
+        "--budget-s",
+        "--only",
+    ):
         assert option in text
     assert "folder of the results files" in text and "torch device to measure on" in text
 
