@@ -275,13 +275,11 @@ at::Tensor sample_gaussian_forward_cuda_body_on_host(const at::Tensor& mu, const
   return z;
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cuda_body_on_host(const at::Tensor& grad_z,
-                                                                              const at::Tensor& mu,
-                                                                              const at::Tensor& logsigma,
-                                                                              double temperature, int64_t seed,
-                                                                              int64_t scale, double beta, int64_t vec) {
+at::Tensor sample_gaussian_backward_cuda_body_on_host(const at::Tensor& grad_z, const at::Tensor& mu,
+                                                     const at::Tensor& logsigma, double temperature, int64_t seed,
+                                                     int64_t scale, double beta, int64_t vec) {
   const gaussian::DenseLayout layout = gaussian::layout_of(mu);
-  at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(mu);
+  at::Tensor g_logsigma = at::empty_like(mu);
   with_items(mu, vec, mu.numel(), layout, [&](auto packet, auto item) {
     constexpr int kVec = decltype(packet)::value, kItem = decltype(item)::value;
     gaussian::with_form(scale, beta, "sample_gaussian", [&](auto form) {
@@ -290,13 +288,13 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cuda_body_on_host(co
         gaussian::for_item_packets<kVec, kItem>(
             i, layout, static_cast<uint64_t>(seed), [&](int64_t p, const float(&eps)[kVec]) {
               gaussian::sample_gaussian_backward_packet<decltype(form), kVec>(
-                  grad_z.data_ptr<float>(), logsigma.data_ptr<float>(), g_mu.data_ptr<float>(),
-                  g_logsigma.data_ptr<float>(), p, static_cast<float>(temperature), eps, constants);
+                  grad_z.data_ptr<float>(), logsigma.data_ptr<float>(), g_logsigma.data_ptr<float>(), p,
+                  static_cast<float>(temperature), eps, constants);
             });
       }
     });
   });
-  return {g_mu, g_logsigma};
+  return g_logsigma;
 }
 
 }  // namespace

@@ -201,11 +201,12 @@ VF_HOST_DEVICE void sample_gaussian_forward_packet(const scalar_t* __restrict__ 
   reinterpret_cast<In*>(z)[p] = out;
 }
 
-// sample_gaussian backward of packet p, whose eps are given: ∂z/∂mu = 1, so grad_mu is grad_z itself.
+// sample_gaussian backward of packet p, whose eps are given: grad_logsigma only. ∂z/∂mu = 1, so grad_mu is grad_z
+// itself, which the autograd formula passes through without a kernel.
 template <typename F, int kVec, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 VF_HOST_DEVICE void sample_gaussian_backward_packet(const scalar_t* __restrict__ grad_z,
-                                                    const scalar_t* __restrict__ raw, scalar_t* __restrict__ g_mu,
-                                                    scalar_t* __restrict__ g_raw, int64_t p, opmath_t temperature,
+                                                    const scalar_t* __restrict__ raw, scalar_t* __restrict__ g_raw,
+                                                    int64_t p, opmath_t temperature,
                                                     const float (&eps)[kVec],
                                                     const ScaleConstants<opmath_t>& constants) {
   using In = Packet<scalar_t, kVec>;
@@ -218,7 +219,6 @@ VF_HOST_DEVICE void sample_gaussian_backward_packet(const scalar_t* __restrict__
                                                                  static_cast<opmath_t>(r.v[v]), temperature, eps[v],
                                                                  constants));
   }
-  reinterpret_cast<In*>(g_mu)[p] = gz;
   reinterpret_cast<In*>(g_raw)[p] = out;
 }
 

@@ -32,7 +32,7 @@ TORCH_LIBRARY(vdvae_fast_C, m) {
       "float beta) -> Tensor");
   m.def(
       "sample_gaussian_backward(Tensor grad_z, Tensor mu, Tensor logsigma, float temperature, "
-      "int seed, int scale, float beta) -> (Tensor, Tensor)");
+      "int seed, int scale, float beta) -> Tensor");
   // The CUDA kernels' per-pixel bodies run on the host, for tests (cuda_bodies_on_host.cpp)
   m.def(
       "dmol_nll_forward_cuda_body_on_host(Tensor logits, Tensor x, int num_bits, int scale, float beta, "
@@ -61,7 +61,7 @@ TORCH_LIBRARY(vdvae_fast_C, m) {
       "int scale, float beta, int vec) -> Tensor");
   m.def(
       "sample_gaussian_backward_cuda_body_on_host(Tensor grad_z, Tensor mu, Tensor logsigma, float temperature, "
-      "int seed, int scale, float beta, int vec) -> (Tensor, Tensor)");
+      "int seed, int scale, float beta, int vec) -> Tensor");
 }
 
 static bool built_with_cuda() {

@@ -55,9 +55,9 @@ void forward_parallel(const scalar_t* mu, const scalar_t* logsigma, scalar_t* z,
   });
 }
 
-// ∂z/∂mu = 1: grad_mu is grad_z itself, copied (the dtypes agree).
+// grad_logsigma only: ∂z/∂mu = 1, so grad_mu is grad_z itself, which the autograd formula passes through.
 template <typename scalar_t, typename F>
-void backward_parallel(const scalar_t* grad_z, const scalar_t* logsigma, scalar_t* g_mu, scalar_t* g_logsigma,
+void backward_parallel(const scalar_t* grad_z, const scalar_t* logsigma, scalar_t* g_logsigma,
                        int64_t numel, double temperature, gaussian::DenseLayout layout, uint64_t seed, double beta) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto t = static_cast<opmath_t>(temperature);
@@ -65,7 +65,6 @@ void backward_parallel(const scalar_t* grad_z, const scalar_t* logsigma, scalar_
   const int64_t unit = gaussian::work_alignment(layout);
   at::parallel_for(0, numel / unit, std::max<int64_t>(1, kGrain / unit), [&](int64_t first, int64_t last) {
     gaussian::Staging<scalar_t, opmath_t, 3, kTile> tile;
-    std::copy(grad_z + first * unit, grad_z + last * unit, g_mu + first * unit);
     gaussian::for_each_eps_tile<kTile>(first * unit, last * unit, seed, layout,
                                        [&](int64_t start, int count, const float* eps) {
                                          backward_tile<F>(tile.load(grad_z + start, 0, count),
@@ -91,20 +90,19 @@ at::Tensor sample_gaussian_forward_cpu(const at::Tensor& mu, const at::Tensor& l
   return z;
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cpu(const at::Tensor& grad_z, const at::Tensor& mu,
-                                                                const at::Tensor& logsigma, double temperature,
-                                                                int64_t seed, int64_t scale, double beta) {
+at::Tensor sample_gaussian_backward_cpu(const at::Tensor& grad_z, const at::Tensor& mu, const at::Tensor& logsigma,
+                                        double temperature, int64_t seed, int64_t scale, double beta) {
   check_dense(mu, "sample_gaussian");
-  at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(logsigma);
+  at::Tensor g_logsigma = at::empty_like(logsigma);
   gaussian::with_form(scale, beta, "sample_gaussian", [&](auto form) {
     using F = decltype(form);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "sample_gaussian_backward_cpu", [&] {
       backward_parallel<scalar_t, F>(grad_z.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(),
-                                     g_mu.data_ptr<scalar_t>(), g_logsigma.data_ptr<scalar_t>(), mu.numel(),
-                                     temperature, gaussian::layout_of(mu), static_cast<uint64_t>(seed), beta);
+                                     g_logsigma.data_ptr<scalar_t>(), mu.numel(), temperature,
+                                     gaussian::layout_of(mu), static_cast<uint64_t>(seed), beta);
     });
   });
-  return {g_mu, g_logsigma};
+  return g_logsigma;
 }
 
 }  // namespace

@@ -45,13 +45,13 @@ __global__ void __launch_bounds__(kThreads)
 template <typename F, typename scalar_t, int kVec, int kItem>
 __global__ void __launch_bounds__(kThreads)
     sample_gaussian_backward_kernel(const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ logsigma,
-                                    scalar_t* __restrict__ g_mu, scalar_t* __restrict__ g_logsigma, int64_t items,
+                                    scalar_t* __restrict__ g_logsigma, int64_t items,
                                     at::opmath_type<scalar_t> temperature, gaussian::DenseLayout layout,
                                     uint64_t seed, gaussian::ScaleConstants<at::opmath_type<scalar_t>> constants) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < items;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     gaussian::for_item_packets<kVec, kItem>(i, layout, seed, [&](int64_t p, const float(&eps)[kVec]) {
-      gaussian::sample_gaussian_backward_packet<F, kVec>(grad_z, logsigma, g_mu, g_logsigma, p, temperature, eps,
+      gaussian::sample_gaussian_backward_packet<F, kVec>(grad_z, logsigma, g_logsigma, p, temperature, eps,
                                                          constants);
     });
   }
@@ -84,14 +84,13 @@ at::Tensor sample_gaussian_forward_cuda(const at::Tensor& mu, const at::Tensor& 
   return z;
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cuda(const at::Tensor& grad_z, const at::Tensor& mu,
-                                                                 const at::Tensor& logsigma, double temperature,
-                                                                 int64_t seed, int64_t scale, double beta) {
+at::Tensor sample_gaussian_backward_cuda(const at::Tensor& grad_z, const at::Tensor& mu, const at::Tensor& logsigma,
+                                         double temperature, int64_t seed, int64_t scale, double beta) {
   check_dense(mu, "sample_gaussian");
   const c10::cuda::OptionalCUDAGuard device_guard(mu.device());
-  at::Tensor g_mu = at::empty_like(mu), g_logsigma = at::empty_like(logsigma);
+  at::Tensor g_logsigma = at::empty_like(logsigma);
   const int64_t numel = mu.numel();
-  if (numel == 0) return {g_mu, g_logsigma};
+  if (numel == 0) return g_logsigma;
   const gaussian::DenseLayout layout = gaussian::layout_of(mu);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   gaussian::with_form(scale, beta, "sample_gaussian", [&](auto form) {
@@ -101,15 +100,15 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward_cuda(const at::Tenso
       const auto launch = [&](auto vec, auto item) {
         constexpr int kVec = decltype(vec)::value, kItem = decltype(item)::value;
         sample_gaussian_backward_kernel<F, scalar_t, kVec, kItem><<<grid_for(numel / kItem), kThreads, 0, stream>>>(
-            grad_z.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), g_mu.data_ptr<scalar_t>(),
-            g_logsigma.data_ptr<scalar_t>(), numel / kItem, static_cast<opmath_t>(temperature), layout,
+            grad_z.data_ptr<scalar_t>(), logsigma.data_ptr<scalar_t>(), g_logsigma.data_ptr<scalar_t>(),
+            numel / kItem, static_cast<opmath_t>(temperature), layout,
             static_cast<uint64_t>(seed), gaussian::ScaleConstants<opmath_t>::of(beta));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      gaussian::launch_by_items<scalar_t>(numel, layout, {&grad_z, &logsigma, &g_mu, &g_logsigma}, launch);
+      gaussian::launch_by_items<scalar_t>(numel, layout, {&grad_z, &logsigma, &g_logsigma}, launch);
     });
   });
-  return {g_mu, g_logsigma};
+  return g_logsigma;
 }
 
 }  // namespace

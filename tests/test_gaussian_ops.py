@@ -93,6 +93,22 @@ def test_sample_gaussian_matches_reference(backend: str, temperature: float) -> 
         torch.testing.assert_close(value, ref, **tolerance(torch.float32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_sample_gaussian_passes_the_upstream_gradient_to_mu(backend: str, dtype: torch.dtype, fmt: str) -> None:
+    """dz/dmu = 1: mu's gradient is the upstream gradient itself, bit for bit, in mu's dtype and memory format,
+    also when the upstream comes in the other layout; in mu's layout it is handed through without a copy."""
+    mu, logsigma = _leaves(_params((2, 3, 4, 4), dtype, fmt, seed=6, count=2))
+    z = ops.sample_gaussian(mu, logsigma, temperature=0.8, seed=11, backend=backend)
+    other = "channels_last" if fmt == "contiguous" else "contiguous"
+    for layout in (fmt, other):
+        upstream = _params(z.shape, dtype, layout, seed=7, count=1)[0]
+        (grad_mu,) = torch.autograd.grad(z, mu, upstream, retain_graph=True)
+        assert torch.equal(grad_mu, upstream)
+        assert grad_mu.dtype == mu.dtype and grad_mu.stride() == mu.stride()
+        assert (grad_mu.data_ptr() == upstream.data_ptr()) == (layout == fmt)
+
+
 def test_same_seed_gives_the_same_z_in_every_backend_and_layout() -> None:
     mu, logsigma = (torch.zeros(2, 3, 5, 4, device=DEVICE) for _ in range(2))
     reference_z = ops.sample_gaussian(mu, logsigma, seed=2024, backend="reference")

@@ -53,7 +53,7 @@ def test_eps_is_the_stream_bit_for_bit_in_channels_last(shape: tuple) -> None:
         z, _ = sample_and_kl.sample_and_kl_forward(z0, z0, z0, z0, SEED)
         grad_kl = torch.zeros(shape[0], device=DEVICE)
         _, grad_b, _, _ = sample_and_kl.sample_and_kl_backward(o1, grad_kl, z0, z0, z0, z0, SEED)
-        _, grad_logsigma = sample_gaussian.sample_gaussian_backward(o1, z0, z0, 1.0, SEED)
+        grad_logsigma = sample_gaussian.sample_gaussian_backward(o1, z0, z0, 1.0, SEED)
         drawn[layout] = [z, grad_b, sample_gaussian.sample_gaussian_forward(z0, z0, 1.0, SEED), grad_logsigma]
         for eps in drawn[layout]:
             assert eps.stride() == z0.stride()

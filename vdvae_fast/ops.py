@@ -735,8 +735,8 @@ def _sample_gaussian_forward_fake(
 
 def _sample_gaussian_backward_fake(
     grad_z: Tensor, mu: Tensor, logsigma: Tensor, temperature: float, seed: Tensor, scale: int, beta: float
-) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(mu), torch.empty_like(logsigma)
+) -> Tensor:
+    return torch.empty_like(logsigma)
 
 
 def _sample_gaussian_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -746,9 +746,12 @@ def _sample_gaussian_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
 
 
 def _sample_gaussian_grad(backward: Callable, ctx: Any, grad_z: Tensor) -> tuple:
+    """∂z/∂μ = 1: μ's gradient is grad_z itself, passed through as eager autograd does; the backward op, whose
+    output may not alias its input, computes only logσ's."""
     mu, logsigma, seed = ctx.saved_tensors
     grad_z = grad_z.contiguous(memory_format=reference.memory_format_of(mu))
-    return (*backward(grad_z, mu, logsigma, ctx.temperature, seed, *ctx.codes), None, None, None, None)
+    grad_logsigma = backward(grad_z, mu, logsigma, ctx.temperature, seed, *ctx.codes)
+    return grad_z, grad_logsigma, None, None, None, None
 
 
 _SAMPLE_GAUSSIAN = _kernel_ops("sample_gaussian", "sample_gaussian_forward", _sample_gaussian_forward_fake)

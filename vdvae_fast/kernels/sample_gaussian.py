@@ -31,14 +31,13 @@ def _z(mu_ptr, logsigma_ptr, z_ptr, offsets, mask, eps, temperature, beta, log_b
 
 
 @triton.jit
-def _gradients(
-    grad_z_ptr, logsigma_ptr, grad_mu_ptr, grad_logsigma_ptr, offsets, mask, eps, temperature, beta, SCALE: tl.constexpr
+def _grad_logsigma(
+    grad_z_ptr, logsigma_ptr, grad_logsigma_ptr, offsets, mask, eps, temperature, beta, SCALE: tl.constexpr
 ):
-    """Store grad_mu = grad_z and grad_logsigma = grad_z * t * eps * d sigma / d logsigma at these offsets."""
-    grad_z = tl.load(grad_z_ptr + offsets, mask=mask, other=0.0)
+    """Store grad_logsigma = grad_z * t * eps * d sigma / d logsigma at these offsets."""
+    grad_z = tl.load(grad_z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     logsigma = tl.load(logsigma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    grad_logsigma = grad_z.to(tl.float32) * eps * temperature * scale_slope(logsigma, beta, SCALE)
-    tl.store(grad_mu_ptr + offsets, grad_z, mask=mask)
+    grad_logsigma = grad_z * eps * temperature * scale_slope(logsigma, beta, SCALE)
     tl.store(grad_logsigma_ptr + offsets, grad_logsigma.to(grad_logsigma_ptr.dtype.element_ty), mask=mask)
 
 
@@ -79,7 +78,6 @@ def _sample_gaussian_forward_kernel(
 def _sample_gaussian_backward_kernel(
     grad_z_ptr,
     logsigma_ptr,
-    grad_mu_ptr,
     grad_logsigma_ptr,
     temperature,
     seed,
@@ -97,17 +95,17 @@ def _sample_gaussian_backward_kernel(
 ):
     offsets, mask, block_start = block_offsets(numel, BLOCK, INT64)
     k0, k1 = philox_key(seed)
-    pointers = (grad_z_ptr, logsigma_ptr, grad_mu_ptr, grad_logsigma_ptr)
+    pointers = (grad_z_ptr, logsigma_ptr, grad_logsigma_ptr)
     if CHANNELS_LAST and GROUPED:  # as the forward
         first, eps0, eps1, eps2, eps3 = channels_last_groups(k0, k1, 0, block_start, C, H, W, BLOCK // 4, True)
         inside = first < numel
-        _gradients(*pointers, first, inside, eps0, temperature, beta, SCALE)
-        _gradients(*pointers, first + C, inside, eps1, temperature, beta, SCALE)
-        _gradients(*pointers, first + 2 * C, inside, eps2, temperature, beta, SCALE)
-        _gradients(*pointers, first + 3 * C, inside, eps3, temperature, beta, SCALE)
+        _grad_logsigma(*pointers, first, inside, eps0, temperature, beta, SCALE)
+        _grad_logsigma(*pointers, first + C, inside, eps1, temperature, beta, SCALE)
+        _grad_logsigma(*pointers, first + 2 * C, inside, eps2, temperature, beta, SCALE)
+        _grad_logsigma(*pointers, first + 3 * C, inside, eps3, temperature, beta, SCALE)
     else:
         eps = block_normals(k0, k1, 0, block_start, C, H, W, CHANNELS_LAST, GROUPED, BLOCK)
-        _gradients(*pointers, offsets, mask, eps, temperature, beta, SCALE)
+        _grad_logsigma(*pointers, offsets, mask, eps, temperature, beta, SCALE)
 
 
 def sample_gaussian_forward(
@@ -153,18 +151,16 @@ def sample_gaussian_backward(
     seed: int,
     scale: int = 0,
     beta: float = SOFTPLUS_BETA,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_mu, grad_logsigma): grad_mu is grad_z itself (copied), grad_logsigma = grad_z * t * eps * d sigma / d
-    logsigma."""
+) -> torch.Tensor:
+    """grad_logsigma = grad_z * t * eps * d sigma / d logsigma; mu's gradient is grad_z itself, which the
+    autograd formula passes through (ops._sample_gaussian_grad)."""
     beta, log_beta = softplus_betas(scale, beta)
-    grad_mu = torch.empty_like(mu)
     grad_logsigma = torch.empty_like(logsigma)
     numel = mu.numel()
     channels, height, width, channels_last = layout_args(mu)
     wrap_triton(_sample_gaussian_backward_kernel)[(triton.cdiv(numel, BLOCK),)](
         grad_z,
         logsigma,
-        grad_mu,
         grad_logsigma,
         float(temperature),
         seed,
@@ -181,4 +177,4 @@ def sample_gaussian_backward(
         INT64=needs_int64(numel),
         num_warps=NUM_WARPS,
     )
-    return grad_mu, grad_logsigma
+    return grad_logsigma
