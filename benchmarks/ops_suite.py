@@ -218,9 +218,9 @@ def bytes_moved(case: Case) -> int:
     if case.op == "sample_and_kl":  # 4 parameters in, z and a KL per image out; backward: 4 + grad_z in, 4 out
         forward = 5 * numel * element + batch * 4
         return forward + 9 * numel * element if case.backward else forward
-    if case.op == "sample_gaussian":  # μ, logσ in, z out; backward: logσ and grad_z in, 2 gradients out
+    if case.op == "sample_gaussian":  # μ, logσ in, z out; backward: logσ and grad_z in, grad_logσ out (μ's is grad_z)
         forward = 3 * numel * element
-        return forward + 4 * numel * element if case.backward else forward
+        return forward + 3 * numel * element if case.backward else forward
     forward = 4 * numel * element + numel * 4  # gaussian_kl: float32 elementwise KL
     return forward + 4 * numel * element + numel * 4 + 4 * numel * element if case.backward else forward
 
