@@ -99,9 +99,8 @@ def open_uniforms(seed: int | torch.Tensor, pixel: torch.Tensor, streams: int) -
     """
     groups = [torch.stack(philox(seed, pixel, group), dim=-1) for group in range((streams + 3) // 4)]
     words = torch.cat(groups, dim=-1)[..., :streams]
-    return uint_to_uniform(words) * torch.tensor(0.99998, dtype=torch.float32) + torch.tensor(
-        1.0e-5, dtype=torch.float32
-    )
+    scale, offset = torch.tensor(0.99998, dtype=torch.float32), torch.tensor(1.0e-5, dtype=torch.float32)
+    return uint_to_uniform(words) * scale + offset
 
 
 def _check_counter_range(shape: torch.Size) -> int:
