@@ -422,11 +422,8 @@ VF_HOST_DEVICE T clamp_unit(T v) {
   return v < T(-1) ? T(-1) : (v > T(1) ? T(1) : v);
 }
 
-// Mixture k's Gumbel-perturbed logit at a pixel; its noise is Philox stream k
-VF_HOST_DEVICE float gumbel_score(float logit, uint64_t seed, uint32_t pixel, uint32_t k) {
-  const float u = philox_open_uniform(seed, pixel, k);
-  return logit - log_positive_poly(-log_positive_poly(u));
-}
+// Mixture k's Gumbel-perturbed logit at a pixel, from its uniform u (Philox stream k)
+VF_HOST_DEVICE float gumbel_score(float logit, float u) { return logit - log_positive_poly(-log_positive_poly(u)); }
 
 // Whether mixture k's score replaces the best of mixtures < k in the Gumbel-max pick, starting from
 // best = -inf and choice 0: torch.argmax keeps the first maximum and treats NaN as the largest value
@@ -434,12 +431,10 @@ VF_HOST_DEVICE bool replaces_best(float best, float score) {
   return (best == best) & ((score > best) | (score != score));
 }
 
-// mean + exp(log_scale) * logit(u), u from Philox stream `stream`
+// mean + exp(log_scale) * logit(u)
 template <bool kSoftplus>
-VF_HOST_DEVICE float logistic_draw(float mean, float raw_log_scale, const Scales<kSoftplus, float>& scales,
-                                   uint64_t seed, uint32_t pixel, uint32_t stream) {
+VF_HOST_DEVICE float logistic_draw(float mean, float raw_log_scale, const Scales<kSoftplus, float>& scales, float u) {
   const float log_scale = scales.log_scale(raw_log_scale).value;
-  const float u = philox_open_uniform(seed, pixel, stream);
   return mean + exp_poly(log_scale) * (log_positive_poly(u) - log_positive_poly(1.0f - u));
 }
 
@@ -468,14 +463,12 @@ struct ChosenMixture {
     mean[2] += nan_part(p.raw_coeff[1]) + nan_part(p.raw_coeff[2]);
   }
 
-  // The logistic draws (colour c's noise is Philox stream M + c), the RGB coupling and the clamp
+  // The logistic draws from colour c's uniform u[c] (Philox stream M + c), the RGB coupling and the clamp
   template <bool kSoftplus>
-  VF_HOST_DEVICE PixelSample sample(int64_t mixtures, const Scales<kSoftplus, float>& scales, uint64_t seed,
-                                    uint32_t pixel) const {
-    const uint32_t stream = static_cast<uint32_t>(mixtures);
-    const float draw[3] = {logistic_draw(mean[0], raw_log_scale[0], scales, seed, pixel, stream),
-                           logistic_draw(mean[1], raw_log_scale[1], scales, seed, pixel, stream + 1),
-                           logistic_draw(mean[2], raw_log_scale[2], scales, seed, pixel, stream + 2)};
+  VF_HOST_DEVICE PixelSample sample(const Scales<kSoftplus, float>& scales, const float (&u)[3]) const {
+    const float draw[3] = {logistic_draw(mean[0], raw_log_scale[0], scales, u[0]),
+                           logistic_draw(mean[1], raw_log_scale[1], scales, u[1]),
+                           logistic_draw(mean[2], raw_log_scale[2], scales, u[2])};
     PixelSample out;
     out.x[0] = clamp_unit(draw[0]);
     out.x[1] = clamp_unit(draw[1] + tanh_poly(raw_coeff[0]) * out.x[0]);
@@ -573,24 +566,36 @@ VF_HOST_DEVICE void dmol_nll_backward_pixel(const Channels& channel, const Joint
   }
 }
 
-// One pixel of reference.dmol_sample: the Gumbel-max pick of a mixture, then its logistic draws
+// One pixel of reference.dmol_sample: the Gumbel-max pick of a mixture, then its logistic draws. Streams
+// 0..M-1 are the Gumbel uniforms, M..M+2 the colours'; each Philox call draws four consecutive streams, so
+// the group loop takes ceil((M + 3) / 4) calls (all in registers when kMixtures unrolls it).
 template <int kMixtures, typename Channels, typename S>
 VF_HOST_DEVICE PixelSample dmol_sample_pixel(const Channels& channel, int64_t mixtures, const S& scales, uint64_t seed,
                                              uint32_t pixel) {
   const int m = mixture_count<kMixtures>(mixtures);
   int choice = 0;
   float best = -std::numeric_limits<float>::infinity();
+  float colour_u[3] = {0.0f, 0.0f, 0.0f};
   VF_UNROLL
-  for (int k = 0; k < m; ++k) {
-    const float score = gumbel_score(channel(k), seed, pixel, static_cast<uint32_t>(k));
-    const bool replace = replaces_best(best, score);
-    best = replace ? score : best;
-    choice = replace ? k : choice;
+  for (int group = 0; 4 * group < m + 3; ++group) {
+    const OpenUniforms4 u = philox_open_uniforms(seed, pixel, static_cast<uint32_t>(group));
+    VF_UNROLL
+    for (int lane = 0; lane < 4; ++lane) {
+      const int j = 4 * group + lane;
+      if (j < m) {
+        const float score = gumbel_score(channel(j), u.u[lane]);
+        const bool replace = replaces_best(best, score);
+        best = replace ? score : best;
+        choice = replace ? j : choice;
+      }
+      // selects with constant indices: a colour index j - m would put colour_u in local memory for runtime M
+      for (int c = 0; c < 3; ++c) colour_u[c] = j == m + c ? u.u[lane] : colour_u[c];
+    }
   }
   ChosenMixture chosen;
   VF_UNROLL
   for (int k = 0; k < m; ++k) chosen.add(k == choice, mixture_params<float>(channel, m, k));
-  return chosen.sample(m, scales, seed, pixel);
+  return chosen.sample(scales, colour_u);
 }
 
 }  // namespace dmol

@@ -38,6 +38,8 @@ struct Lanes {
   alignas(64) float raw_log_scale[3][kTile];
   alignas(64) float raw_coeff[3][kTile];
   alignas(64) float x[3][kTile];
+  alignas(64) float uniform[4][kTile];         // the four streams of one Philox group
+  alignas(64) float colour_uniform[3][kTile];  // streams M, M + 1, M + 2
 
   dmol::ChosenMixture chosen(int64_t t) const {
     dmol::ChosenMixture m;
@@ -69,14 +71,27 @@ __attribute__((flatten)) void sample_tile(const float* __restrict__ rows, int64_
     lanes.best[t] = -std::numeric_limits<float>::infinity();
     lanes.choice[t] = 0;
   }
-  for (int64_t k = 0; k < mixtures; ++k) {
-    const float* logit = rows + k * row_stride;
+  // streams 0..M-1 are the Gumbel uniforms, M..M+2 the colours'; one Philox call draws four streams
+  for (int64_t group = 0; 4 * group < mixtures + 3; ++group) {
     for (int64_t t = 0; t < count; ++t) {
-      const float score =
-          dmol::gumbel_score(logit[t], seed, first_pixel + static_cast<uint32_t>(t), static_cast<uint32_t>(k));
-      const bool replace = dmol::replaces_best(lanes.best[t], score);
-      lanes.best[t] = replace ? score : lanes.best[t];
-      lanes.choice[t] = replace ? static_cast<int32_t>(k) : lanes.choice[t];
+      const OpenUniforms4 u =
+          philox_open_uniforms(seed, first_pixel + static_cast<uint32_t>(t), static_cast<uint32_t>(group));
+      for (int lane = 0; lane < 4; ++lane) lanes.uniform[lane][t] = u.u[lane];
+    }
+    for (int64_t lane = 0; lane < 4; ++lane) {
+      const int64_t k = 4 * group + lane;
+      const float* u = lanes.uniform[lane];
+      if (k < mixtures) {
+        const float* logit = rows + k * row_stride;
+        for (int64_t t = 0; t < count; ++t) {
+          const float score = dmol::gumbel_score(logit[t], u[t]);
+          const bool replace = dmol::replaces_best(lanes.best[t], score);
+          lanes.best[t] = replace ? score : lanes.best[t];
+          lanes.choice[t] = replace ? static_cast<int32_t>(k) : lanes.choice[t];
+        }
+      } else if (k < mixtures + 3) {
+        std::copy(u, u + count, lanes.colour_uniform[k - mixtures]);
+      }
     }
   }
   for (int64_t t = 0; t < count; ++t) lanes.set_chosen(t, dmol::ChosenMixture{});
@@ -93,8 +108,8 @@ __attribute__((flatten)) void sample_tile(const float* __restrict__ rows, int64_
     }
   }
   for (int64_t t = 0; t < count; ++t) {
-    const dmol::PixelSample x =
-        lanes.chosen(t).sample(mixtures, scales, seed, first_pixel + static_cast<uint32_t>(t));
+    const float u[3] = {lanes.colour_uniform[0][t], lanes.colour_uniform[1][t], lanes.colour_uniform[2][t]};
+    const dmol::PixelSample x = lanes.chosen(t).sample(scales, u);
     for (int c = 0; c < 3; ++c) lanes.x[c][t] = x.x[c];
   }
 }

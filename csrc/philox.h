@@ -50,11 +50,18 @@ VF_HOST_DEVICE float uint_to_uniform(uint32_t x) {
   return static_cast<float>(s) * 4.6566127342e-10f;
 }
 
-// Uniform in [1e-5, 1 - 1e-5] for stream `stream` of pixel `pixel` (dmol_sample's Gumbel and
-// logistic draws; the interval is VDVAE's, which keeps log(u) and log(1 - u) finite).
-VF_HOST_DEVICE float philox_open_uniform(uint64_t seed, uint32_t pixel, uint32_t stream) {
-  const Philox4 r = philox(seed, pixel, stream, 0u, 0u);
-  return uint_to_uniform(r.v0) * 0.99998f + 1.0e-5f;
+// A word as a uniform in [1e-5, 1 - 1e-5]: the interval is VDVAE's, which keeps log(u) and log(1 - u) finite
+VF_HOST_DEVICE float open_uniform(uint32_t word) { return uint_to_uniform(word) * 0.99998f + 1.0e-5f; }
+
+struct OpenUniforms4 {
+  float u[4];
+};
+
+// dmol_sample's uniforms of streams 4 group .. 4 group + 3 of pixel `pixel`: the four words of counter
+// (pixel, group, 0, 0), stream j being word j % 4 of group j / 4
+VF_HOST_DEVICE OpenUniforms4 philox_open_uniforms(uint64_t seed, uint32_t pixel, uint32_t group) {
+  const Philox4 r = philox(seed, pixel, group, 0u, 0u);
+  return {{open_uniform(r.v0), open_uniform(r.v1), open_uniform(r.v2), open_uniform(r.v3)}};
 }
 
 }  // namespace vdvae_fast

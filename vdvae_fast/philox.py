@@ -92,10 +92,15 @@ def normal(seed: int | torch.Tensor, shape: torch.Size, device: torch.device) ->
     return (torch.sqrt(-2.0 * torch.log(u1)) * branch).reshape(shape)
 
 
-def open_uniform(seed: int | torch.Tensor, pixel: torch.Tensor, stream: int) -> torch.Tensor:
-    """Uniforms in [1e-5, 1 - 1e-5] for counters (pixel, stream): dmol_sample's draws."""
-    v0, _, _, _ = philox(seed, pixel, stream)
-    return uint_to_uniform(v0) * torch.tensor(0.99998, dtype=torch.float32) + torch.tensor(1.0e-5, dtype=torch.float32)
+def open_uniforms(seed: int | torch.Tensor, pixel: torch.Tensor, streams: int) -> torch.Tensor:
+    """Uniforms in [1e-5, 1 - 1e-5] of streams 0..streams-1 of each pixel, stacked last: dmol_sample's draws.
+
+    Stream j is word j % 4 of counter (pixel, j // 4, 0, 0), so all four words of each Philox call are used.
+    """
+    groups = [torch.stack(philox(seed, pixel, group), dim=-1) for group in range((streams + 3) // 4)]
+    words = torch.cat(groups, dim=-1)[..., :streams]
+    scale, offset = torch.tensor(0.99998, dtype=torch.float32), torch.tensor(1.0e-5, dtype=torch.float32)
+    return uint_to_uniform(words) * scale + offset
 
 
 def _check_counter_range(shape: torch.Size) -> int:

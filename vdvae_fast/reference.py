@@ -307,9 +307,10 @@ def _seed_or_draw(seed: int | torch.Tensor | None) -> int | torch.Tensor:
 def _open_uniforms(
     seed: int | torch.Tensor | None, pixels: torch.Size, streams: int, device: torch.device, backend: str
 ) -> torch.Tensor:
-    """Uniforms in [1e-5, 1 − 1e-5] of shape (*pixels, streams): Philox counters (pixel, stream), or torch's."""
+    """Uniforms in [1e-5, 1 − 1e-5] of shape (*pixels, streams): stream j is word j % 4 of Philox counter
+    (pixel, j // 4), or torch's."""
     if _torch_noise(backend):
         return torch.empty((*pixels, streams), device=device).uniform_(1.0e-5, 1.0 - 1.0e-5)
     seed = _seed_or_draw(seed)
     pixel = torch.arange(pixels.numel(), device=device).reshape(pixels)
-    return torch.stack([philox.open_uniform(seed, pixel, k) for k in range(streams)], dim=-1)
+    return philox.open_uniforms(seed, pixel, streams)

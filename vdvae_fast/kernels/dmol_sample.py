@@ -3,8 +3,9 @@
 One pixel per lane, unrolled loops over the M mixtures (no padding, no reduction across lanes): the first
 picks the mixture (argmax of logit + Gumbel noise, torch's argmax semantics), the second gathers the
 chosen mixture's parameters with a one-hot product like the reference, so NaN anywhere in a pixel's
-parameters reaches its output. Randomness comes from counters (pixel, stream) of the shared Philox stream
-(docs/kernel-contract.md), so the image matches every other backend's for the same seed.
+parameters reaches its output. Randomness comes from the shared Philox stream (docs/kernel-contract.md):
+stream j of a pixel is word j % 4 of counter (pixel, j // 4), one call for four streams, so the image
+matches every other backend's for the same seed.
 """
 
 import torch
@@ -28,7 +29,7 @@ from .dmol_math import (
     shift,
     tanh_parts,
 )
-from .philox import open_uniform, philox_key
+from .philox import open_uniforms, philox_key
 
 
 @triton.jit
@@ -38,20 +39,19 @@ def _clamp_unit(v):
 
 
 @triton.jit
-def _gumbel_score(l_rows, l_sc, mask, k0, k1, counters, k, COMPILED: tl.constexpr):
-    """(logit_k - log(-log u_k)) / ln 2: the Gumbel-max score in bits (the argmax is the same).
+def _gumbel_pick(best, choice, l_rows, l_sc, mask, u, k, COMPILED: tl.constexpr):
+    """(best, choice) after mixture k of the argmax, as torch's: the first NaN if any, else the first maximum.
 
-    The inner log is Triton's accurate one: -log u is tiny for u near 1, where an absolute error would not be."""
-    u = open_uniform(k0, k1, counters, k)
-    return load_channel(l_rows, k, l_sc, mask) * LOG2E - fast_log2(tl.log2(u) * -LN2, COMPILED)
+    The score is (logit_k - log(-log u_k)) / ln 2, the Gumbel-max score in bits (the argmax is the same); its
+    inner log is Triton's accurate one: -log u is tiny for u near 1, where an absolute error would not be."""
+    score = load_channel(l_rows, k, l_sc, mask) * LOG2E - fast_log2(tl.log2(u) * -LN2, COMPILED)
+    take = (best == best) & ((score != score) | (score > best))
+    return tl.where(take, score, best), tl.where(take, k, choice)
 
 
 @triton.jit
 def _logistic_draw(
-    k0,
-    k1,
-    counters,
-    stream,
+    u,
     mean,
     raw_log_scale,
     SOFTPLUS: tl.constexpr,
@@ -60,8 +60,7 @@ def _logistic_draw(
     LOG_SCALE_MIN: tl.constexpr,
     COMPILED: tl.constexpr,
 ):
-    """mean + scale * logit(u) with u from counter (pixel, stream), the log-scale from dmol_math.log_scale."""
-    u = open_uniform(k0, k1, counters, stream)
+    """mean + scale * logit(u), the log-scale from dmol_math.log_scale."""
     logit = (fast_log2(u, COMPILED) - fast_log2(1.0 - u, COMPILED)) * LN2
     ls = log_scale(raw_log_scale, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)[0]
     return mean + tl.exp2(ls * LOG2E) * logit
@@ -98,14 +97,21 @@ def _dmol_sample_kernel(
     k0, k1 = philox_key(seed)
     counters = (b * HW + pixels).to(tl.uint32)  # pixel (b H + h) W + w
 
-    # argmax as torch: the first NaN if any, else the first maximum
-    best = _gumbel_score(l_rows, l_sc, mask, k0, k1, counters, 0, COMPILED)
+    # streams 0..M-1 are the Gumbel uniforms, M..M+2 the colours': the groups of four Gumbel streams in a loop,
+    # not unrolled (code size and compile time do not grow with M), then the last one or two groups
+    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     choice = tl.zeros([BLOCK_P], tl.int32)
-    for k in range(1, NUM_MIX):  # a loop, not unrolled: code size and compile time do not grow with M
-        score = _gumbel_score(l_rows, l_sc, mask, k0, k1, counters, k, COMPILED)
-        take = (best == best) & ((score != score) | (score > best))
-        best = tl.where(take, score, best)
-        choice = tl.where(take, k, choice)
+    for group in range(0, NUM_MIX // 4):
+        u = open_uniforms(k0, k1, counters, group)
+        for lane in tl.static_range(4):
+            best, choice = _gumbel_pick(best, choice, l_rows, l_sc, mask, u[lane], 4 * group + lane, COMPILED)
+    tail = open_uniforms(k0, k1, counters, NUM_MIX // 4)  # streams 4 (M // 4) .. 4 (M // 4) + 3
+    if NUM_MIX % 4 >= 2:  # the colours' streams reach the next group
+        tail = tail + open_uniforms(k0, k1, counters, NUM_MIX // 4 + 1)
+    for lane in tl.static_range(NUM_MIX % 4):
+        best, choice = _gumbel_pick(
+            best, choice, l_rows, l_sc, mask, tail[lane], NUM_MIX - NUM_MIX % 4 + lane, COMPILED
+        )
 
     # the chosen mixture's parameters, gathered: each lane reads its own mixture's nine channels
     rows = shift(l_rows, choice, l_sc)
@@ -120,14 +126,14 @@ def _dmol_sample_kernel(
     coeff2 = tanh_parts(load_channel(rows, 9 * NUM_MIX, l_sc, mask), COMPILED)[0]
 
     x0 = _clamp_unit(
-        _logistic_draw(k0, k1, counters, NUM_MIX, mean0, raw_ls0, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
+        _logistic_draw(tail[NUM_MIX % 4 + 0], mean0, raw_ls0, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
     )
     x1 = _clamp_unit(
-        _logistic_draw(k0, k1, counters, NUM_MIX + 1, mean1, raw_ls1, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
+        _logistic_draw(tail[NUM_MIX % 4 + 1], mean1, raw_ls1, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
         + coeff0 * x0
     )
     x2 = _clamp_unit(
-        _logistic_draw(k0, k1, counters, NUM_MIX + 2, mean2, raw_ls2, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
+        _logistic_draw(tail[NUM_MIX % 4 + 2], mean2, raw_ls2, SOFTPLUS, BETA, LOG_BETA, LOG_SCALE_MIN, COMPILED)
         + coeff1 * x0
         + coeff2 * x1
     )

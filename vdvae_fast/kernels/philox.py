@@ -147,14 +147,20 @@ def channels_last_groups(k0, k1, base, block_start, C, H, W, GROUPS: tl.constexp
 
 
 @triton.jit
-def open_uniform(k0, k1, pixel, stream):
-    """Uniform in [1e-5, 1 - 1e-5] from counter (pixel, stream, 0, 0): dmol_sample's draws (finite logs).
+def open_uniforms(k0, k1, pixel, group):
+    """dmol_sample's uniforms in [1e-5, 1 - 1e-5] (finite logs) of streams 4 group .. 4 group + 3 of each
+    pixel: the four words of counter (pixel, group, 0, 0), stream j being word j % 4 of group j // 4.
 
-    pixel and stream are uint32 tensors that broadcast against each other.
+    pixel is a uint32 tensor, group a scalar.
     """
-    zero = pixel * 0 + stream * 0
-    w0, _, _, _ = philox(k0, k1, pixel + zero, stream + zero, zero, zero)
-    return uint_to_uniform(w0) * 0.99998 + 1.0e-5
+    zero = pixel * 0
+    w0, w1, w2, w3 = philox(k0, k1, pixel, zero + group, zero, zero)
+    return (
+        uint_to_uniform(w0) * 0.99998 + 1.0e-5,
+        uint_to_uniform(w1) * 0.99998 + 1.0e-5,
+        uint_to_uniform(w2) * 0.99998 + 1.0e-5,
+        uint_to_uniform(w3) * 0.99998 + 1.0e-5,
+    )
 
 
 @triton.jit
