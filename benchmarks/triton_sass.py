@@ -191,7 +191,7 @@ _INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z
 LOOP_TRIPS = {
     "dmol_nll_forward_kernel": lambda m, kw: [(m, 10)],
     "dmol_nll_backward_kernel": lambda m, kw: [(m, 20), (m, 21)] if kw.get("ONE_PASS") else [(m, 10), (m, 20)],
-    "dmol_sample_kernel": lambda m, kw: [(m - 1, 1)],
+    "dmol_sample_kernel": lambda m, kw: [(m // 4, 4)],
 }
 
 
@@ -330,7 +330,7 @@ def table(result: dict) -> str:
         "",
         "**exec/item** = E x threads per program / items per program, where E is what one thread executes: the",
         "SASS count, plus (passes - 1) more passes of each loop body. The dmol kernels loop over the M mixtures",
-        "(dmol_nll: M trips, the backward two such loops; dmol_sample: M - 1 after the first mixture), a loop",
+        "(dmol_nll: M trips, the backward two such loops; dmol_sample: M // 4 groups of four mixtures), a loop",
         "being a backward branch and the instructions from its target to it; where ptxas unrolled a loop u",
         "times (its body holds u trips' global loads and stores) it makes trips / u passes. The Gaussian",
         "kernels are straight-line code. Predicated-off instructions count, as the hardware issues them; other",
