@@ -88,6 +88,26 @@ def ptxas_missing() -> str | None:
     return None
 
 
+def compile_process_env(root: str) -> dict[str, str]:
+    """The environment of a fresh process that compiles for sm_90 (tests run this module or scripts calling
+    it so): real JIT functions, not the interpreter's, and `root` importable."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is every version's default
+    return env
+
+
+def run_compile_script(code: str, root: str, timeout: float = 900) -> object:
+    """Run `code` (which calls _install_compile_only_sm90 first) in a fresh process; the JSON of its last line."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=compile_process_env(root), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"the compile script failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 # ---- compile-only launches (set up once per process, before anything imports triton) ----------------------
 
 _LAUNCHES: list[tuple[str, object, dict]] = []

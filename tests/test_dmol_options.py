@@ -8,9 +8,6 @@ reference's sample with the same seed and the logistic's known spread; the defau
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -390,16 +387,7 @@ def test_softplus_triton_kernels_compile_for_sm90_within_registers() -> None:
     missing = triton_sass.ptxas_missing()
     if missing is not None:
         pytest.skip(f"cannot compile Triton for sm_90: {missing}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_SM90)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    import json
-
-    for row in json.loads(run.stdout.splitlines()[-1]):
+    for row in triton_sass.run_compile_script(textwrap.dedent(_SM90), str(ROOT)):
         names = {k["kernel"] for k in row["kernels"]}
         assert names == {"_dmol_nll_forward_kernel", "_dmol_nll_backward_kernel", "_dmol_sample_kernel"}, row
         assert triton_sass.problems(row) == [], row

@@ -40,11 +40,13 @@ pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"cannot compile Tr
 
 def _compile_subprocess(args: list[str], out: Path) -> dict[str, dict]:
     """Run a compile-only module in a fresh process (see the module docstring); its rows by case label."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is every version's default
     done = subprocess.run(
-        [sys.executable, "-m", *args, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200
+        [sys.executable, "-m", *args, str(out)],
+        cwd=ROOT,
+        env=triton_sass.compile_process_env(str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert done.returncode == 0 and out.exists(), (
         f"the compile run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

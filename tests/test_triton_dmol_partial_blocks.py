@@ -7,10 +7,6 @@ unmasked. No GPU is needed: benchmarks/triton_sass.py's compile-only driver, in 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -42,19 +38,7 @@ def test_masked_kernels_compile_for_sm90_within_registers() -> None:
     missing = triton_sass.ptxas_missing()
     if missing is not None:
         pytest.skip(f"cannot compile Triton for sm_90: {missing}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_COMPILE)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    for row in json.loads(run.stdout.splitlines()[-1]):
+    for row in triton_sass.run_compile_script(textwrap.dedent(_COMPILE), str(ROOT)):
         kernels = {k["kernel"]: k for k in row["kernels"]}
         assert set(kernels) == {"_dmol_nll_forward_kernel", "_dmol_nll_backward_kernel"}, row
         assert all(not k["constexprs"]["WHOLE_BLOCKS"] for k in kernels.values()), row
