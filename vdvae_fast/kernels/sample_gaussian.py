@@ -108,23 +108,13 @@ def _sample_gaussian_backward_kernel(
         _grad_logsigma(*pointers, offsets, mask, eps, temperature, beta, SCALE)
 
 
-def sample_gaussian_forward(
-    mu: torch.Tensor,
-    logsigma: torch.Tensor,
-    temperature: float,
-    seed: int,
-    scale: int = 0,
-    beta: float = SOFTPLUS_BETA,
-) -> torch.Tensor:
-    """z in mu's dtype and layout; scale indexes reference.SCALES."""
+def _launch(kernel, tensors: tuple, mu: torch.Tensor, temperature: float, seed: int, scale: int, beta: float) -> None:
+    """One program per BLOCK elements of mu's layout; `tensors` are the kernel's leading pointers."""
     beta, log_beta = softplus_betas(scale, beta)
-    z = torch.empty_like(mu)
     numel = mu.numel()
     channels, height, width, channels_last = layout_args(mu)
-    wrap_triton(_sample_gaussian_forward_kernel)[(triton.cdiv(numel, BLOCK),)](
-        mu,
-        logsigma,
-        z,
+    wrap_triton(kernel)[(triton.cdiv(numel, BLOCK),)](
+        *tensors,
         float(temperature),
         seed,
         numel,
@@ -140,6 +130,19 @@ def sample_gaussian_forward(
         INT64=needs_int64(numel),
         num_warps=NUM_WARPS,
     )
+
+
+def sample_gaussian_forward(
+    mu: torch.Tensor,
+    logsigma: torch.Tensor,
+    temperature: float,
+    seed: int,
+    scale: int = 0,
+    beta: float = SOFTPLUS_BETA,
+) -> torch.Tensor:
+    """z in mu's dtype and layout; scale indexes reference.SCALES."""
+    z = torch.empty_like(mu)
+    _launch(_sample_gaussian_forward_kernel, (mu, logsigma, z), mu, temperature, seed, scale, beta)
     return z
 
 
@@ -154,27 +157,6 @@ def sample_gaussian_backward(
 ) -> torch.Tensor:
     """grad_logsigma = grad_z * t * eps * d sigma / d logsigma; mu's gradient is grad_z itself, which the
     autograd formula passes through (ops._sample_gaussian_grad)."""
-    beta, log_beta = softplus_betas(scale, beta)
     grad_logsigma = torch.empty_like(logsigma)
-    numel = mu.numel()
-    channels, height, width, channels_last = layout_args(mu)
-    wrap_triton(_sample_gaussian_backward_kernel)[(triton.cdiv(numel, BLOCK),)](
-        grad_z,
-        logsigma,
-        grad_logsigma,
-        float(temperature),
-        seed,
-        numel,
-        channels,
-        height,
-        width,
-        beta,
-        log_beta,
-        SCALE=scale,
-        CHANNELS_LAST=channels_last,
-        GROUPED=not channels_last or width % 4 == 0,
-        BLOCK=BLOCK,
-        INT64=needs_int64(numel),
-        num_warps=NUM_WARPS,
-    )
+    _launch(_sample_gaussian_backward_kernel, (grad_z, logsigma, grad_logsigma), mu, temperature, seed, scale, beta)
     return grad_logsigma
