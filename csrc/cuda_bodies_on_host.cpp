@@ -253,24 +253,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_backward_
   return {g_mu_q, g_logsigma_q, g_mu_p, g_logsigma_p};
 }
 
-at::Tensor sample_gaussian_forward_cuda_body_on_host(const at::Tensor& mu, const at::Tensor& logsigma,
-                                                     double temperature, int64_t seed, int64_t scale, double beta,
-                                                     int64_t vec) {
+// sample_gaussian's work items in the order the CUDA kernels cut them; body(form, packet, p, eps, constants)
+// runs one packet's body (packet: the packet width as an integral constant).
+template <typename Body>
+void for_each_sample_gaussian_packet(const at::Tensor& mu, int64_t seed, int64_t scale, double beta, int64_t vec,
+                                     Body&& body) {
   const gaussian::DenseLayout layout = gaussian::layout_of(mu);
-  at::Tensor z = at::empty_like(mu);
   with_items(mu, vec, mu.numel(), layout, [&](auto packet, auto item) {
     constexpr int kVec = decltype(packet)::value, kItem = decltype(item)::value;
     gaussian::with_form(scale, beta, "sample_gaussian", [&](auto form) {
       const auto constants = gaussian::ScaleConstants<float>::of(beta);
       for (int64_t i = 0; i < mu.numel() / kItem; ++i) {
         gaussian::for_item_packets<kVec, kItem>(
-            i, layout, static_cast<uint64_t>(seed), [&](int64_t p, const float(&eps)[kVec]) {
-              gaussian::sample_gaussian_forward_packet<decltype(form), kVec>(
-                  mu.data_ptr<float>(), logsigma.data_ptr<float>(), z.data_ptr<float>(), p,
-                  static_cast<float>(temperature), eps, constants);
-            });
+            i, layout, static_cast<uint64_t>(seed),
+            [&](int64_t p, const float(&eps)[kVec]) { body(form, packet, p, eps, constants); });
       }
     });
+  });
+}
+
+at::Tensor sample_gaussian_forward_cuda_body_on_host(const at::Tensor& mu, const at::Tensor& logsigma,
+                                                     double temperature, int64_t seed, int64_t scale, double beta,
+                                                     int64_t vec) {
+  at::Tensor z = at::empty_like(mu);
+  for_each_sample_gaussian_packet(mu, seed, scale, beta, vec, [&](auto form, auto packet, int64_t p, const auto& eps,
+                                                                   const auto& constants) {
+    gaussian::sample_gaussian_forward_packet<decltype(form), decltype(packet)::value>(
+        mu.data_ptr<float>(), logsigma.data_ptr<float>(), z.data_ptr<float>(), p, static_cast<float>(temperature), eps,
+        constants);
   });
   return z;
 }
@@ -278,21 +288,12 @@ at::Tensor sample_gaussian_forward_cuda_body_on_host(const at::Tensor& mu, const
 at::Tensor sample_gaussian_backward_cuda_body_on_host(const at::Tensor& grad_z, const at::Tensor& mu,
                                                      const at::Tensor& logsigma, double temperature, int64_t seed,
                                                      int64_t scale, double beta, int64_t vec) {
-  const gaussian::DenseLayout layout = gaussian::layout_of(mu);
   at::Tensor g_logsigma = at::empty_like(mu);
-  with_items(mu, vec, mu.numel(), layout, [&](auto packet, auto item) {
-    constexpr int kVec = decltype(packet)::value, kItem = decltype(item)::value;
-    gaussian::with_form(scale, beta, "sample_gaussian", [&](auto form) {
-      const auto constants = gaussian::ScaleConstants<float>::of(beta);
-      for (int64_t i = 0; i < mu.numel() / kItem; ++i) {
-        gaussian::for_item_packets<kVec, kItem>(
-            i, layout, static_cast<uint64_t>(seed), [&](int64_t p, const float(&eps)[kVec]) {
-              gaussian::sample_gaussian_backward_packet<decltype(form), kVec>(
-                  grad_z.data_ptr<float>(), logsigma.data_ptr<float>(), g_logsigma.data_ptr<float>(), p,
-                  static_cast<float>(temperature), eps, constants);
-            });
-      }
-    });
+  for_each_sample_gaussian_packet(mu, seed, scale, beta, vec, [&](auto form, auto packet, int64_t p, const auto& eps,
+                                                                   const auto& constants) {
+    gaussian::sample_gaussian_backward_packet<decltype(form), decltype(packet)::value>(
+        grad_z.data_ptr<float>(), logsigma.data_ptr<float>(), g_logsigma.data_ptr<float>(), p,
+        static_cast<float>(temperature), eps, constants);
   });
   return g_logsigma;
 }
