@@ -15,7 +15,8 @@ Backends:
   backend is built; on CPU tensors the C++ kernels when built. The env var VDVAE_FAST_BACKEND overrides it.
 
 Backward passes are separate ops that recompute everything from the saved inputs, so each op saves only its
-inputs (and a seed) for backward.
+inputs (and a seed) for backward. The torch.library ops are what torch.compile sees; eager calls run the same
+kernels and autograd formula without their Python dispatch (_EntryPoint).
 """
 
 from __future__ import annotations
@@ -220,47 +221,108 @@ def _launching(launch: Callable, signature: inspect.Signature) -> Callable:
     return body
 
 
-_ENTRY_POINTS: list[tuple[dict, str, str, Callable]] = []  # (ops by backend, kernel module, entry point, fake)
-_AUTOGRAD: list[tuple[dict, dict, Callable, Callable]] = []  # (forward ops, backward ops, setup, grad)
-
-
-def _kernel_ops(module: str, name: str, fake: Callable) -> dict[str, Any]:
-    """Kernel entry point `name` of op `module` as ops keyed by backend: a custom op for the extension's
-    kernels (cpu and cuda) now, a triton_op on vdvae_fast.kernels.<module>.<name> by _register_triton_ops.
+class _EntryPoint:
+    """One kernel entry point on each backend family. `library[family]` is its torch.library op, which
+    torch.compile traces: a custom op for the extension's kernels (cpu and cuda), a triton_op on
+    vdvae_fast.kernels.<module>.<name> once _register_triton_ops ran. Eager calls skip the library op's Python
+    dispatch (about 60 µs a forward and backward, more than a small layer's kernels take) and run the launch the
+    op wraps, through an autograd.Function with the same formula where the op has a backward.
     `fake` computes the outputs' metadata; its signature is the ops' schema."""
-    signature = inspect.signature(fake)
+
+    def __init__(self, module: str, name: str, fake: Callable) -> None:
+        self.module, self.name, self.fake = module, name, fake
+        self.library: dict[str, Any] = {}
+        self.launch: dict[str, Callable] = {}
+        self.function: dict[str, type[torch.autograd.Function]] = {}
+
+    def __call__(self, backend: str, *args: Any) -> Any:
+        family = "triton" if backend == "triton" else "extension"
+        if torch.compiler.is_compiling():
+            return self.library[family](*args)
+        function = self.function.get(family)
+        return function.apply(*args) if function is not None else self.launch[family](*args)
+
+    def add(self, family: str, op_name: str, register: Callable, launch: Callable) -> None:
+        """Registers `launch` as library op `op_name` with `register` (torch.library.custom_op or triton_op)."""
+        library_op = register(op_name, launch, mutates_args=())
+        library_op.register_fake(self.fake)  # the explicit contract, not a trace of the launcher
+        self.library[family], self.launch[family] = library_op, _profiled(op_name, launch)
+
+
+def _profiled(name: str, launch: Callable) -> Callable:
+    """`launch`, which an active torch profiler records under `name`, the library op's name, as it would the op."""
+
+    def run(*args: Any) -> Any:
+        if not torch._C._autograd._profiler_enabled():
+            return launch(*args)
+        with torch.profiler.record_function(name):
+            return launch(*args)
+
+    return run
+
+
+_ENTRY_POINTS: list[_EntryPoint] = []
+_AUTOGRAD: list[tuple[_EntryPoint, _EntryPoint, Callable, Callable]] = []  # (forward, backward, setup, grad)
+
+
+def _kernel_ops(module: str, name: str, fake: Callable) -> _EntryPoint:
+    """Kernel entry point `name` of op `module`, with the extension's op (torch.ops.vdvae_fast_C.<name>, looked up
+    at call time: the extension is optional) registered now."""
+    entry = _EntryPoint(module, name, fake)
 
     def compiled_launch(*args: Any) -> Any:
-        return getattr(torch.ops.vdvae_fast_C, name)(*args)  # looked up at call time: the extension is optional
+        return getattr(torch.ops.vdvae_fast_C, name)(*args)
 
-    compiled = torch.library.custom_op(f"vdvae_fast::{name}", _launching(compiled_launch, signature), mutates_args=())
-    compiled.register_fake(fake)
-    found = {"cpu": compiled, "cuda": compiled}
-    _ENTRY_POINTS.append((found, module, name, fake))
-    return found
+    launch = _launching(compiled_launch, inspect.signature(fake))
+    entry.add("extension", f"vdvae_fast::{name}", torch.library.custom_op, launch)
+    _ENTRY_POINTS.append(entry)
+    return entry
 
 
-def _register_autograd(forward: dict, backward: dict, setup: Callable, grad: Callable) -> None:
-    """The same autograd formula on each backend family's forward op, calling that family's backward op."""
-    forward["cpu"].register_autograd(functools.partial(grad, backward["cpu"]), setup_context=setup)
+def _add_autograd(forward: _EntryPoint, backward: _EntryPoint, setup: Callable, grad: Callable, family: str) -> None:
+    """The formula `grad` (calling the backward entry point's op) on one family's library op and eager function."""
+    forward.library[family].register_autograd(functools.partial(grad, backward.library[family]), setup_context=setup)
+    forward.function[family] = _eager_function(
+        forward.name, forward.launch[family], backward.launch[family], setup, grad
+    )
+
+
+def _eager_function(
+    name: str, forward: Callable, backward: Callable, setup: Callable, grad: Callable
+) -> type[torch.autograd.Function]:
+    """The library op's autograd as an autograd.Function named `name` (its grad_fn is `name`Backward), in the
+    style whose forward takes ctx: apply then skips binding the arguments to forward's signature, which costs as
+    much as the rest of the call."""
+
+    def forward_and_setup(ctx: Any, *args: Any) -> Any:
+        output = forward(*args)
+        setup(ctx, args, output)
+        return output
+
+    methods = {"forward": staticmethod(forward_and_setup), "backward": staticmethod(functools.partial(grad, backward))}
+    return type(name, (torch.autograd.Function,), methods)
+
+
+def _register_autograd(forward: _EntryPoint, backward: _EntryPoint, setup: Callable, grad: Callable) -> None:
+    """The same autograd formula on each backend family's forward, calling that family's backward."""
+    _add_autograd(forward, backward, setup, grad, "extension")
     _AUTOGRAD.append((forward, backward, setup, grad))
 
 
 def _register_triton_ops() -> None:
     """Every entry point as a triton_op (torch.compile traces into it and sees the kernels), with autograd."""
-    for found, module, name, fake in _ENTRY_POINTS:
-        launch = getattr(importlib.import_module(f"vdvae_fast.kernels.{module}"), name)
-        body = _launching(launch, inspect.signature(fake))
-        found["triton"] = torch.library.triton_op(f"vdvae_fast::{name}_triton", body, mutates_args=())
-        found["triton"].register_fake(fake)  # the explicit contract, not a trace of the launcher
+    for entry in _ENTRY_POINTS:
+        launch = getattr(importlib.import_module(f"vdvae_fast.kernels.{entry.module}"), entry.name)
+        body = _launching(launch, inspect.signature(entry.fake))
+        entry.add("triton", f"vdvae_fast::{entry.name}_triton", torch.library.triton_op, body)
     for forward, backward, setup, grad in _AUTOGRAD:
-        forward["triton"].register_autograd(functools.partial(grad, backward["triton"]), setup_context=setup)
+        _add_autograd(forward, backward, setup, grad, "triton")
 
 
 def _ensure_triton_ops() -> None:
     """Registers the Triton ops on first use where the import did not: registering imports torch._inductor
     (about a second), which a machine that cannot run Triton at import time should not pay."""
-    if "triton" in _ENTRY_POINTS[0][0]:
+    if "triton" in _ENTRY_POINTS[0].library:
         return
     if torch.compiler.is_compiling():
         raise RuntimeError("call a vdvae_fast op with backend='triton' once before torch.compile traces one")
@@ -518,7 +580,7 @@ def dmol_nll(
         return reference.dmol_nll(
             logits, x, num_bits=num_bits, scale=scale, beta=float(beta), log_scale_min=float(log_scale_min)
         )
-    return _DMOL_NLL[backend](logits, x.to(reference.compute_dtype(logits.dtype)), num_bits, *scale_options)
+    return _DMOL_NLL(backend, logits, x.to(reference.compute_dtype(logits.dtype)), num_bits, *scale_options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,7 +628,7 @@ def dmol_sample(
         return reference.dmol_sample(
             logits, scale=scale, beta=float(beta), log_scale_min=float(log_scale_min), seed=seed_t, backend=backend
         )
-    return _DMOL_SAMPLE[backend](logits, *scale_options, seed_t)
+    return _DMOL_SAMPLE(backend, logits, *scale_options, seed_t)
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,7 +694,7 @@ def gaussian_kl(
     backend = resolve_backend(backend, device, mu_q.dtype, op="gaussian_kl", layout=layout_of(mu_q))
     if backend in EAGER_BACKENDS:
         return reference.gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p, **parametrization)
-    return _GAUSSIAN_KL[backend](*_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p), *_kernel_codes(parametrization))
+    return _GAUSSIAN_KL(backend, *_dense_layout(mu_q, logsigma_q, mu_p, logsigma_p), *_kernel_codes(parametrization))
 
 
 # --------------------------------------------------------------------------------------------
@@ -719,7 +781,7 @@ def sample_and_kl(
             mu_q, logsigma_q, mu_p, logsigma_p, **parametrization, seed=seed_t, backend=backend
         )
     params = _dense_layout(mu_q, logsigma_q, mu_p, logsigma_p)
-    return _SAMPLE_AND_KL[backend](*params, seed_t, *_kernel_codes(parametrization))
+    return _SAMPLE_AND_KL(backend, *params, seed_t, *_kernel_codes(parametrization))
 
 
 # --------------------------------------------------------------------------------------------
@@ -785,7 +847,7 @@ def sample_gaussian(
             mu, logsigma, temperature=temperature, **parametrization, seed=seed_t, backend=backend
         )
     codes = _kernel_codes(parametrization)
-    return _SAMPLE_GAUSSIAN[backend](*_dense_layout(mu, logsigma), temperature, seed_t, *codes)
+    return _SAMPLE_GAUSSIAN(backend, *_dense_layout(mu, logsigma), temperature, seed_t, *codes)
 
 
 if _TRITON_FOUND and (torch.cuda.is_available() or _triton_interpreted()):
