@@ -7,6 +7,7 @@ as they are, and no process group is needed.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import sys
@@ -93,10 +94,19 @@ def setup_runtime(device: str | None = "auto", num_threads: int | None = None) -
     return Runtime(rank, world_size, local_rank, resolved)
 
 
+# Process groups left by teardown_runtime, released at exit. DDP's reducer holds the group too; were the reducer
+# its last holder, releasing it (as an error's traceback goes) would destroy the group holding the GIL and wait for
+# gloo's worker threads, one of which may need the GIL to drop a finished collective's tensors: a hang
+# (pytorch/pytorch#56297). Released through its Python object, the group is destroyed without the GIL.
+_LEFT_GROUPS: list[Any] = []
+atexit.register(_LEFT_GROUPS.clear)
+
+
 def teardown_runtime(runtime: Runtime) -> None:
     """Leave the process group. After a clean finish the ranks first meet, so that none closes gloo's
     connections while another still uses them; after an error they leave at once."""
     if runtime.distributed and dist.is_initialized():
+        _LEFT_GROUPS.append(dist.group.WORLD)
         if sys.exc_info()[0] is None:
             dist.barrier()
         dist.destroy_process_group()
