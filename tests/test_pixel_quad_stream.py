@@ -5,8 +5,9 @@ consecutive elements of the pixels (n, h, 4k..4k+3), and the CPU kernels draw th
 other widths take the element path. Either way eps is the reference stream's function of (seed, logical index):
 the kernels' output on a channels_last tensor equals, bit for bit, their output on the same values stored
 contiguously (a different path: consecutive groups), and both are within rounding of the eager reference.
-Shapes are chosen so that quads straddle the 256-element tiles (C = 3, 100), exceed them (C = 100, 513: a heap
-window), and images span several 16384-element KL chunks.
+Shapes are chosen so that quads straddle the tiles (256 elements in sample_and_kl, 1024 in sample_gaussian:
+C = 3, 100), exceed them (C = 100 in sample_and_kl, C = 513 in both: a heap window), and images span several
+16384-element KL chunks.
 """
 
 from __future__ import annotations
