@@ -337,3 +337,15 @@ def test_gpu_check_dry_run_runs_every_stage_on_the_cpu(tmp_path) -> None:
     assert "quick parity tests of triton: all passed" in log and "quick parity tests of cpu: all passed" in log
     assert "fastest kernel backend" in (tmp_path / "run_gpu.log").read_text()
     assert "0 stage(s) failed" in done.stdout
+
+
+@needs_cpu_kernels
+def test_call_overhead_prints_a_row_per_op_with_both_backends(capsys) -> None:
+    from benchmarks import call_overhead
+
+    call_overhead.main(["--calls", "3"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == ["sample_gaussian", "sample_and_kl", "gaussian_kl", "dmol_nll"]
+    assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:4])
+    with pytest.raises(SystemExit):
+        call_overhead.main(["--calls", "0"])
