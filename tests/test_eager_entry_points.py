@@ -111,3 +111,17 @@ def test_an_op_without_backward_runs_its_launch_directly(monkeypatch: pytest.Mon
         rtol=0,
         atol=0,
     )
+
+
+@pytest.mark.parametrize("op", sorted(CALLS))
+@pytest.mark.parametrize("backend", FUSED_BACKENDS or ["none"])
+def test_a_double_backward_raises_instead_of_detaching(backend: str, op: str) -> None:
+    """The backward kernels have no derivative: differentiating the gradients again must fail loudly, not give a
+    gradient that silently misses the second-order terms."""
+    if backend == "none":
+        pytest.skip("no fused backend built")
+    outputs, leaves = CALLS[op](backend, torch.contiguous_format, library=False)
+    grads = torch.autograd.grad(sum(o.sum() for o in outputs), leaves, create_graph=True)
+    assert any(g.requires_grad for g in grads)  # (sample_gaussian's mu gradient is the constant upstream one)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(sum(g.sum() for g in grads), leaves, allow_unused=True)

@@ -283,12 +283,12 @@ def _add_autograd(forward: _EntryPoint, backward: _EntryPoint, setup: Callable, 
     """The formula `grad` (calling the backward entry point's op) on one family's library op and eager function."""
     forward.library[family].register_autograd(functools.partial(grad, backward.library[family]), setup_context=setup)
     forward.function[family] = _eager_function(
-        forward.name, forward.launch[family], backward.launch[family], setup, grad
+        forward.name, forward.launch[family], backward.launch[family], backward.library[family], setup, grad
     )
 
 
 def _eager_function(
-    name: str, forward: Callable, backward: Callable, setup: Callable, grad: Callable
+    name: str, forward: Callable, backward: Callable, backward_library: Callable, setup: Callable, grad: Callable
 ) -> type[torch.autograd.Function]:
     """The library op's autograd as an autograd.Function named `name` (its grad_fn is `name`Backward), in the
     style whose forward takes ctx: apply then skips binding the arguments to forward's signature, which costs as
@@ -299,7 +299,12 @@ def _eager_function(
         setup(ctx, args, output)
         return output
 
-    methods = {"forward": staticmethod(forward_and_setup), "backward": staticmethod(functools.partial(grad, backward))}
+    def backward_formula(ctx: Any, *grads: Any) -> Any:
+        # Under create_graph, the library op: the backward kernels have no derivative, and its missing formula
+        # raises if one is taken, where the launch's outputs would silently leave the graph.
+        return grad(backward_library if torch.is_grad_enabled() else backward, ctx, *grads)
+
+    methods = {"forward": staticmethod(forward_and_setup), "backward": staticmethod(backward_formula)}
     return type(name, (torch.autograd.Function,), methods)
 
 
