@@ -178,16 +178,10 @@ def small_builtin(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "reference",
-        pytest.param(
-            "cpu", marks=pytest.mark.skipif(not ops.extension_built(), reason="vdvae_fast._C (fused cpu) not built")
-        ),
-    ],
-)
-def test_demo_preset_learns(tmp_path, small_builtin, backend):
+def test_demo_preset_learns(tmp_path, small_builtin):
+    """With the backend a user gets (the fused cpu kernels where built, else the reference formulas); the other
+    backend computes the same losses and gradients (tests/test_model.py::test_fused_and_reference_backends_agree)."""
+    backend = "cpu" if ops.extension_built() else "reference"
     H = train.parse_args(["--hps", "demo", "--save_dir", str(tmp_path), "--backend", backend, "--device", "cpu",
                           "--max_iters", "150", "--num_epochs", "2", "--iters_per_images", "100000"])  # fmt: skip
     runtime = train.setup_runtime(H.device, H.num_threads)
