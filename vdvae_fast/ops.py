@@ -225,15 +225,17 @@ class _EntryPoint:
     """One kernel entry point on each backend family. `library[family]` is its torch.library op, which
     torch.compile traces: a custom op for the extension's kernels (cpu and cuda), a triton_op on
     vdvae_fast.kernels.<module>.<name> once _register_triton_ops ran. Eager calls skip the library op's Python
-    dispatch (about 60 µs a forward and backward, more than a small layer's kernels take) and run the launch the
+    dispatch (30-50 µs a forward and backward, more than a small layer's kernels take) and run the launch the
     op wraps, through an autograd.Function with the same formula where the op has a backward.
-    `fake` computes the outputs' metadata; its signature is the ops' schema."""
+    `fake` computes the outputs' metadata; its signature is the ops' schema. `autograd` is (backward entry point,
+    setup, grad) for a differentiable forward."""
 
     def __init__(self, module: str, name: str, fake: Callable) -> None:
         self.module, self.name, self.fake = module, name, fake
         self.library: dict[str, Any] = {}
         self.launch: dict[str, Callable] = {}
         self.function: dict[str, type[torch.autograd.Function]] = {}
+        self.autograd: tuple[_EntryPoint, Callable, Callable] | None = None
 
     def __call__(self, backend: str, *args: Any) -> Any:
         family = "triton" if backend == "triton" else "extension"
@@ -247,6 +249,14 @@ class _EntryPoint:
         library_op = register(op_name, launch, mutates_args=())
         library_op.register_fake(self.fake)  # the explicit contract, not a trace of the launcher
         self.library[family], self.launch[family] = library_op, _profiled(op_name, launch)
+
+    def add_autograd(self, family: str) -> None:
+        """The formula `grad` (calling the backward entry point's op) on one family's library op and eager function."""
+        backward, setup, grad = self.autograd
+        self.library[family].register_autograd(functools.partial(grad, backward.library[family]), setup_context=setup)
+        self.function[family] = _eager_function(
+            self.name, self.launch[family], backward.launch[family], backward.library[family], setup, grad
+        )
 
 
 def _profiled(name: str, launch: Callable) -> Callable:
@@ -262,7 +272,6 @@ def _profiled(name: str, launch: Callable) -> Callable:
 
 
 _ENTRY_POINTS: list[_EntryPoint] = []
-_AUTOGRAD: list[tuple[_EntryPoint, _EntryPoint, Callable, Callable]] = []  # (forward, backward, setup, grad)
 
 
 def _kernel_ops(module: str, name: str, fake: Callable) -> _EntryPoint:
@@ -277,14 +286,6 @@ def _kernel_ops(module: str, name: str, fake: Callable) -> _EntryPoint:
     entry.add("extension", f"vdvae_fast::{name}", torch.library.custom_op, launch)
     _ENTRY_POINTS.append(entry)
     return entry
-
-
-def _add_autograd(forward: _EntryPoint, backward: _EntryPoint, setup: Callable, grad: Callable, family: str) -> None:
-    """The formula `grad` (calling the backward entry point's op) on one family's library op and eager function."""
-    forward.library[family].register_autograd(functools.partial(grad, backward.library[family]), setup_context=setup)
-    forward.function[family] = _eager_function(
-        forward.name, forward.launch[family], backward.launch[family], backward.library[family], setup, grad
-    )
 
 
 def _eager_function(
@@ -310,8 +311,8 @@ def _eager_function(
 
 def _register_autograd(forward: _EntryPoint, backward: _EntryPoint, setup: Callable, grad: Callable) -> None:
     """The same autograd formula on each backend family's forward, calling that family's backward."""
-    _add_autograd(forward, backward, setup, grad, "extension")
-    _AUTOGRAD.append((forward, backward, setup, grad))
+    forward.autograd = (backward, setup, grad)
+    forward.add_autograd("extension")
 
 
 def _register_triton_ops() -> None:
@@ -320,8 +321,9 @@ def _register_triton_ops() -> None:
         launch = getattr(importlib.import_module(f"vdvae_fast.kernels.{entry.module}"), entry.name)
         body = _launching(launch, inspect.signature(entry.fake))
         entry.add("triton", f"vdvae_fast::{entry.name}_triton", torch.library.triton_op, body)
-    for forward, backward, setup, grad in _AUTOGRAD:
-        _add_autograd(forward, backward, setup, grad, "triton")
+    for entry in _ENTRY_POINTS:
+        if entry.autograd is not None:
+            entry.add_autograd("triton")
 
 
 def _ensure_triton_ops() -> None:
